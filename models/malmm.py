@@ -1,0 +1,348 @@
+"""MALMM: InstructBLIP-Vicuna reading a video online, one frame at a time, with MA-LMM's memory.
+
+Per frame t (method.md):
+  1. f_t = post_layernorm(ViT(frame_t)) + PE[t]              -- vision, batched over chunks
+  2. Q-Former step: queries cross-attend to [visual bank; f_t], each self-attention also
+     sees its layer's query bank; then banks append and compress (MBC) down to M entries.
+At the end, the 32 query outputs of the last step go through the projection and are
+prepended to the prompt for the LLM: 32 visual tokens however long the video.
+
+A :class:`VideoStream` owns all memory state of one video; the modules hold none, so
+several streams can be alive at once and nothing leaks from one video to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .memory_bank import BankStatus
+from .qformer import MemoryQFormer, QFormerMemory
+
+__all__ = ["MALMM", "VideoStream", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = "Salesforce/instructblip-vicuna-7b"
+TEMPORAL_SLOTS = 120  # MA-LMM's learned temporal position embedding: nn.Embedding(120, 1408)
+QFORMER_MAX_TEXT = 128  # instruction tokens kept for the Q-Former (LAVIS max_txt_len), from the left
+
+
+@contextlib.contextmanager
+def _expected_llm_warnings() -> Iterator[None]:
+    """Silence warnings that describe intended behaviour, raised on every call.
+
+    - bitsandbytes' 8-bit CPU matmul casts its inputs to fp16 on every call.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+        yield
+
+
+def temporal_slot(t: int, total_frames: int | None) -> int:
+    """Which of the 120 temporal position slots frame t (0-based) uses.
+
+    The paper trains with at most 120 frames, slot t for frame t. Past that, when the stream
+    knows how many frames it will see, frames map proportionally onto the slots
+    (slot = floor(t * 120 / total)), so the whole video spans the learned range in order;
+    when the total is unknown, frames past the last slot share it. With zero-shot weights the
+    embedding is all zeros and the choice has no effect.
+    """
+    if total_frames is not None and total_frames > TEMPORAL_SLOTS:
+        return min(t * TEMPORAL_SLOTS // total_frames, TEMPORAL_SLOTS - 1)
+    return min(t, TEMPORAL_SLOTS - 1)
+
+
+class VideoStream:
+    """The memory state of one video being read; create with :meth:`MALMM.new_stream`."""
+
+    def __init__(
+        self, model: MALMM, instructions: list[str], total_frames: int | None, memory_bank_length: int,
+        cache_projections: bool,
+    ):
+        self.model = model
+        self.instructions = instructions
+        self.total_frames = total_frames
+        qtok = model.qformer_tokenizer(
+            instructions, padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT, return_tensors="pt"
+        )
+        device = model.device
+        self.input_ids = qtok.input_ids.to(device)  # [B, L]
+        B, Q = len(instructions), model.num_query_tokens
+        query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
+        self.key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
+        query_tokens = model.query_tokens.expand(B, -1, -1).to(model.qformer_dtype)
+        # The embeddings do not depend on the frame: computed once per stream.
+        self.embeddings = model.qformer.embed(query_tokens, self.input_ids)  # [B, Q+L, H]
+        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
+        self._output: torch.Tensor | None = None
+
+    @property
+    def frames_seen(self) -> int:
+        return self.state.frames
+
+    @property
+    def memory(self) -> BankStatus:
+        """Status of the visual bank (the query banks have the same length and history)."""
+        return self.state.visual.status()
+
+    @torch.inference_mode()
+    def add_frames(self, pixel_values: torch.Tensor) -> None:
+        """Feed frames [n, 3, H, W] (preprocessed, in time order); the ViT runs on the whole chunk."""
+        self.add_features(self.model.encode_frames(pixel_values))
+
+    @torch.inference_mode()
+    def add_features(self, features: torch.Tensor) -> None:
+        """Feed vision features [n, P, C] from :meth:`MALMM.encode_frames`, in time order."""
+        model = self.model
+        features = features.to(model.device, model.qformer_dtype)
+        for i in range(features.shape[0]):
+            slot = temporal_slot(self.state.frames, self.total_frames)
+            frame = features[i : i + 1] + model.temporal_embedding.weight[slot]  # [1, P, C]
+            hidden = model.qformer.step(self.embeddings, self.key_mask, frame, self.state)
+            self._output = hidden[:, : model.num_query_tokens]
+
+    def query_output(self) -> torch.Tensor:
+        """[B, 32, H_qformer]: the Q-Former output at the latest frame."""
+        if self._output is None:
+            raise RuntimeError("the stream has seen no frames yet")
+        return self._output
+
+    @torch.inference_mode()
+    def visual_tokens(self) -> torch.Tensor:
+        """[B, 32, H_llm]: what the LLM sees of the video."""
+        return self.model.language_projection(self.query_output())
+
+
+class MALMM(nn.Module):
+    """Vision encoder + temporal position + memory Q-Former + projection + LLM.
+
+    Build with :meth:`from_pretrained`. The parameter names are InstructBLIP's
+    (``vision_model``, ``query_tokens``, ``qformer``, ``language_projection``,
+    ``language_model``) plus MA-LMM's ``temporal_embedding``.
+    """
+
+    def __init__(
+        self,
+        *,
+        vision_model: nn.Module,
+        query_tokens: nn.Parameter,
+        qformer: MemoryQFormer,
+        language_projection: nn.Linear,
+        language_model: nn.Module,
+        tokenizer,
+        qformer_tokenizer,
+        memory_bank_length: int = 20,
+        name: str = "",
+    ):
+        super().__init__()
+        if memory_bank_length < 0:
+            raise ValueError(f"memory_bank_length must be >= 0, got {memory_bank_length}")
+        self.vision_model = vision_model
+        self.query_tokens = query_tokens
+        self.qformer = qformer
+        self.language_projection = language_projection
+        self.language_model = language_model
+        width = vision_model.config.hidden_size
+        self.temporal_embedding = nn.Embedding(TEMPORAL_SLOTS, width, device=query_tokens.device)
+        nn.init.zeros_(self.temporal_embedding.weight)  # zero-shot: no temporal signal until finetuned
+        self.temporal_embedding.to(qformer.embeddings.layernorm.weight.dtype)
+        self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
+        self.memory_bank_length = memory_bank_length
+        self.num_query_tokens = query_tokens.shape[1]
+        self.name = name
+        self.eval()
+
+    @classmethod
+    def from_pretrained(cls, src: str = DEFAULT_MODEL, **kwargs) -> MALMM:
+        """Load InstructBLIP weights (hub id or local dir) plus an optional MA-LMM overlay.
+
+        See :func:`models.loading.load_malmm` for the arguments.
+        """
+        from .loading import load_malmm
+
+        return load_malmm(src, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.query_tokens.device
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return self.tokenizer.eos_token_id if pad is None else pad
+
+    @property
+    def qformer_dtype(self) -> torch.dtype:
+        return self.qformer.embeddings.layernorm.weight.dtype
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.vision_model.embeddings.patch_embedding.weight.dtype
+
+    # ---- vision -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, P, C]: ViT + post-LayerNorm (InstructBLIP's ln_vision), batched."""
+        pixel_values = pixel_values.to(self.device, self.vision_dtype)
+        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+
+    # ---- streams ----------------------------------------------------------------------
+
+    def new_stream(
+        self,
+        instructions: str | Sequence[str],
+        *,
+        total_frames: int | None = None,
+        memory_bank_length: int | None = None,
+        cache_projections: bool = True,
+    ) -> VideoStream:
+        """Start reading a video. One row per instruction; all rows see the same frames.
+
+        ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when known, spreads videos longer than 120 frames over the temporal
+        position slots (see :func:`temporal_slot`). ``cache_projections=False`` re-projects the
+        banks at every frame (the straightforward path; same results, slower).
+        """
+        if isinstance(instructions, str):
+            instructions = [instructions]
+        instructions = list(instructions)
+        if not instructions:
+            raise ValueError("new_stream needs at least one instruction")
+        M = self.memory_bank_length if memory_bank_length is None else memory_bank_length
+        if M < 0:
+            raise ValueError(f"memory_bank_length must be >= 0, got {M}")
+        with torch.inference_mode():
+            return VideoStream(self, instructions, total_frames, M, cache_projections)
+
+    # ---- language model -----------------------------------------------------------------
+
+    def _prefix(self, stream: VideoStream, prompts: Sequence[str] | None):
+        """LLM input for each row: [pad ... pad][32 visual tokens][BOS prompt], left-padded.
+
+        Padding goes in front of the visual tokens, so every row's real tokens are contiguous;
+        with rotary positions the results equal those of each row alone.
+        """
+        prompts = list(stream.instructions if prompts is None else prompts)
+        visual = stream.visual_tokens()  # [B or 1, Q, D]
+        if visual.shape[0] == 1 and len(prompts) > 1:
+            visual = visual.expand(len(prompts), -1, -1)
+        if visual.shape[0] != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts for a stream of {visual.shape[0]} instructions")
+        embed = self.language_model.get_input_embeddings()
+        # BOS is added here rather than by the tokenizer's own settings, which vary between
+        # checkpoints; its id was checked at load time (InstructBLIP-Vicuna: "</s>", id 2).
+        bos = self.tokenizer.bos_token_id
+        ids = [[bos] + x for x in self.tokenizer(prompts, add_special_tokens=False).input_ids]
+        Q = visual.shape[1]
+        S = Q + max(len(x) for x in ids)
+        pad_id = self.pad_token_id
+        rows, masks = [], []
+        for b, row_ids in enumerate(ids):
+            n_pad = S - Q - len(row_ids)
+            tokens = torch.tensor([pad_id] * n_pad + row_ids, device=self.device)
+            emb = embed(tokens)  # [n_pad + len, D]
+            rows.append(torch.cat([emb[:n_pad], visual[b].to(emb.dtype), emb[n_pad:]], dim=0))
+            masks.append(torch.tensor([0] * n_pad + [1] * (S - n_pad), device=self.device))
+        return torch.stack(rows), torch.stack(masks)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        stream: VideoStream,
+        prompts: Sequence[str] | None = None,
+        *,
+        max_new_tokens: int = 30,
+        num_beams: int = 5,
+        min_new_tokens: int = 1,
+        repetition_penalty: float = 1.5,
+        length_penalty: float = 1.0,
+        **generate_kwargs,
+    ) -> list[str]:
+        """Answer each prompt about the stream's video. Defaults follow LAVIS's generate.
+
+        ``prompts`` defaults to the stream's instructions (the paper uses the same text for the
+        Q-Former instruction and the LLM prompt).
+        """
+        from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+        inputs_embeds, attention_mask = self._prefix(stream, prompts)
+        # The penalty covers generated tokens only, as in LAVIS (which passes embeddings, not
+        # ids). It is passed as an explicit processor because transformers 5 offsets it by each
+        # row's left padding, which exempts a padded row's first generated tokens.
+        processors = LogitsProcessorList()
+        if repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
+        with _expected_llm_warnings():
+            out = self.language_model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
+                num_beams=num_beams,
+                do_sample=False,
+                logits_processor=processors,
+                repetition_penalty=None,
+                length_penalty=length_penalty,
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                bos_token_id=self.tokenizer.bos_token_id,
+                **generate_kwargs,
+            )
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def score(
+        self, stream: VideoStream, prompts: Sequence[str] | None, candidates: Sequence[str], *, batch_size: int = 32
+    ) -> torch.Tensor:
+        """Log-likelihood of each candidate answer after each prompt: [B, len(candidates)].
+
+        log p(candidate tokens, then EOS | visual tokens, prompt), summed over tokens: the
+        probability that the model answers exactly this candidate. The prompt prefix runs
+        once; candidates are scored in batches against a copy of its key/value cache.
+        """
+        if not candidates:
+            raise ValueError("score needs at least one candidate")
+        inputs_embeds, attention_mask = self._prefix(stream, prompts)
+        with _expected_llm_warnings():
+            return self._score(inputs_embeds, attention_mask, candidates, batch_size)
+
+    def _score(self, inputs_embeds, attention_mask, candidates: Sequence[str], batch_size: int) -> torch.Tensor:
+        B = inputs_embeds.shape[0]
+        prefix = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+        first_logp = prefix.logits[:, -1].float().log_softmax(-1)  # [B, V]
+        eos = self.tokenizer.eos_token_id
+        cand_ids = [ids + [eos] for ids in self.tokenizer(list(candidates), add_special_tokens=False).input_ids]
+        scores = torch.empty(B, len(candidates))
+        per_chunk = max(1, batch_size // B)
+        for start in range(0, len(cand_ids), per_chunk):
+            chunk = cand_ids[start : start + per_chunk]
+            scores[:, start : start + len(chunk)] = self._score_chunk(
+                prefix.past_key_values, attention_mask, first_logp, chunk
+            )
+        return scores
+
+    def _score_chunk(self, prefix_cache, prefix_mask, first_logp, chunk: list[list[int]]) -> torch.Tensor:
+        B, c = prefix_mask.shape[0], len(chunk)
+        L = max(len(ids) for ids in chunk)
+        tokens = torch.zeros(c, L, dtype=torch.long, device=self.device)
+        valid = torch.zeros(c, L, dtype=torch.bool, device=self.device)
+        for i, ids in enumerate(chunk):
+            tokens[i, : len(ids)] = torch.tensor(ids, device=self.device)
+            valid[i, : len(ids)] = True
+        total = first_logp[:, tokens[:, 0]]  # [B, c]: the first token comes from the prefix
+        if L > 1:
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(c)  # rows: b0c0 .. b0c(c-1), b1c0, ...
+            rows_tokens = tokens.repeat(B, 1)  # [B*c, L]
+            mask = torch.cat([prefix_mask.repeat_interleave(c, dim=0), valid.repeat(B, 1).long()], dim=1)
+            out = self.language_model(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            logp = out.logits.float().log_softmax(-1)  # [B*c, L-1, V]
+            picked = logp.gather(-1, rows_tokens[:, 1:, None]).squeeze(-1)  # [B*c, L-1]
+            picked = picked.masked_fill(~valid[:, 1:].repeat(B, 1), 0.0)
+            total = total + picked.sum(-1).view(B, c)
+        return total.cpu()

@@ -1,0 +1,259 @@
+"""The memory-augmented Q-Former of MA-LMM.
+
+Parameter names are those of transformers' ``InstructBlipQFormerModel``, so the ``qformer.*``
+weights of an InstructBLIP checkpoint load with ``strict=True``. What differs is the forward:
+it runs one video frame at a time and reads two kinds of long-term memory, passed in
+explicitly as a :class:`QFormerMemory` (the modules themselves hold no state):
+
+- one **visual bank** shared by every cross-attention layer: the 32 queries attend to all
+  frames in the bank plus the current one, [(len(bank) + 1) * P, C_vision] tokens;
+- one **query bank per layer**: that layer's self-attention keys/values come from the
+  layer's inputs at earlier frames (stored in the bank) plus the current input, with the
+  text padding mask repeated once per entry. Queries come from the current input only.
+
+Order per frame (method.md): attend over [bank; current] -> append current -> compress any
+bank over capacity M. The query banks are appended right after their own attention (no
+later layer reads them in this frame); the visual bank after the whole step, since all
+cross-attention layers read it.
+
+With ``cache_projections`` a bank also keeps the key/value projections of what it stores,
+merged with the same MBC decisions (exact: projections are affine), so each frame projects
+only its own tokens instead of re-projecting the whole bank in every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import InstructBlipQFormerConfig
+from transformers.activations import ACT2FN
+
+from .memory_bank import MemoryBank
+
+__all__ = ["MemoryQFormer", "QFormerMemory"]
+
+
+@dataclass
+class QFormerMemory:
+    """All memory state of one video stream inside the Q-Former."""
+
+    visual: MemoryBank
+    query: list[MemoryBank]
+    cache_projections: bool = True
+    frames: int = field(default=0)
+
+    @classmethod
+    def empty(cls, capacity: int, num_layers: int, cache_projections: bool = True) -> QFormerMemory:
+        return cls(MemoryBank(capacity), [MemoryBank(capacity) for _ in range(num_layers)], cache_projections)
+
+
+def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    # [B, S, H] -> [B, heads, S, H/heads]
+    B, S, H = x.shape
+    return x.view(B, S, num_heads, H // num_heads).transpose(1, 2)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor | None):
+    """Multi-head attention. q [B, L, H], k/v [B or 1, S, H], mask [B, S] bool (True = attend)."""
+    B = q.shape[0]
+    k, v = k.expand(B, -1, -1), v.expand(B, -1, -1)
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        _split_heads(q, num_heads), _split_heads(k, num_heads), _split_heads(v, num_heads), attn_mask=attn_mask
+    )  # [B, heads, L, d]
+    return out.transpose(1, 2).reshape(B, q.shape[1], -1)
+
+
+class QFormerMultiHeadAttention(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        kv_size = config.encoder_hidden_size if is_cross_attention else config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_size, config.hidden_size)
+        self.value = nn.Linear(kv_size, config.hidden_size)
+
+
+class QFormerSelfOutput(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
+
+
+class QFormerAttention(nn.Module):
+    """Attention + output projection, residual and LayerNorm (BERT post-norm)."""
+
+    def __init__(self, config: InstructBlipQFormerConfig, is_cross_attention: bool = False):
+        super().__init__()
+        self.attention = QFormerMultiHeadAttention(config, is_cross_attention)
+        self.output = QFormerSelfOutput(config)
+
+
+class QFormerIntermediate(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.intermediate_act_fn(self.dense(hidden))
+
+
+class QFormerOutput(QFormerSelfOutput):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__(config)
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig, layer_idx: int):
+        super().__init__()
+        self.attention = QFormerAttention(config)
+        self.has_cross_attention = layer_idx % config.cross_attention_frequency == 0
+        if self.has_cross_attention:
+            self.crossattention = QFormerAttention(config, is_cross_attention=True)
+        # Text tokens and query tokens have separate feed-forward weights (InstructBLIP).
+        self.intermediate = QFormerIntermediate(config)
+        self.output = QFormerOutput(config)
+        self.intermediate_query = QFormerIntermediate(config)
+        self.output_query = QFormerOutput(config)
+
+    def self_attention(self, hidden: torch.Tensor, key_mask: torch.Tensor, bank: MemoryBank, cache: bool):
+        """hidden [B, N, H] attends over [bank; hidden]; then hidden joins the bank."""
+        attn = self.attention.attention
+        k_cur, v_cur = attn.key(hidden), attn.value(hidden)
+        keys, values, mask = k_cur, v_cur, key_mask
+        if len(bank):
+            T = len(bank)
+            if cache:
+                k_mem, v_mem = bank.extras["k"], bank.extras["v"]  # [B, T, N, H]
+            else:
+                k_mem, v_mem = attn.key(bank.features), attn.value(bank.features)
+            keys = torch.cat([k_mem.flatten(1, 2), k_cur], dim=1)  # [B, (T+1)N, H]
+            values = torch.cat([v_mem.flatten(1, 2), v_cur], dim=1)
+            mask = key_mask.repeat(1, T + 1)
+        out = _attend(attn.query(hidden), keys, values, attn.num_heads, mask)
+        if cache:
+            bank.append(hidden, k=k_cur, v=v_cur)
+        else:
+            bank.append(hidden)
+        return self.attention.output(out, hidden)
+
+    def cross_attention(self, queries: torch.Tensor, frame_kv: tuple[torch.Tensor, torch.Tensor]):
+        """queries [B, Q, H] attend over visual keys/values [1, S, H]; no mask: all tokens valid."""
+        attn = self.crossattention.attention
+        out = _attend(attn.query(queries), frame_kv[0], frame_kv[1], attn.num_heads, None)
+        return self.crossattention.output(out, queries)
+
+    def feed_forward(self, hidden: torch.Tensor, query_length: int) -> torch.Tensor:
+        queries = hidden[:, :query_length]
+        out = self.output_query(self.intermediate_query(queries), queries)
+        if hidden.shape[1] > query_length:
+            text = hidden[:, query_length:]
+            out = torch.cat([out, self.output(self.intermediate(text), text)], dim=1)
+        return out
+
+
+class QFormerEncoder(nn.Module):
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([QFormerLayer(config, i) for i in range(config.num_hidden_layers)])
+
+
+class QFormerEmbeddings(nn.Module):
+    """Query tokens followed by the instruction's word + position embeddings, then LayerNorm."""
+
+    def __init__(self, config: InstructBlipQFormerConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings)[None], persistent=False)
+
+    def forward(self, query_embeds: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        L = input_ids.shape[1]
+        text = self.word_embeddings(input_ids) + self.position_embeddings(self.position_ids[:, :L])
+        embeddings = torch.cat([query_embeds.to(text.dtype), text], dim=1)
+        return self.dropout(self.layernorm(embeddings.to(self.layernorm.weight.dtype)))
+
+
+class MemoryQFormer(nn.Module):
+    """Q-Former that processes a video frame by frame with MA-LMM's memory banks."""
+
+    def __init__(self, config: InstructBlipQFormerConfig, num_query_tokens: int = 32):
+        super().__init__()
+        self.config = config
+        self.num_query_tokens = num_query_tokens
+        self.embeddings = QFormerEmbeddings(config)
+        self.encoder = QFormerEncoder(config)
+
+    def embed(self, query_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, Q, H] query tokens + [B, L] instruction ids -> [B, Q + L, H]; constant per stream."""
+        return self.embeddings(query_tokens, input_ids)
+
+    @property
+    def cross_layers(self) -> list[int]:
+        return [i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
+
+    def new_memory(self, capacity: int, cache_projections: bool = True) -> QFormerMemory:
+        return QFormerMemory.empty(capacity, len(self.encoder.layer), cache_projections)
+
+    def _frame_kv(self, frame: torch.Tensor, memory: QFormerMemory) -> dict[int, tuple]:
+        """Per cross-attention layer: keys/values over [visual bank; frame], each [1, S, H],
+        plus the frame's own projections (to store in the bank when caching)."""
+        bank, cache = memory.visual, memory.cache_projections
+        out = {}
+        for i in self.cross_layers:
+            attn = self.encoder.layer[i].crossattention.attention
+            k_cur, v_cur = attn.key(frame), attn.value(frame)  # [1, P, H]
+            k, v = k_cur, v_cur
+            if len(bank):
+                if cache:
+                    k_mem, v_mem = bank.extras[f"k{i}"], bank.extras[f"v{i}"]  # [1, T, P, H]
+                else:
+                    k_mem, v_mem = attn.key(bank.features), attn.value(bank.features)
+                k = torch.cat([k_mem.flatten(1, 2), k_cur], dim=1)
+                v = torch.cat([v_mem.flatten(1, 2), v_cur], dim=1)
+            out[i] = (k, v, k_cur, v_cur)
+        return out
+
+    def step(
+        self, embeddings: torch.Tensor, key_mask: torch.Tensor, frame: torch.Tensor, memory: QFormerMemory
+    ) -> torch.Tensor:
+        """Run the Q-Former for one frame and update ``memory`` in place.
+
+        embeddings: [B, N, H] from :meth:`embed` (query tokens + instruction), constant per stream.
+        key_mask: [B, N] bool, False at instruction padding.
+        frame: [1, P, C_vision] this frame's vision features (temporal position already added).
+        Returns the last hidden states [B, N, H]; the first ``num_query_tokens`` are the output.
+        """
+        if frame.dim() != 3 or frame.shape[0] != 1:
+            raise ValueError(f"step takes one frame's features [1, P, C], got {tuple(frame.shape)}")
+        query_length = self.num_query_tokens
+        frame_kv = self._frame_kv(frame, memory)
+        hidden = embeddings
+        for i, layer in enumerate(self.encoder.layer):
+            hidden = layer.self_attention(hidden, key_mask, memory.query[i], memory.cache_projections)
+            if layer.has_cross_attention:
+                k, v, _, _ = frame_kv[i]
+                queries = layer.cross_attention(hidden[:, :query_length], (k, v))
+                hidden = torch.cat([queries, hidden[:, query_length:]], dim=1)
+            hidden = layer.feed_forward(hidden, query_length)
+        if memory.cache_projections:
+            extras = {}
+            for i, (_, _, k_cur, v_cur) in frame_kv.items():
+                extras[f"k{i}"], extras[f"v{i}"] = k_cur, v_cur
+            memory.visual.append(frame, **extras)
+        else:
+            memory.visual.append(frame)
+        memory.frames += 1
+        return hidden

@@ -1,0 +1,113 @@
+"""MBC (memory bank compression) against its definition in method.md."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.memory_bank import MemoryBank, compress, merge_plan
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_merged_pair_is_the_most_similar_one_at_each_position(seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, N, C = 2, 6, 5, 8
+    x = torch.randn(B, T, N, C, generator=gen, dtype=torch.float64)
+    counts = torch.randint(1, 4, (B, T, N), generator=gen)
+    plan = merge_plan(x)
+    out, out_counts = compress(x, counts)
+    assert out.shape == (B, T - 1, N, C) and out_counts.shape == (B, T - 1, N)
+    for b in range(B):
+        for i in range(N):
+            sims = [_cos(x[b, j, i], x[b, j + 1, i]) for j in range(T - 1)]
+            j = max(range(T - 1), key=lambda s: sims[s])
+            assert plan[b, i] == j
+            ka, kb = counts[b, j, i], counts[b, j + 1, i]
+            expected = (ka * x[b, j, i] + kb * x[b, j + 1, i]) / (ka + kb)
+            torch.testing.assert_close(out[b, j, i], expected)
+            assert out_counts[b, j, i] == ka + kb
+            # Other slots keep their order and values; the one after the merge is gone.
+            kept = [s for s in range(T) if s not in (j, j + 1)]
+            new_slots = [s for s in range(T - 1) if s != j]
+            for old, new in zip(kept, new_slots):
+                torch.testing.assert_close(out[b, new, i], x[b, old, i])
+                assert out_counts[b, new, i] == counts[b, old, i]
+
+
+def test_different_positions_can_merge_different_time_steps():
+    # Position 0: slots 0 and 1 identical; position 1: slots 2 and 3 identical.
+    x = torch.randn(1, 4, 2, 3, generator=torch.Generator().manual_seed(0))
+    x[0, 1, 0] = x[0, 0, 0]
+    x[0, 3, 1] = x[0, 2, 1]
+    assert merge_plan(x).tolist() == [[0, 2]]
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 5])
+def test_bank_invariants_over_a_long_stream(capacity):
+    gen = torch.Generator().manual_seed(capacity)
+    bank = MemoryBank(capacity)
+    B, N, C = 2, 7, 6
+    total = torch.zeros(B, N, C, dtype=torch.float64)
+    W, bias = torch.randn(C, 4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    for t in range(1, 31):
+        f = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
+        total += f
+        bank.append(f, proj=f @ W + bias)
+        assert len(bank) == min(t, capacity)  # never over capacity
+        assert (bank.counts.sum(dim=1) == t).all()  # counts sum to frames seen, per position
+        # Merging by count-weighted means keeps the count-weighted sum: it is the sum of all frames.
+        torch.testing.assert_close((bank.counts[..., None] * bank.features).sum(dim=1), total)
+        # A cached affine projection merged with the same decisions equals the projection of the merged bank.
+        torch.testing.assert_close(bank.extras["proj"], bank.features @ W + bias)
+    status = bank.status()
+    assert status.length == capacity and status.frames_seen == 30
+    assert status.compressions == 30 - capacity
+    assert sum(status.slot_frames) == pytest.approx(30)
+
+
+def test_status_spans_cover_the_stream_in_order():
+    bank = MemoryBank(3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(10):
+        bank.append(torch.randn(1, 4, 5, generator=gen))
+    spans = bank.status().slot_spans
+    assert len(spans) == 3
+    assert spans[0][0] == 0 and spans[-1][1] == 9  # first slot starts at frame 0, last ends at frame 9
+    for (first, last), (next_first, next_last) in zip(spans, spans[1:]):
+        assert first <= last and first <= next_first and last <= next_last
+    # Every position's slots tile frames 0..9 exactly (contiguous, no gaps, no overlaps).
+    ends = bank.counts.cumsum(dim=1)
+    assert (ends[:, -1] == 10).all()
+
+
+def test_fresh_slots_are_single_frames_before_any_compression():
+    bank = MemoryBank(4)
+    for _ in range(3):
+        bank.append(torch.randn(1, 2, 3))
+    status = bank.status()
+    assert status.compressions == 0
+    assert status.slot_frames == (1.0, 1.0, 1.0)
+    assert status.slot_spans == ((0, 0), (1, 1), (2, 2))
+
+
+def test_capacity_zero_keeps_nothing():
+    bank = MemoryBank(0)
+    bank.append(torch.randn(1, 2, 3))
+    bank.append(torch.randn(1, 2, 3))
+    assert len(bank) == 0 and bank.frames_seen == 2 and bank.status().length == 0
+
+
+def test_compress_needs_two_slots_and_rejects_negative_capacity():
+    with pytest.raises(ValueError):
+        compress(torch.randn(1, 1, 2, 3), torch.ones(1, 1, 2, dtype=torch.long))
+    with pytest.raises(ValueError):
+        MemoryBank(-1)
+
+
+def test_bf16_bank_picks_pairs_in_float32():
+    x = torch.randn(1, 5, 6, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(merge_plan(x.bfloat16()), merge_plan(x.bfloat16().float()))
