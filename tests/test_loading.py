@@ -1,0 +1,258 @@
+"""Loading: the tiny checkpoint, strict Q-Former names, LAVIS overlays, quantization, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from models import MALMM, CheckpointError, ModelNotAvailableError
+from models.loading import lavis_to_hf_key
+from models.qformer import MemoryQFormer
+
+
+def _load(path, **kwargs):
+    kwargs.setdefault("dtype", torch.float32)
+    return MALMM.from_pretrained(str(path), device="cpu", **kwargs)
+
+
+def test_tiny_checkpoint_is_deterministic_and_small(tiny_dir, tmp_path):
+    from models.tiny import write_tiny_checkpoint
+
+    again = write_tiny_checkpoint(tmp_path / "again")
+    a, b = load_file(tiny_dir / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("tokenizer.json", "qformer_tokenizer/tokenizer.json", "config.json"):
+        assert (tiny_dir / name).read_text() == (again / name).read_text()
+    size = sum(f.stat().st_size for f in tiny_dir.rglob("*") if f.is_file())
+    assert size < 5_000_000
+
+
+def test_tiny_random_preset_name_loads_through_the_same_path(monkeypatch, tmp_path):
+    monkeypatch.setenv("MALMM_CACHE_DIR", str(tmp_path))
+    model = MALMM.from_pretrained("tiny-random", dtype=torch.float32, device="cpu")
+    assert (tmp_path / "models" / "tiny-random-v1" / "config.json").exists()
+    assert model.num_query_tokens == 32 and model.memory_bank_length == 20
+
+
+def test_qformer_parameter_names_are_instructblips(hf_model):
+    ours = MemoryQFormer(hf_model.config.qformer_config, num_query_tokens=32)
+    ours.load_state_dict(hf_model.qformer.state_dict(), strict=True)
+    assert set(ours.state_dict()) == set(hf_model.qformer.state_dict())
+
+
+def test_small_modules_stay_float32_when_the_llm_is_bf16(tiny_dir):
+    model = _load(tiny_dir, dtype=torch.bfloat16)
+    assert model.vision_dtype == torch.bfloat16
+    assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.qformer_dtype == torch.float32
+    assert model.query_tokens.dtype == model.language_projection.weight.dtype == torch.float32
+    assert model.temporal_embedding.weight.dtype == torch.float32
+
+
+# ---- LAVIS overlays ---------------------------------------------------------------------
+
+
+def _to_lavis(name: str) -> str:
+    """Inverse of method.md's key mapping, written independently for the test."""
+    if name.startswith("qformer."):
+        name = name.replace("qformer.", "Qformer.bert.", 1).replace("embeddings.layernorm.", "embeddings.LayerNorm.")
+        return name.replace(".crossattention.attention.", ".crossattention.self.").replace(
+            ".attention.attention.", ".attention.self.")
+    return {
+        "language_projection.weight": "llm_proj.weight",
+        "temporal_embedding.weight": "image_pe.weight",
+        "vision_model.post_layernorm.weight": "ln_vision.weight",
+        "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+        "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+        "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
+        "vision_model.encoder.layers.1.self_attn.qkv.weight": "visual_encoder.blocks.1.attn.qkv.weight",
+        "vision_model.encoder.layers.1.layer_norm1.weight": "visual_encoder.blocks.1.norm1.weight",
+        "vision_model.encoder.layers.1.mlp.fc1.bias": "visual_encoder.blocks.1.mlp.fc1.bias",
+        "vision_model.encoder.layers.0.self_attn.projection.weight": "visual_encoder.blocks.0.attn.proj.weight",
+    }.get(name, name)
+
+
+OVERLAID = [
+    "qformer.encoder.layer.0.attention.attention.query.weight",
+    "qformer.encoder.layer.2.crossattention.attention.key.bias",
+    "qformer.encoder.layer.1.output_query.LayerNorm.weight",
+    "qformer.embeddings.layernorm.weight",
+    "query_tokens",
+    "language_projection.weight",
+    "temporal_embedding.weight",
+    "vision_model.post_layernorm.weight",
+    "vision_model.embeddings.class_embedding",
+    "vision_model.embeddings.position_embedding",
+    "vision_model.embeddings.patch_embedding.weight",
+    "vision_model.encoder.layers.1.self_attn.qkv.weight",
+    "vision_model.encoder.layers.1.layer_norm1.weight",
+    "vision_model.encoder.layers.1.mlp.fc1.bias",
+    "vision_model.encoder.layers.0.self_attn.projection.weight",
+]
+
+
+@pytest.fixture(scope="module")
+def lavis_checkpoint(tiny_dir, tmp_path_factory):
+    """A LAVIS-format MA-LMM checkpoint: new values for OVERLAID (plus q/v biases of block 1)."""
+    model = _load(tiny_dir)
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(42)
+    state, expected = {}, {}
+    for name in OVERLAID:
+        value = torch.randn(params[name].shape, generator=gen)
+        state[_to_lavis(name)] = value
+        expected[name] = value
+    q, v = torch.randn(32, generator=gen), torch.randn(32, generator=gen)
+    state["visual_encoder.blocks.1.attn.q_bias"], state["visual_encoder.blocks.1.attn.v_bias"] = q, v
+    expected["vision_model.encoder.layers.1.self_attn.qkv.bias"] = torch.cat([q, torch.zeros(32), v])
+    state["Qformer.bert.embeddings.position_ids"] = torch.arange(128)[None]  # LAVIS saves it; dropped
+    path = tmp_path_factory.mktemp("lavis") / "malmm_finetuned.pth"
+    torch.save({"model": state, "epoch": 3}, path)
+    return path, expected
+
+
+def test_lavis_overlay_changes_exactly_the_weights_it_names(tiny_dir, lavis_checkpoint):
+    path, expected = lavis_checkpoint
+    base = dict(_load(tiny_dir).named_parameters())
+    model = _load(tiny_dir, checkpoint=path)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, base[n])}
+    assert changed == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name], value.reshape(base[name].shape))
+    report = model.overlay_report
+    assert sorted(report.loaded) == sorted(expected) and report.unexpected == []
+    assert report.not_in_checkpoint == []
+
+
+def test_overlay_reports_groups_it_does_not_contain(tiny_dir, tmp_path):
+    path = tmp_path / "qformer_only.pth"
+    torch.save({"model": {"Qformer.bert.embeddings.LayerNorm.bias": torch.zeros(32)}}, path)
+    report = _load(tiny_dir, checkpoint=path).overlay_report
+    assert report.loaded == ["qformer.embeddings.layernorm.bias"]
+    assert set(report.not_in_checkpoint) == {"query tokens", "projection", "temporal position embedding"}
+
+
+def test_bad_keys_are_reported_not_ignored(tiny_dir, tmp_path):
+    path = tmp_path / "bad.pth"
+    state = {"image_pe.weight": torch.zeros(120, 32), "llm_model.lm_head.weight": torch.zeros(3, 3),
+             "query_tokens": torch.zeros(1, 31, 32)}  # unknown key; wrong shape
+    torch.save({"model": state}, path)
+    with pytest.raises(CheckpointError, match="2 key"):
+        _load(tiny_dir, checkpoint=path)
+    model = _load(tiny_dir, checkpoint=path, strict_checkpoint=False)
+    report = model.overlay_report
+    assert report.loaded == ["temporal_embedding.weight"]
+    assert "llm_model.lm_head.weight" in report.unexpected
+    assert any(u.startswith("query_tokens (shape") for u in report.unexpected)
+
+
+def test_strict_overlay_changes_nothing_when_it_fails(tiny_dir, tmp_path):
+    from models.loading import load_overlay
+
+    model = _load(tiny_dir)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    path = tmp_path / "half_bad.pth"
+    torch.save({"model": {"image_pe.weight": torch.ones(120, 32), "nonsense": torch.ones(1)}}, path)
+    with pytest.raises(CheckpointError):
+        load_overlay(model, path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint", None])
+def test_unreadable_checkpoints_give_one_clear_error(tiny_dir, tmp_path, content):
+    path = tmp_path / "x.pth"
+    if content is None:
+        # A pickle that would run code when unpickled: weights_only refuses it.
+        import pickle
+
+        class Evil:
+            def __reduce__(self):
+                return (os.system, ("echo pwned",))
+
+        path.write_bytes(pickle.dumps({"model": Evil()}))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="x.pth"):
+        _load(tiny_dir, checkpoint=path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _load(tiny_dir, checkpoint=tmp_path / "missing.pth")
+
+
+def test_lavis_key_mapping_examples():
+    assert lavis_to_hf_key("Qformer.bert.encoder.layer.3.crossattention.self.value.weight") == (
+        "qformer.encoder.layer.3.crossattention.attention.value.weight")
+    assert lavis_to_hf_key("Qformer.bert.encoder.layer.3.attention.output.LayerNorm.bias") == (
+        "qformer.encoder.layer.3.attention.output.LayerNorm.bias")
+    assert lavis_to_hf_key("llm_proj.bias") == "language_projection.bias"
+    assert lavis_to_hf_key("ln_vision.bias") == "vision_model.post_layernorm.bias"
+    assert lavis_to_hf_key("visual_encoder.blocks.38.norm2.bias") == "vision_model.encoder.layers.38.layer_norm2.bias"
+    assert lavis_to_hf_key("llm_model.model.embed_tokens.weight") is None
+
+
+# ---- quantization -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode, layer_type", [("4bit", "Linear4bit"), ("8bit", "Linear8bitLt")])
+def test_quantization_converts_only_llm_linear_layers(tiny_dir, pixels, mode, layer_type):
+    model = _load(tiny_dir, quantization=mode, dtype=torch.bfloat16)
+    converted, plain = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            (converted if type(module).__name__ == layer_type else plain).append(name)
+    assert converted and all(n.startswith("language_model.model.layers.") for n in converted)
+    assert all(type(m) is torch.nn.Linear for n, m in model.named_modules() if n in plain)
+    assert "language_model.lm_head" in plain
+    assert any(n.startswith("vision_model.") for n in plain) and any(n.startswith("qformer.") for n in plain)
+    assert len(converted) == 2 * 7  # 2 LLaMA layers x (q, k, v, o, gate, up, down)
+    stream = model.new_stream("what does the video describe?")
+    stream.add_frames(pixels[:2])
+    assert len(model.generate(stream, max_new_tokens=3, num_beams=1)) == 1
+
+
+def test_unknown_quantization_mode_is_rejected(tiny_dir):
+    with pytest.raises(ValueError, match="quantization"):
+        _load(tiny_dir, quantization="3bit")
+
+
+# ---- missing models and tokenizer checks ------------------------------------------------
+
+
+def test_missing_model_names_the_repo_and_the_download_command(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    code = (
+        "from models import MALMM, ModelNotAvailableError\n"
+        "try:\n    MALMM.from_pretrained('Salesforce/instructblip-vicuna-7b', device='cpu')\n"
+        "except ModelNotAvailableError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert "ERR Model 'Salesforce/instructblip-vicuna-7b' is not in the Hugging Face cache" in out.stdout, out.stderr
+    assert "hf download Salesforce/instructblip-vicuna-7b" in out.stdout
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_reported(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ModelNotAvailableError, match="not a complete InstructBLIP checkpoint"):
+        _load(tmp_path)
+
+
+def test_tokenizer_without_eos_is_rejected_at_load_time(tiny_dir, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    config_path = broken / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["eos_token"] = None
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="EOS"):
+        _load(broken)
+
+
+def test_tiny_llm_tokenizer_uses_eos_as_bos_like_instructblip_vicuna(tiny_model):
+    tok = tiny_model.tokenizer
+    assert tok.bos_token == tok.eos_token == "</s>" and tok.bos_token_id == tok.eos_token_id == 2
