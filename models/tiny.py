@@ -14,6 +14,7 @@ Q-Former tokenizer is a small uncased BERT WordPiece vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -138,11 +139,31 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
         p.copy_(values.to(p.dtype))
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No progress bars or notices while writing (e.g. the torchvision fallback notice)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def write_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
     """Write the tiny checkpoint to ``path`` atomically (built in a temp dir, then renamed)."""
+    with _quiet_transformers():
+        return _write_tiny_checkpoint(Path(path), seed)
+
+
+def _write_tiny_checkpoint(path: Path, seed: int) -> Path:
     from transformers import BlipImageProcessor, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:

@@ -1,0 +1,287 @@
+"""The long-video loop: frames -> vision features (once per frame) -> model streams -> results.
+
+One pass over the video feeds every stream that needs the frames: the whole-video stream
+and, for summaries, the stream of the current segment. Vision features come from the
+feature cache when this video was seen before with the same sampling and model; otherwise
+frames are decoded (in a background thread), preprocessed, encoded on whole chunks and
+written to the cache as they go.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from models import MALMM, VideoStream
+from models.memory_bank import BankStatus
+
+from .errors import VideoError
+from .features import FeatureCache, feature_key, from_storage, storage_dtype, to_storage, video_fingerprint
+from .inputs import VideoSource, cache_root
+from .results import Answer, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+from .tasks import LabelSet, Segment, fixed_segments, probabilities, scene_segments
+from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
+
+
+class Events:
+    """Progress callbacks (the live view implements them; the default does nothing)."""
+
+    def started(self, source: str, info: VideoInfo, sampling: Sampling, capacity: int) -> None: ...
+
+    def frames(self, done: int, timestamp: float, memory: BankStatus) -> None: ...
+
+    def stage(self, text: str) -> None: ...
+
+    def finished(self, result: Result) -> None: ...
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to do with each video; built once per command from the options and presets."""
+
+    task: str  # caption | ask | classify | summarize
+    model_label: str
+    memory: int
+    max_new_tokens: int
+    num_beams: int
+    fps: float | None = None
+    frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    prompts: tuple[str, ...] = ()  # the instruction (caption, summarize) or one prompt per question
+    questions: tuple[str, ...] = ()
+    label_set: LabelSet | None = None
+    top_k: int = 5
+    every: float | None = None
+    scenes: bool = False
+    antialias: bool = True
+
+
+@dataclass
+class _Run:
+    """One video while the loop runs."""
+
+    job: Job
+    source: VideoSource
+    info: VideoInfo
+    sampling: Sampling
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "vision", "qformer", "llm"), 0.0))
+    warnings: list[str] = field(default_factory=list)
+    frames_done: int = 0
+
+    @property
+    def planned(self) -> int:
+        return len(self.sampling.indices)
+
+
+PerFrame = Callable[[int, torch.Tensor], None]  # (position in the sampling, features [1, P, C])
+
+
+class Analyzer:
+    def __init__(self, model: MALMM, model_id: str, *, cache: FeatureCache | None = None,
+                 events: Events | None = None, chunk_size: int = 16):
+        self.model = model
+        self.model_id = model_id  # identifies vision weights + preprocessing in cache keys
+        self.cache = cache
+        self.events = events or Events()
+        self.chunk_size = chunk_size
+
+    def run(self, source: VideoSource, job: Job) -> Result:
+        started = time.perf_counter()
+        info = probe(source.path)
+        sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
+        run = _Run(job, source, info, sampling)
+        self.events.started(source.input, info, sampling, job.memory)
+        fields, stream = getattr(self, f"_{job.task}")(run)
+        run.timings["total"] = time.perf_counter() - started
+        result = Result(
+            input=source.input,
+            task=job.task,
+            model=job.model_label,
+            video=VideoMeta(info.duration, info.fps, info.width, info.height),
+            sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
+            memory=MemoryMeta(job.memory, stream.memory.compressions),
+            timings={k: round(v, 4) for k, v in run.timings.items()},
+            warnings=tuple(run.warnings),
+            **fields,
+        )
+        self.events.finished(result)
+        return result
+
+    # ---- features ---------------------------------------------------------------------
+
+    def _features(self, run: _Run) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(timestamps [k], features [k, P, C]) chunk by chunk, from the cache or the video."""
+        key = None
+        if self.cache is not None:
+            key = feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id)
+            hit = self.cache.get(key)
+            if hit is not None and hit.count == run.planned:
+                t0 = time.perf_counter()
+                for start, feats in hit.chunks(self.chunk_size):
+                    run.timings["decode"] += time.perf_counter() - t0
+                    yield run.sampling.timestamps[start : start + feats.shape[0]], feats
+                    t0 = time.perf_counter()
+                return
+        writer = None
+        try:
+            with stream_frames(run.source.path, run.sampling, info=run.info, chunk_size=self.chunk_size) as frames:
+                chunks = iter(frames)
+                while True:
+                    t0 = time.perf_counter()
+                    chunk = next(chunks, None)
+                    if chunk is None:
+                        break
+                    pixels = preprocess(chunk.frames, antialias=run.job.antialias)
+                    t1 = time.perf_counter()
+                    feats = self.model.encode_frames(pixels)
+                    run.timings["decode"] += t1 - t0
+                    run.timings["vision"] += time.perf_counter() - t1
+                    if key is not None and writer is None:
+                        writer = self.cache.writer(key, run.planned, tuple(feats.shape[1:]), str(feats.dtype))
+                    if writer is not None:
+                        writer.append(feats)
+                    yield chunk.timestamps, feats
+                run.warnings.extend(frames.warnings)
+            if writer is not None and not run.warnings:
+                writer.commit()  # only complete, clean reads are cached
+                writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    def _feed(self, run: _Run, streams: list[VideoStream], per_frame: PerFrame | None = None) -> None:
+        """Run the video through `streams`, and through `per_frame` frame by frame."""
+        for timestamps, feats in self._features(run):
+            t0 = time.perf_counter()
+            for stream in streams:
+                stream.add_features(feats)
+            if per_frame is not None:
+                for k in range(feats.shape[0]):
+                    per_frame(run.frames_done + k, feats[k : k + 1])
+            run.timings["qformer"] += time.perf_counter() - t0
+            run.frames_done += feats.shape[0]
+            self.events.frames(run.frames_done, float(timestamps[-1]), streams[0].memory)
+        if run.frames_done == 0:
+            raise VideoError(f"No frames could be decoded from '{run.source.input}'.")
+
+    # ---- model calls ------------------------------------------------------------------------
+
+    def _new_stream(self, run: _Run, instructions, total: int) -> VideoStream:
+        return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory)
+
+    def _generate(self, run: _Run, stream: VideoStream, prompts) -> list[str]:
+        t0 = time.perf_counter()
+        texts = self.model.generate(stream, list(prompts), max_new_tokens=run.job.max_new_tokens,
+                                    num_beams=run.job.num_beams)
+        run.timings["llm"] += time.perf_counter() - t0
+        return texts
+
+    # ---- tasks ----------------------------------------------------------------------------
+
+    def _caption(self, run: _Run):
+        stream = self._new_stream(run, run.job.prompts, run.planned)
+        self._feed(run, [stream])
+        self.events.stage("writing the caption")
+        return {"text": self._generate(run, stream, run.job.prompts)[0]}, stream
+
+    def _ask(self, run: _Run):
+        # All questions in one pass: one stream row per question, answered in one batch.
+        stream = self._new_stream(run, run.job.prompts, run.planned)
+        self._feed(run, [stream])
+        self.events.stage(f"answering {len(run.job.questions)} question(s)")
+        texts = self._generate(run, stream, run.job.prompts)
+        return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
+
+    def _classify(self, run: _Run):
+        labels = run.job.label_set
+        stream = self._new_stream(run, [labels.prompt], run.planned)
+        self._feed(run, [stream])
+        self.events.stage(f"scoring {len(labels.labels)} labels")
+        t0 = time.perf_counter()
+        loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
+        run.timings["llm"] += time.perf_counter() - t0
+        probs = probabilities(loglik)
+        order = np.argsort(-probs, kind="stable")[: run.job.top_k]
+        ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
+        return {"labels": ranked, "label_set": labels.name}, stream
+
+    def _summarize(self, run: _Run):
+        prompt = run.job.prompts[0]
+        whole = self._new_stream(run, [prompt], run.planned)
+        if run.job.scenes:
+            segments, texts = self._scenes(run, whole, prompt)
+        else:
+            segments = fixed_segments(run.sampling.start, run.sampling.end, run.job.every, run.sampling.timestamps)
+            texts = self._windows(run, whole, prompt, segments)
+        self.events.stage("writing the overall summary")
+        summary = self._generate(run, whole, [prompt])[0]
+        parts = tuple(SegmentText(s.start, s.end, t) for s, t in zip(segments, texts))
+        return {"segments": parts, "summary": summary}, whole
+
+    def _caption_segment(self, run: _Run, stream: VideoStream, prompt: str, i: int, n: int) -> str:
+        self.events.stage(f"captioning segment {i + 1}/{n}")
+        return self._generate(run, stream, [prompt])[0]
+
+    def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[str]:
+        """One pass: each frame goes to the whole-video stream and to its segment's stream;
+        a segment is captioned as soon as its last frame has been read."""
+        owner = {pos: i for i, seg in enumerate(segments) for pos in seg.frames}
+        texts: list[str] = []
+        current: list = [None]  # the open segment's stream
+
+        def per_frame(pos: int, feats: torch.Tensor) -> None:
+            i = owner[pos]  # every sampled position belongs to exactly one segment
+            if i > len(texts) and current[0] is not None:
+                texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
+                current[0] = None
+            if current[0] is None:
+                texts.extend(["(no frames decoded)"] * (i - len(texts)))
+                current[0] = self._new_stream(run, [prompt], len(segments[i].frames))
+            current[0].add_features(feats)
+
+        self._feed(run, [whole], per_frame)
+        if current[0] is not None:
+            texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
+        # Segments after the last decoded frame (a video cut short) have nothing to caption.
+        return texts + ["(no frames decoded)"] * (len(segments) - len(texts))
+
+    def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[str]]:
+        """Boundaries depend on the whole video, so: one pass over the video feeds the
+        whole-video stream, measures frame-to-frame change and keeps the features in a
+        temporary memory map; segments are then read back from it. The ViT runs once."""
+        change: list[float] = []
+        last: list = [None]
+        with tempfile.TemporaryDirectory(prefix=".scenes-", dir=cache_root()) as tmp:
+            store: list = [None]
+
+            def per_frame(pos: int, feats: torch.Tensor) -> None:
+                if store[0] is None:
+                    store[0] = np.lib.format.open_memmap(
+                        f"{tmp}/features.npy", mode="w+", dtype=storage_dtype(str(feats.dtype)),
+                        shape=(run.planned, *feats.shape[1:]))
+                store[0][pos] = to_storage(feats[0])
+                pooled = feats[0].float().mean(dim=0)
+                change.append(0.0 if last[0] is None else float(1 - torch.cosine_similarity(pooled, last[0], dim=0)))
+                last[0] = pooled
+
+            self._feed(run, [whole], per_frame)
+            timestamps = run.sampling.timestamps[: run.frames_done]
+            segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
+            dtype = str(self.model.vision_dtype)
+            texts = []
+            for i, seg in enumerate(segments):
+                stream = self._new_stream(run, [prompt], len(seg.frames))
+                t0 = time.perf_counter()
+                for a in range(0, len(seg.frames), self.chunk_size):
+                    block = seg.frames[a : a + self.chunk_size]
+                    stream.add_features(from_storage(store[0][block[0] : block[-1] + 1], dtype))
+                run.timings["qformer"] += time.perf_counter() - t0
+                texts.append(self._caption_segment(run, stream, prompt, i, len(segments)))
+            store[0] = None  # close the memory map before the directory goes
+        return segments, texts

@@ -1,0 +1,231 @@
+"""The `malmm` command line: each command is a thin typed function over the batch runner.
+
+Only typer and the torch-free modules are imported at the top, so `malmm --help` and
+argument errors are instant; models, video decoding and torch load inside the commands.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import MalmmError, UsageError
+from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+
+app = typer.Typer(
+    name="malmm",
+    help="Understand long videos with MA-LMM: caption, ask, classify and summarize files, folders and URLs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+models_app = typer.Typer(help="Model presets: what exists, what is downloaded, where.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+class Quant(str, Enum):
+    auto = "auto"
+    none = "none"
+    bit8 = "8bit"
+    bit4 = "4bit"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class SummaryFormat(str, Enum):
+    text = "text"
+    md = "md"
+    srt = "srt"
+    vtt = "vtt"
+    json = "json"
+
+
+# ---- options shared by the analysis commands (defaults live in presets.py) -------------------
+
+Inputs = Annotated[list[str], typer.Argument(help="Video files, folders, globs, http(s) URLs, or @list.txt.",
+                                             show_default=False)]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", show_default=False,
+    help=f"Preset ({', '.join(PRESETS)}), local directory or hub id. [default: ${MODEL_ENV} or {DEFAULT_MODEL}]")]
+CheckpointOpt = Annotated[Optional[Path], typer.Option(
+    help="MA-LMM finetuned checkpoint (LAVIS .pth) to overlay on the model.", show_default=False)]
+FpsOpt = Annotated[Optional[float], typer.Option(
+    help="Sample this many frames per second. [default: the task's paper setting]", show_default=False)]
+FramesOpt = Annotated[Optional[int], typer.Option(
+    "--frames", help="Sample T frames spread uniformly, as in the paper. [default: per task]", show_default=False)]
+StartOpt = Annotated[Optional[float], typer.Option(help="Start time in seconds.", show_default=False)]
+EndOpt = Annotated[Optional[float], typer.Option(help="End time in seconds.", show_default=False)]
+MemoryOpt = Annotated[Optional[int], typer.Option(
+    "--memory", help="Memory bank length M; 0 = no memory. [default: the task's paper setting]", show_default=False)]
+QuantOpt = Annotated[Quant, typer.Option(help="LLM precision: auto picks what is fastest here and fits.")]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records (one line per input).")]
+OutputOpt = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", help="Write results to FILE (format from --format/--json or the extension) or, for "
+    "per-video formats with several inputs, into a directory.", show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip inputs already recorded in the --output file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")]
+
+
+def _common(values: dict):
+    """The shared options among a command's parameters (the fields of CommonOptions)."""
+    from dataclasses import fields
+
+    from .runner import CommonOptions
+
+    return CommonOptions(**{f.name: values[f.name] for f in fields(CommonOptions)})
+
+
+@app.command(epilog="Example: malmm caption movie.mp4 --model tiny-random")
+def caption(
+    inputs: Inputs,
+    prompt: Annotated[Optional[str], typer.Option(help=f"Instruction. [default: {TASK_DEFAULTS['caption'].prompt!r}]",
+                                                  show_default=False)] = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+):
+    """Describe what happens in each video."""
+    from .runner import run_command
+
+    opts = _common(locals())
+    raise typer.Exit(run_command("caption", inputs, opts, prompt=prompt))
+
+
+@app.command(epilog='Example: malmm ask video.mp4 "what is the person cooking?" -q "where are they?"')
+def ask(
+    input: Annotated[str, typer.Argument(help="A video file, folder, glob, URL or @list.txt.", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question.", show_default=False)],
+    more: Annotated[Optional[list[str]], typer.Option("--question", "-Q",
+                                                      help="Another question (repeatable); all are answered in one pass.",
+                                                      show_default=False)] = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+):
+    """Answer questions about a video (several questions in one pass)."""
+    from .runner import run_command
+
+    opts = _common(locals())
+    raise typer.Exit(run_command("ask", [input], opts, questions=[question, *(more or [])]))
+
+
+@app.command(epilog="Examples: malmm classify clip.mp4 --task coin --top-k 3 | malmm classify clip.mp4 --labels 'cat,dog,bird'")
+def classify(
+    inputs: Inputs,
+    task: Annotated[Optional[str], typer.Option(
+        help="Label set: lvu_relationship, lvu_way_speaking, lvu_scene, lvu_director, lvu_genre, lvu_writer, "
+        "lvu_year, coin, breakfast.", show_default=False)] = None,
+    labels: Annotated[Optional[str], typer.Option(
+        help='Your own labels: a file (one per line, or a JSON list) or "a,b,c".', show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels to report.")] = TOP_K,
+    prompt: Annotated[Optional[str], typer.Option(
+        help="Instruction for --labels. [default: " + repr(TASK_DEFAULTS["classify"].prompt) + "]",
+        show_default=False)] = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+):
+    """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
+    from .runner import run_command
+
+    opts = _common(locals())
+    raise typer.Exit(run_command("classify", inputs, opts, label_task=task, labels=labels, top_k=top_k, prompt=prompt))
+
+
+@app.command(epilog="Example: malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt")
+def summarize(
+    inputs: Inputs,
+    every: Annotated[Optional[float], typer.Option(
+        help=f"Segment length in seconds. [default: {SUMMARY_EVERY_SECONDS:g}]", show_default=False)] = None,
+    scenes: Annotated[bool, typer.Option("--scenes", help="Cut where the picture changes most instead of every N s.")]
+    = False,
+    format: Annotated[Optional[SummaryFormat], typer.Option(
+        "--format", "-f", help="Output format. [default: text, or from the -o extension]", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Option(
+        help=f"Instruction. [default: {TASK_DEFAULTS['summarize'].prompt!r}]", show_default=False)] = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+):
+    """Timestamped segments with one caption each, plus a summary of the whole video."""
+    from .runner import run_command
+
+    opts = _common(locals())
+    raise typer.Exit(run_command("summarize", inputs, opts, every=every, scenes=scenes,
+                                 fmt=format.value if format else None, prompt=prompt))
+
+
+# ---- models and doctor -------------------------------------------------------------------
+
+
+@models_app.command("list", epilog="Example: malmm models list --json")
+def models_list(json_: JsonOpt = False):
+    """The model presets, and whether each is downloaded."""
+    from .modelcmds import list_models
+
+    raise typer.Exit(list_models(json_))
+
+
+@models_app.command("download", epilog="Example: malmm models download instructblip-vicuna-7b")
+def models_download(name: Annotated[str, typer.Argument(help="Preset name or hub id.", show_default=False)]):
+    """Download a model into the Hugging Face cache (resumable)."""
+    from .modelcmds import download_model
+
+    raise typer.Exit(download_model(name))
+
+
+@models_app.command("path", epilog="Example: malmm models path tiny-random")
+def models_path(name: Annotated[str, typer.Argument(help="Preset name or hub id.", show_default=False)]):
+    """Print where a downloaded model lives."""
+    from .modelcmds import model_path
+
+    raise typer.Exit(model_path(name))
+
+
+@app.command(epilog="Example: malmm doctor")
+def doctor():
+    """Check the installation and run tiny-random end to end on a generated video."""
+    from .modelcmds import run_doctor
+
+    raise typer.Exit(run_doctor())
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"malmm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Show the version and exit.")] = False):
+    """Understand long videos with MA-LMM."""
+
+
+def main() -> None:
+    """Console entry point: user errors become one sentence on stderr and a non-zero exit."""
+    try:
+        app()
+    except MalmmError as err:
+        typer.echo(f"malmm: error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("malmm: interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,203 @@
+"""`malmm models list|download|path` and `malmm doctor`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .presets import PRESETS, resolve_model
+
+TINY = "tiny-random"
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot directory of a cached hub model, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo_id, "config.json")
+    return Path(hit).parent if isinstance(hit, str) else None
+
+
+def _local_path(source: str) -> Path | None:
+    if source == TINY:
+        from models.tiny import TINY_VERSION, tiny_random_dir
+
+        path = tiny_random_dir()
+        marker = path / "malmm_tiny.json"
+        ok = marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION
+        return path if ok else None
+    if Path(source).is_dir():
+        return Path(source)
+    return _hub_snapshot(source)
+
+
+def _size(path: Path) -> int:
+    # Hub snapshots are symlinks into blobs/: count what they point to.
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def list_models(as_json: bool) -> int:
+    rows = []
+    for preset in PRESETS.values():
+        path = _local_path(preset.source)
+        rows.append({
+            "name": preset.name, "source": preset.source, "description": preset.description,
+            "downloaded": path is not None, "path": str(path) if path else None,
+            "size_bytes": _size(path) if path else None, "download": preset.download, "hardware": preset.hardware,
+        })
+    if as_json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    table = Table(title="malmm models")
+    for col in ("name", "source", "downloaded", "description"):
+        table.add_column(col)
+    for row in rows:
+        have = f"yes ({row['size_bytes'] / 1e9:.2f} GB)" if row["downloaded"] else f"no ({row['download']})"
+        table.add_row(row["name"], row["source"], have, row["description"])
+    Console().print(table)
+    return 0
+
+
+def download_model(name: str) -> int:
+    from .errors import MalmmError
+
+    try:
+        choice = resolve_model(name)
+    except MalmmError as err:
+        print(f"malmm: error: {err}", file=sys.stderr)
+        return err.exit_code
+    if choice.source == TINY:
+        from models.tiny import ensure_tiny_checkpoint
+
+        print(ensure_tiny_checkpoint())
+        return 0
+    if Path(choice.source).is_dir():
+        print(f"malmm: '{choice.source}' is a local directory; nothing to download.", file=sys.stderr)
+        return 0
+    return _download_hub(choice.source)
+
+
+def _download_hub(repo_id: str) -> int:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        files = HfApi().list_repo_files(repo_id)
+        # One copy of the weights: safetensors when the repo has them.
+        weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        path = snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.txt", *weights])
+    except (HfHubHTTPError, OSError) as err:
+        print(f"malmm: error: could not download '{repo_id}': {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def model_path(name: str) -> int:
+    from .errors import MalmmError
+
+    try:
+        choice = resolve_model(name)
+    except MalmmError as err:
+        print(f"malmm: error: {err}", file=sys.stderr)
+        return err.exit_code
+    path = _local_path(choice.source)
+    if path is None:
+        print(f"malmm: error: '{choice.label}' is not downloaded; run: malmm models download {choice.label}",
+              file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def sample_video() -> Path:
+    """A 6-second 160x120 test pattern shipped with the package."""
+    return Path(str(resources.files("malmm_cli").joinpath("data/sample.mp4")))
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "transformers", "accelerate", "bitsandbytes", "decord", "yt-dlp", "typer", "rich")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "MISSING"
+    return found
+
+
+def run_doctor() -> int:
+    console = Console(stderr=False)
+    ok = True
+
+    def check(label: str, good: bool, detail: str) -> None:
+        nonlocal ok
+        ok = ok and good
+        console.print(f"[{'green' if good else 'red'}]{'ok ' if good else 'BAD'}[/] {label}: {detail}")
+
+    check("python", sys.version_info >= (3, 10), f"{platform.python_version()} on {platform.machine()}")
+    for name, version in _versions().items():
+        check(name, version != "MISSING", version)
+    import torch
+
+    from models.loading import default_dtype
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_properties(0)
+        check("device", True, f"CUDA: {gpu.name}, {gpu.total_memory / 2**30:.0f} GiB")
+    else:
+        dtype = default_dtype(torch.device("cpu"))
+        check("device", True, f"CPU only, {os.cpu_count()} cores, model dtype {str(dtype).replace('torch.', '')}")
+    from .inputs import cache_root
+
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".doctor"
+        probe.write_text("ok")
+        probe.unlink()
+        check("cache", True, str(root))
+    except OSError as err:
+        check("cache", False, f"{root} is not writable ({err.strerror})")
+    default = PRESETS["instructblip-vicuna-7b"]
+    path = _local_path(default.source)
+    console.print(f"    {default.name}: " + (f"downloaded at {path}" if path else
+                  f"not downloaded (malmm models download {default.name})"))
+    ok = _doctor_end_to_end(check) and ok
+    console.print("[green]all good[/]" if ok else "[red]some checks failed[/]")
+    return 0 if ok else 1
+
+
+def _doctor_end_to_end(check) -> bool:
+    """tiny-random over the bundled sample: decode -> vision -> memory -> LLM."""
+    from .analyze import Analyzer, Job
+    from .inputs import open_source
+    from .loader import load_model
+    from .presets import ModelChoice
+    from .runner import CommonOptions
+
+    t0 = time.perf_counter()
+    try:
+        choice = ModelChoice(TINY, TINY, PRESETS[TINY])
+        model = load_model(choice, CommonOptions(quiet=True, device="cpu"))
+        job = Job(task="caption", model_label=TINY, memory=4, max_new_tokens=5, num_beams=1, frames=12,
+                  prompts=("what does the video describe?",))
+        result = Analyzer(model, "doctor").run(open_source(str(sample_video())), job)
+    except Exception as err:  # doctor reports whatever broke, then exits non-zero
+        check("end to end", False, f"{type(err).__name__}: {err}")
+        return False
+    check("end to end", result.sampling.frames == 12,
+          f"tiny-random read {result.sampling.frames} frames of {sample_video().name}, memory "
+          f"{result.memory.length} slots, {result.memory.compressions} compressions, "
+          f"{time.perf_counter() - t0:.1f} s (its text is meaningless by design)")
+    return True

@@ -1,0 +1,103 @@
+"""Named models and per-task defaults: every default the CLI uses is defined here, once.
+
+Task defaults follow the paper (method.md): prompts, frame counts, memory bank lengths and
+answer lengths. Imported by ``malmm --help``, so this module must not import torch.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UsageError
+
+MODEL_ENV = "MALMM_MODEL"
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    name: str
+    source: str  # hub id, or "tiny-random" (built locally)
+    description: str
+    download: str  # what fetching it costs
+    hardware: str  # what running it needs
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset(
+            name="instructblip-vicuna-7b",
+            source="Salesforce/instructblip-vicuna-7b",
+            description="InstructBLIP-Vicuna-7B with MA-LMM's memory bank (zero-shot; --checkpoint adds finetuned weights)",
+            download="about 32 GB from the Hugging Face hub",
+            hardware="GPU with 16 GB (bf16), 10 GB (8-bit) or 6 GB (4-bit); or a CPU with 20+ GB RAM (slow)",
+        ),
+        ModelPreset(
+            name="tiny-random",
+            source="tiny-random",
+            description="tiny random weights: runs every command in seconds; its text is meaningless by design",
+            download="nothing (about 1 MB, written locally on first use)",
+            hardware="any CPU",
+        ),
+    )
+}
+DEFAULT_MODEL = "instructblip-vicuna-7b"
+
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What --model resolved to: a label for records and the source MALMM loads."""
+
+    label: str
+    source: str
+    preset: ModelPreset | None
+
+
+def resolve_model(value: str | None) -> ModelChoice:
+    """--model NAME|PATH|HUB_ID (default: $MALMM_MODEL, else the default preset)."""
+    value = value or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    if value in PRESETS:
+        preset = PRESETS[value]
+        return ModelChoice(value, preset.source, preset)
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return ModelChoice(str(path), str(path), None)
+    if _HUB_ID.match(value) and not path.exists():
+        return ModelChoice(value, value, None)
+    raise UsageError(
+        f"Unknown model '{value}': use a preset ({', '.join(PRESETS)}), "
+        "a local directory in the Hugging Face layout, or a hub id like org/name."
+    )
+
+
+@dataclass(frozen=True)
+class TaskDefaults:
+    """Paper defaults for one task. Sampling is `frames` spread uniformly (paper style) unless
+    `fps` is set; the user's --fps / --frames override either."""
+
+    prompt: str
+    memory: int  # memory bank length M
+    max_new_tokens: int
+    frames: int | None = None
+    fps: float | None = None
+    num_beams: int = 5
+
+
+TASK_DEFAULTS: dict[str, TaskDefaults] = {
+    # Captioning: 80 frames, M=40 in the paper.
+    "caption": TaskDefaults(prompt="what does the video describe?", frames=80, memory=40, max_new_tokens=30),
+    # Open-ended QA: 20 frames, M=10, short answers.
+    "ask": TaskDefaults(prompt="Question: {question} Short answer:", frames=20, memory=10, max_new_tokens=10),
+    # LVU / Breakfast / COIN classification: 100 frames, M=20 (prompts come with the label set).
+    "classify": TaskDefaults(prompt="what is shown in the video?", frames=100, memory=20, max_new_tokens=20),
+    # Timestamped summaries need time coverage: sample by rate; captions per segment.
+    "summarize": TaskDefaults(prompt="what does the video describe?", fps=1.0, memory=40, max_new_tokens=30),
+}
+
+SUMMARY_EVERY_SECONDS = 60.0  # default --every window when neither --every nor --scenes is given
+TOP_K = 5  # classify --top-k default

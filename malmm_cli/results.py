@@ -1,0 +1,83 @@
+"""Result records: one per input, as in architecture.md. Times are float seconds."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class VideoMeta:
+    duration: float
+    fps: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class SamplingMeta:
+    fps: float | None  # None when frames were spread uniformly (paper style)
+    frames: int
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
+class MemoryMeta:
+    length: int  # M, the bank capacity used
+    compressions: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float  # probability over the label set (sums to 1 over all labels)
+
+
+@dataclass(frozen=True)
+class SegmentText:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Result:
+    input: str
+    task: str  # caption | ask | classify | summarize
+    model: str
+    video: VideoMeta
+    sampling: SamplingMeta
+    memory: MemoryMeta
+    timings: dict[str, float]
+    text: str | None = None
+    answers: tuple[Answer, ...] | None = None
+    labels: tuple[LabelScore, ...] | None = None
+    label_set: str | None = None
+    segments: tuple[SegmentText, ...] | None = None
+    summary: str | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        for key in ("text", "answers", "labels", "label_set", "segments", "summary"):
+            if record[key] is None:
+                del record[key]
+        if not record["warnings"]:
+            del record["warnings"]
+        return record
+
+
+@dataclass(frozen=True)
+class ErrorResult:
+    input: str
+    error: str  # one clear sentence
+
+    def to_record(self) -> dict[str, Any]:
+        return {"input": self.input, "error": self.error}

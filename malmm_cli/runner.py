@@ -1,0 +1,308 @@
+"""Running one command over many inputs: options -> job, model, outputs, errors, resume, Ctrl-C.
+
+A batch goes on past a bad input (an error record, exit code 1 at the end); every record is
+written and flushed as soon as its input finishes, so an interrupted run keeps everything
+done so far and `--resume` picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from .errors import InputError, MalmmError, UsageError
+from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
+from .results import ErrorResult, Result
+from .writers import EXTENSIONS, get_writer
+
+log = logging.getLogger("malmm")
+
+
+@dataclass(frozen=True)
+class CommonOptions:
+    model: str | None = None
+    checkpoint: Path | None = None
+    fps: float | None = None
+    frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    memory: int | None = None
+    quant: object = "auto"
+    device: object = "auto"
+    json_: bool = False
+    output: Path | None = None
+    resume: bool = False
+    quiet: bool = False
+    no_cache: bool = False
+
+
+def _value(option) -> str:
+    return getattr(option, "value", option)
+
+
+def validate(opts: CommonOptions) -> None:
+    if opts.fps is not None and opts.frames is not None:
+        raise UsageError("Use either --fps or --frames, not both.")
+    if opts.fps is not None and not opts.fps > 0:
+        raise UsageError("--fps must be a positive number.")
+    if opts.frames is not None and opts.frames < 1:
+        raise UsageError("--frames must be at least 1.")
+    if opts.memory is not None and opts.memory < 0:
+        raise UsageError("--memory must be 0 (no memory) or more.")
+    if opts.start is not None and opts.start < 0:
+        raise UsageError("--start must be 0 or more seconds.")
+    if opts.start is not None and opts.end is not None and opts.end <= opts.start:
+        raise UsageError(f"--end ({opts.end:g} s) must be after --start ({opts.start:g} s).")
+    if opts.resume and opts.output is None:
+        raise UsageError("--resume needs --output (the file whose recorded inputs to skip).")
+
+
+def build_job(task: str, opts: CommonOptions, model_label: str, **args):
+    """Task defaults (presets.py) overridden by the options: the one place they are combined."""
+    from .analyze import Job
+    from .tasks import custom_label_set, load_label_set, question_prompt
+
+    defaults = TASK_DEFAULTS[task]
+    if opts.fps is None and opts.frames is None:
+        fps, frames = defaults.fps, defaults.frames
+    else:
+        fps, frames = opts.fps, opts.frames
+    common = dict(task=task, model_label=model_label, memory=defaults.memory if opts.memory is None else opts.memory,
+                  max_new_tokens=defaults.max_new_tokens, num_beams=defaults.num_beams, fps=fps, frames=frames,
+                  start=opts.start, end=opts.end)
+    if task in ("caption", "summarize"):
+        prompt = (args.get("prompt") or defaults.prompt).strip()
+        if not prompt:
+            raise UsageError("--prompt is empty.")
+        extra = {}
+        if task == "summarize":
+            if args.get("scenes") and args.get("every") is not None:
+                raise UsageError("Use either --every or --scenes, not both.")
+            every = args.get("every") if args.get("every") is not None else SUMMARY_EVERY_SECONDS
+            if every <= 0:
+                raise UsageError("--every must be a positive number of seconds.")
+            extra = dict(every=every, scenes=bool(args.get("scenes")))
+        return Job(prompts=(prompt,), **common, **extra)
+    if task == "ask":
+        questions = tuple(q.strip() for q in args["questions"])
+        return Job(prompts=tuple(question_prompt(q) for q in questions), questions=questions, **common)
+    # classify
+    if (args.get("label_task") is None) == (args.get("labels") is None):
+        raise UsageError("Give exactly one of --task (a built-in label set) or --labels (your own).")
+    if args.get("label_task") is not None:
+        if args.get("prompt"):
+            raise UsageError("--prompt goes with --labels; built-in label sets use the paper's prompt.")
+        label_set = load_label_set(args["label_task"])
+    else:
+        label_set = custom_label_set(args["labels"], args.get("prompt"))
+    return Job(label_set=label_set, top_k=args.get("top_k") or 5, **common)
+
+
+# ---- outputs -------------------------------------------------------------------------------
+
+
+class Output:
+    """Where results go: stdout, one file (records appended as they finish), or a directory
+    with one file per input for per-video formats (srt, vtt, md)."""
+
+    def __init__(self, task: str, opts: CommonOptions, fmt: str | None, n_inputs: int):
+        path = opts.output
+        if fmt is None:
+            fmt = "json" if opts.json_ else (EXTENSIONS.get(path.suffix.lower(), "text") if path else "text")
+        elif opts.json_ and fmt != "json":
+            raise UsageError(f"--json and --format {fmt} disagree; use one.")
+        self.writer = get_writer(fmt, task)
+        self.fmt, self.path, self.n_inputs = fmt, path, n_inputs
+        self.per_file = path is not None and not self.writer.many_per_file and (n_inputs > 1 or path.is_dir())
+        if path is None and not self.writer.many_per_file and n_inputs > 1:
+            raise UsageError(f"--format {fmt} makes one file per video: with several inputs, give -o DIRECTORY.")
+        self.stream: TextIO | None = None
+        self.names: dict[str, Path] = {}
+
+    def open(self, resume: bool) -> None:
+        if self.path is None:
+            self.stream = sys.stdout
+        elif self.per_file:
+            self.path.mkdir(parents=True, exist_ok=True)
+        else:
+            if self.path.is_dir():
+                raise UsageError(f"--output '{self.path}' is a directory; give a file name.")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(self.path, "a" if resume else "w", encoding="utf-8")
+            if resume and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                self.stream.write("\n")  # a line cut short by a crash stays alone on its line
+
+    def file_for(self, spec: str) -> Path:
+        """DIR/<video name>.<format>, unique within this run."""
+        if spec not in self.names:
+            stem = Path(spec.rstrip("/").split("?")[0]).stem or "video"
+            candidate, k = self.path / f"{stem}.{self.fmt}", 1
+            while candidate in self.names.values():
+                k += 1
+                candidate = self.path / f"{stem}-{k}.{self.fmt}"
+            self.names[spec] = candidate
+        return self.names[spec]
+
+    def done(self, specs: list[str]) -> set[str]:
+        """Inputs already recorded successfully (for --resume); failed ones are tried again."""
+        if self.per_file:
+            return {s for s in specs if self.file_for(s).exists()}
+        if self.path is None or not self.path.exists():
+            return set()
+        if self.fmt != "json":
+            raise UsageError("--resume reads JSON records: use --json or an .jsonl/.json output file.")
+        done = set()
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by an interrupted run
+            if isinstance(record, dict) and "input" in record and "error" not in record:
+                done.add(record["input"])
+        return done
+
+    def write(self, result: Result) -> None:
+        if self.per_file:
+            target = self.file_for(result.input)
+            tmp = target.with_name(target.name + ".partial")
+            with open(tmp, "w", encoding="utf-8") as f:
+                self.writer.write(result, f)
+            tmp.replace(target)
+            return
+        self.writer.write(result, self.stream, header=self.n_inputs > 1)
+        self.stream.flush()
+
+    def write_error(self, error: ErrorResult) -> None:
+        if self.stream is not None:
+            self.writer.write_error(error, self.stream)
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.stream is not None and self.stream is not sys.stdout:
+            self.stream.close()
+
+
+# ---- the batch ---------------------------------------------------------------------------------
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("malmm: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.ERROR if quiet else logging.WARNING)
+    log.propagate = False
+    # Third-party chatter that says nothing actionable to a user of this tool.
+    for name in ("bitsandbytes", "yt_dlp", "httpx", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _error(spec: str, message: str) -> None:
+    sys.stderr.write(f"malmm: error: {spec}: {message}\n")
+    sys.stderr.flush()
+
+
+def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> int:
+    """Run `task` over `inputs`; returns the exit code (0 ok, 1 some input failed, 2 usage)."""
+    _setup_logging(opts.quiet)
+    try:
+        validate(opts)
+        choice = resolve_model(opts.model)
+        job = build_job(task, opts, choice.label, **args)
+        from .inputs import expand_inputs
+
+        specs = expand_inputs(inputs)
+        output = Output(task, opts, args.get("fmt"), len(specs))
+        skip = output.done(specs) if opts.resume else set()
+    except MalmmError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return err.exit_code
+    todo = [s for s in specs if s not in skip]
+    if skip and not opts.quiet:
+        sys.stderr.write(f"malmm: --resume: {len(skip)} input(s) already done, {len(todo)} to go\n")
+    if not todo:
+        return 0
+    try:
+        analyzer = _analyzer(choice, opts, len(todo))
+    except MalmmError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return err.exit_code
+    return _run_batch(analyzer, job, todo, output, opts)
+
+
+def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
+    from models import ModelError
+
+    from .inputs import open_source
+
+    failures = written = 0
+    output.open(opts.resume)
+    try:
+        for spec in todo:
+            try:
+                source = open_source(spec)
+                result = analyzer.run(source, job)
+            except (MalmmError, ModelError) as err:
+                failures += 1
+                analyzer.events_close()
+                _error(spec, str(err))
+                output.write_error(ErrorResult(spec, str(err)))
+                continue
+            except (RuntimeError, ValueError, OSError) as err:  # a bug or a resource problem: report, go on
+                failures += 1
+                analyzer.events_close()
+                log.debug("%s", traceback.format_exc())
+                message = f"unexpected {type(err).__name__}: {err}"
+                _error(spec, message)
+                output.write_error(ErrorResult(spec, message))
+                continue
+            for warning in result.warnings:
+                log.warning("%s: %s", spec, warning)
+            output.write(result)
+            written += 1
+    except KeyboardInterrupt:
+        analyzer.events_close()
+        where = f" in {output.path}" if output.path else ""
+        sys.stderr.write(f"malmm: interrupted; {written} result(s) kept{where}\n")
+        return 130
+    finally:
+        output.close()
+    if output.path is not None and not opts.quiet:
+        sys.stderr.write(f"malmm: wrote {written} result(s) to {output.path}"
+                         + (f"; {failures} input(s) failed" if failures else "") + "\n")
+    return 1 if failures else 0
+
+
+class _BatchAnalyzer:
+    """The Analyzer plus what the batch needs to tidy the live view after an error."""
+
+    def __init__(self, analyzer, events):
+        self.analyzer, self.events = analyzer, events
+
+    def run(self, source, job):
+        return self.analyzer.run(source, job)
+
+    def events_close(self):
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()
+
+
+def _analyzer(choice, opts: CommonOptions, n_inputs: int) -> _BatchAnalyzer:
+    from .loader import load_model, model_id
+    from .live import make_events
+    from .analyze import Analyzer
+    from .features import FeatureCache
+    from .inputs import cache_root
+
+    model = load_model(choice, opts)
+    cache = None if opts.no_cache else FeatureCache(cache_root() / "features")
+    events = make_events(opts.quiet, n_inputs)
+    return _BatchAnalyzer(Analyzer(model, model_id(choice, opts, model), cache=cache, events=events), events)
+
+
+__all__ = ["CommonOptions", "run_command", "InputError"]

@@ -1,0 +1,159 @@
+"""What each command asks the model: prompts, label sets, and summary segments.
+
+Label sets are package data (``labels/label_sets.json``: LVU's seven tasks, Breakfast, COIN
+with its 180 tasks as readable phrases), with the prompts the paper used for each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .presets import TASK_DEFAULTS
+
+LVU_TASKS = ("relationship", "way_speaking", "scene", "director", "genre", "writer", "year")
+LABEL_SET_NAMES = tuple(f"lvu_{t}" for t in LVU_TASKS) + ("coin", "breakfast")
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    prompt: str
+    labels: tuple[str, ...]
+
+
+@cache
+def _label_data() -> dict:
+    return json.loads(resources.files("malmm_cli.labels").joinpath("label_sets.json").read_text())
+
+
+def load_label_set(name: str) -> LabelSet:
+    """A built-in label set by name (see LABEL_SET_NAMES)."""
+    data = _label_data()
+    if name.startswith("lvu_") and name[4:] in LVU_TASKS:
+        task = name[4:]
+        # The paper's prompt uses the task key as is ("way_speaking" included).
+        return LabelSet(name, data["lvu"]["prompt"].format(task=task), tuple(data["lvu"]["tasks"][task]))
+    if name == "breakfast":
+        return LabelSet(name, data["breakfast"]["prompt"], tuple(data["breakfast"]["labels"]))
+    if name == "coin":
+        return LabelSet(name, data["coin"]["prompt"], tuple(t["label"] for t in data["coin"]["targets"]))
+    raise UsageError(f"Unknown task '{name}': choose one of {', '.join(LABEL_SET_NAMES)}, or use --labels.")
+
+
+def coin_domains() -> dict[str, str]:
+    """COIN task phrase -> its domain (e.g. 'make coffee' -> 'Drink and Snack')."""
+    return {t["label"]: t["domain"] for t in _label_data()["coin"]["targets"]}
+
+
+def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
+    """--labels FILE (one label per line, or a JSON list) or "a,b,c"."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() == ".json":
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise UsageError(f"Labels file '{spec}' is not valid JSON ({err.msg}, line {err.lineno}).") from err
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise UsageError(f"Labels file '{spec}' must hold a JSON list of strings.")
+        else:
+            raw = [line.split("#", 1)[0] for line in text.splitlines()]
+    elif "," in spec or not (path.suffix or "/" in spec):
+        raw = spec.split(",")
+    else:
+        raise UsageError(f"Labels file '{spec}' does not exist (or give labels inline: --labels \"a,b,c\").")
+    labels = tuple(dict.fromkeys(label.strip() for label in raw if label.strip()))
+    if len(labels) < 2:
+        raise UsageError(f"--labels needs at least two different labels, got {len(labels)}.")
+    return LabelSet("custom", prompt or TASK_DEFAULTS["classify"].prompt, labels)
+
+
+def question_prompt(question: str) -> str:
+    question = question.strip()
+    if not question:
+        raise UsageError("A question is empty.")
+    return TASK_DEFAULTS["ask"].prompt.format(question=question)
+
+
+def probabilities(log_likelihoods: np.ndarray) -> np.ndarray:
+    """Softmax over the label set: P(label | video, prompt, the answer is one of the labels)."""
+    z = log_likelihoods - log_likelihoods.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+# ---- summary segments -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    frames: tuple[int, ...]  # positions in the sampling (0-based) whose timestamp falls inside
+
+
+def _assign(bounds: list[float], timestamps: np.ndarray) -> list[Segment]:
+    """Tile [bounds[0], bounds[-1]] into segments, each with the sampled frames inside it.
+
+    Every frame lands in exactly one window (start inclusive; the last window also takes its
+    end, and frames a rounding error outside the span go to the nearest end). Windows with
+    no frame merge into the previous one (the first into the next), so every segment has
+    frames and the tiling stays gap-free.
+    """
+    bounds = [float(b) for b in bounds]
+    n_windows = len(bounds) - 1
+    window = np.clip(np.searchsorted(bounds, timestamps, side="right") - 1, 0, n_windows - 1)
+    segments: list[Segment] = []
+    for w in range(n_windows):
+        frames = tuple(int(i) for i in np.nonzero(window == w)[0])
+        if frames and segments and not segments[-1].frames:  # an empty first window
+            segments[-1] = Segment(segments[-1].start, bounds[w + 1], frames)
+        elif frames or not segments:
+            segments.append(Segment(bounds[w], bounds[w + 1], frames))
+        else:
+            segments[-1] = Segment(segments[-1].start, bounds[w + 1], segments[-1].frames)
+    return segments
+
+
+def fixed_segments(start: float, end: float, every: float, timestamps: np.ndarray) -> list[Segment]:
+    """Windows of `every` seconds from `start`; the last one ends at `end`."""
+    if every <= 0:
+        raise UsageError("--every must be a positive number of seconds.")
+    n = max(1, math.ceil((end - start) / every - 1e-9))
+    bounds = [start + i * every for i in range(n)] + [end]
+    return _assign(bounds, timestamps)
+
+
+def scene_segments(start: float, end: float, timestamps: np.ndarray, change: np.ndarray,
+                   min_seconds: float | None = None) -> list[Segment]:
+    """Boundaries where consecutive frames' visual features change most.
+
+    ``change[t]`` is the feature distance between sampled frames t-1 and t (change[0] = 0).
+    Candidates are changes more than one standard deviation above the mean; the largest are
+    taken first, each at least ``min_seconds`` (default: a 50th of the span, at least two
+    sampling intervals) from the boundaries already chosen.
+    """
+    n = len(timestamps)
+    if n < 3:
+        return _assign([start, end], timestamps)
+    interval = float(np.median(np.diff(timestamps)))
+    min_seconds = min_seconds if min_seconds is not None else max(2 * interval, (end - start) / 50)
+    d = change[1:]
+    threshold = d.mean() + d.std()
+    chosen: list[float] = []
+    for t in np.argsort(-d, kind="stable") + 1:
+        if change[t] <= threshold:
+            break
+        at = float(timestamps[t])
+        if min(abs(at - b) for b in [start, end, *chosen]) >= min_seconds:
+            chosen.append(at)
+    return _assign([start, *sorted(chosen), end], timestamps)

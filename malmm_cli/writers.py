@@ -1,0 +1,132 @@
+"""Output writers, one registry: text (human), json (one object per line), srt, vtt, md.
+
+Time formatting lives here and nowhere else; everything upstream is float seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from .errors import UsageError
+from .results import ErrorResult, Result
+
+
+def clock(seconds: float, sep: str = ".", hours: bool = True) -> str:
+    """62.5 -> '00:01:02.500' (sep=',' for SRT)."""
+    ms = int(round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return (f"{h:02d}:" if hours or h else "") + f"{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def short_clock(seconds: float) -> str:
+    """62.5 -> '1:02', 3725 -> '1:02:05': for headings and logs."""
+    total = int(seconds)
+    h, rem = divmod(total, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class ResultWriter:
+    """Writes results (and batch errors) to a text stream."""
+
+    name = ""
+    tasks: tuple[str, ...] = ("caption", "ask", "classify", "summarize")
+    many_per_file = True  # whether several inputs can share one output file
+
+    def write(self, result: Result, out: TextIO, *, header: bool = False) -> None:
+        raise NotImplementedError
+
+    def write_error(self, error: ErrorResult, out: TextIO) -> None:
+        """Errors go to the output only in machine formats; human formats report on stderr."""
+
+
+class JsonWriter(ResultWriter):
+    """One JSON object per input and per line (JSON Lines when there are several)."""
+
+    name = "json"
+
+    def write(self, result, out, *, header=False):
+        out.write(json.dumps(result.to_record(), ensure_ascii=False) + "\n")
+
+    def write_error(self, error, out):
+        out.write(json.dumps(error.to_record(), ensure_ascii=False) + "\n")
+
+
+class TextWriter(ResultWriter):
+    """What a person reads: the caption, the answers, a table of labels, the segments."""
+
+    name = "text"
+
+    def write(self, result, out, *, header=False):
+        if header:
+            out.write(f"== {result.input}\n")
+        if result.text is not None:
+            out.write(result.text + "\n")
+        for answer in result.answers or ():
+            out.write(f"Q: {answer.question}\nA: {answer.answer}\n")
+        if result.labels:
+            width = max(len(s.label) for s in result.labels)
+            for rank, s in enumerate(result.labels, 1):
+                out.write(f"{rank:>2}. {s.label:<{width}}  {s.score:6.1%}\n")
+        if result.segments is not None:
+            for seg in result.segments:
+                out.write(f"[{short_clock(seg.start)} - {short_clock(seg.end)}] {seg.text}\n")
+            out.write(f"Summary: {result.summary}\n")
+        if header:
+            out.write("\n")
+
+
+class MarkdownWriter(ResultWriter):
+    name = "md"
+    tasks = ("summarize",)
+
+    def write(self, result, out, *, header=False):
+        out.write(f"# {result.input}\n\n{result.summary}\n\n")
+        for seg in result.segments or ():
+            out.write(f"## {short_clock(seg.start)} - {short_clock(seg.end)}\n\n{seg.text}\n\n")
+
+
+class SrtWriter(ResultWriter):
+    """SubRip: numbered cues. SRT has no comments, so the overall summary is left out."""
+
+    name = "srt"
+    tasks = ("summarize",)
+    many_per_file = False
+
+    def write(self, result, out, *, header=False):
+        for i, seg in enumerate(result.segments or (), 1):
+            text = seg.text.strip() or "..."  # an empty cue would end the block early
+            out.write(f"{i}\n{clock(seg.start, ',')} --> {clock(seg.end, ',')}\n{text}\n\n")
+
+
+class VttWriter(ResultWriter):
+    """WebVTT: the overall summary goes in a NOTE block, segments as cues."""
+
+    name = "vtt"
+    tasks = ("summarize",)
+    many_per_file = False
+
+    def write(self, result, out, *, header=False):
+        out.write("WEBVTT\n\n")
+        if result.summary:
+            # A NOTE may not contain "-->"; keep it on one line.
+            out.write("NOTE Summary: " + result.summary.replace("-->", "->").replace("\n", " ") + "\n\n")
+        for seg in result.segments or ():
+            text = (seg.text.strip() or "...").replace("-->", "->")
+            out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{text}\n\n")
+
+
+WRITERS: dict[str, ResultWriter] = {w.name: w for w in (TextWriter(), JsonWriter(), MarkdownWriter(), SrtWriter(), VttWriter())}
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".txt": "text", ".md": "md", ".srt": "srt", ".vtt": "vtt"}
+
+
+def get_writer(fmt: str, task: str) -> ResultWriter:
+    writer = WRITERS.get(fmt)
+    if writer is None:
+        raise UsageError(f"Unknown format '{fmt}': choose one of {', '.join(WRITERS)}.")
+    if task not in writer.tasks:
+        raise UsageError(f"--format {fmt} is for summaries; use text or json for {task}.")
+    return writer
