@@ -43,13 +43,37 @@ def _device(value: str) -> torch.device:
     return torch.device(value)
 
 
+def _quiet_libraries() -> None:
+    """transformers and huggingface_hub configure their loggers on import, so set them here:
+    their retry notices and tips are noise next to our one-sentence errors."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
+
+
+def _announce_download(choice, quiet: bool) -> None:
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if quiet or constants.HF_HUB_OFFLINE or Path(choice.source).is_dir() or choice.source == "tiny-random":
+        return
+    if not isinstance(try_to_load_from_cache(choice.source, "config.json"), str):
+        size = f" ({choice.preset.download})" if choice.preset else ""
+        sys.stderr.write(f"malmm: {choice.source} is not downloaded yet; fetching it{size} into the Hugging Face "
+                         f"cache (or run: malmm models download {choice.label}) ...\n")
+
+
 def load_model(choice, opts) -> MALMM:
+    _quiet_libraries()
     device = _device(str(getattr(opts.device, "value", opts.device)))
     quant = resolve_quantization(str(getattr(opts.quant, "value", opts.quant)), device)
     if quant is not None and device.type == "cpu" and choice.source != "tiny-random":
         sys.stderr.write(f"malmm: note: {quant} on a CPU is slower than bf16 here; see BENCHMARKS.md\n")
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
         raise UsageError(f"--checkpoint '{opts.checkpoint}' does not exist.")
+    _announce_download(choice, opts.quiet)
     t0 = time.perf_counter()
     if not opts.quiet:
         sys.stderr.write(f"malmm: loading {choice.label} on {device.type}"

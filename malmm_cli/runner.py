@@ -202,7 +202,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _error(spec: str, message: str) -> None:
-    sys.stderr.write(f"malmm: error: {spec}: {message}\n")
+    # Error sentences name their input already ("clip.mp4 does not exist.").
+    sys.stderr.write(f"malmm: error: {message if spec in message else f'{spec}: {message}'}\n")
     sys.stderr.flush()
 
 
@@ -226,11 +227,16 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         sys.stderr.write(f"malmm: --resume: {len(skip)} input(s) already done, {len(todo)} to go\n")
     if not todo:
         return 0
+    from models import ModelError
+
     try:
         analyzer = _analyzer(choice, opts, len(todo))
     except MalmmError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return err.exit_code
+    except ModelError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return 1
     return _run_batch(analyzer, job, todo, output, opts)
 
 
