@@ -24,7 +24,7 @@ from .errors import VideoError
 from .features import FeatureCache, feature_key, from_storage, storage_dtype, to_storage, video_fingerprint
 from .inputs import VideoSource, cache_root
 from .results import Answer, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
-from .tasks import LabelSet, Segment, fixed_segments, probabilities, scene_segments
+from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
 
 
@@ -38,28 +38,6 @@ class Events:
     def stage(self, text: str) -> None: ...
 
     def finished(self, result: Result) -> None: ...
-
-
-@dataclass(frozen=True)
-class Job:
-    """What to do with each video; built once per command from the options and presets."""
-
-    task: str  # caption | ask | classify | summarize
-    model_label: str
-    memory: int
-    max_new_tokens: int
-    num_beams: int
-    fps: float | None = None
-    frames: int | None = None
-    start: float | None = None
-    end: float | None = None
-    prompts: tuple[str, ...] = ()  # the instruction (caption, summarize) or one prompt per question
-    questions: tuple[str, ...] = ()
-    label_set: LabelSet | None = None
-    top_k: int = 5
-    every: float | None = None
-    scenes: bool = False
-    antialias: bool = True
 
 
 @dataclass

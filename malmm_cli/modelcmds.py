@@ -180,11 +180,12 @@ def run_doctor() -> int:
 
 def _doctor_end_to_end(check) -> bool:
     """tiny-random over the bundled sample: decode -> vision -> memory -> LLM."""
-    from .analyze import Analyzer, Job
+    from .analyze import Analyzer
     from .inputs import open_source
     from .loader import load_model
     from .presets import ModelChoice
     from .runner import CommonOptions
+    from .tasks import Job
 
     t0 = time.perf_counter()
     try:

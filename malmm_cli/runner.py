@@ -64,8 +64,7 @@ def validate(opts: CommonOptions) -> None:
 
 def build_job(task: str, opts: CommonOptions, model_label: str, **args):
     """Task defaults (presets.py) overridden by the options: the one place they are combined."""
-    from .analyze import Job
-    from .tasks import custom_label_set, load_label_set, question_prompt
+    from .tasks import Job, custom_label_set, load_label_set, question_prompt
 
     defaults = TASK_DEFAULTS[task]
     if opts.fps is None and opts.frames is None:

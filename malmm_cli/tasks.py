@@ -77,6 +77,28 @@ def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
     return LabelSet("custom", prompt or TASK_DEFAULTS["classify"].prompt, labels)
 
 
+@dataclass(frozen=True)
+class Job:
+    """What to do with each video; built once per command from the options and presets."""
+
+    task: str  # caption | ask | classify | summarize
+    model_label: str
+    memory: int
+    max_new_tokens: int
+    num_beams: int
+    fps: float | None = None
+    frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    prompts: tuple[str, ...] = ()  # the instruction (caption, summarize) or one prompt per question
+    questions: tuple[str, ...] = ()
+    label_set: LabelSet | None = None
+    top_k: int = 5
+    every: float | None = None
+    scenes: bool = False
+    antialias: bool = True
+
+
 def question_prompt(question: str) -> str:
     question = question.strip()
     if not question:

@@ -1,0 +1,5 @@
+"""`python -m malmm_cli` is the `malmm` command."""
+
+from .app import main
+
+main()

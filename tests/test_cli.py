@@ -1,0 +1,386 @@
+"""The command line end to end with --model tiny-random, on real and synthetic clips."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import srt
+import webvtt
+from typer.testing import CliRunner
+
+from malmm_cli.app import app
+from tests.media import bigbuckbunny_path, ffmpeg_exe, make_video
+
+TINY = ["--model", "tiny-random"]
+SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps, 160x120
+
+
+def malmm(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def records(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def check_record(record: dict, task: str) -> None:
+    """The result record schema of architecture.md."""
+    assert record["task"] == task and isinstance(record["input"], str) and record["model"] == "tiny-random"
+    video, sampling, memory, timings = record["video"], record["sampling"], record["memory"], record["timings"]
+    assert set(video) == {"duration", "fps", "width", "height"} and video["duration"] > 0
+    assert set(sampling) == {"fps", "frames", "start", "end"} and sampling["frames"] >= 1
+    assert 0 <= sampling["start"] < sampling["end"] <= video["duration"] + 1e-6
+    assert set(memory) == {"length", "compressions"} and memory["compressions"] >= 0
+    assert set(timings) == {"decode", "vision", "qformer", "llm", "total"}
+    assert all(v >= 0 for v in timings.values())
+    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
+                "summarize": {"segments", "summary"}}[task]
+    optional = {"warnings"}
+    base = {"input", "task", "model", "video", "sampling", "memory", "timings"}
+    assert set(record) - optional == base | expected
+
+
+@pytest.fixture(scope="module")
+def scenes_video(tmp_path_factory) -> Path:
+    """12 s at 10 fps: three 4-second scenes (solid red, green, blue)."""
+    path = tmp_path_factory.mktemp("scenes") / "scenes.mp4"
+    colours = [(220, 30, 30), (30, 200, 40), (40, 40, 230)]
+    frames = b"".join(np.full((48, 64, 3), c, np.uint8).tobytes() for c in colours for _ in range(40))
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "64x48",
+                    "-r", "10", "-i", "-", "-c:v", "libx264", "-pix_fmt", "yuv420p", "-qp", "10", str(path)],
+                   input=frames, check=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Two good videos (one nested), one corrupt .mp4, one text file."""
+    root = tmp_path_factory.mktemp("videos")
+    (root / "nested").mkdir()
+    shutil.copy(SAMPLE, root / "a.mp4")
+    make_video(root / "nested" / "b.mp4", fps=10, n_frames=30)
+    (root / "corrupt.mp4").write_bytes(SAMPLE.read_bytes()[:2500])
+    (root / "notes.txt").write_text("not a video")
+    return root
+
+
+# ---- each command -----------------------------------------------------------------------------
+
+
+def test_caption_human_and_json_on_the_real_clip():
+    clip = bigbuckbunny_path()
+    human = malmm("caption", clip, *TINY, "-q", "--frames", "6")
+    assert human.exit_code == 0 and human.stdout.strip() and human.stderr == ""
+    out = malmm("caption", clip, *TINY, "-q", "--json", "--fps", "2")
+    assert out.exit_code == 0
+    (record,) = records(out.stdout)
+    check_record(record, "caption")
+    assert record["video"] == {"duration": pytest.approx(5.28), "fps": 25.0, "width": 1280, "height": 720}
+    assert record["sampling"]["fps"] == 2.0 and record["text"].strip()
+
+
+@pytest.mark.parametrize("fps", [1.0, 2.0, 5.0])
+def test_frame_counts_match_duration_times_fps(fps):
+    out = malmm("caption", SAMPLE, *TINY, "-q", "--json", "--fps", fps)
+    (record,) = records(out.stdout)
+    assert record["sampling"]["frames"] == round(6.0 * fps)
+    assert record["memory"]["compressions"] == max(0, record["sampling"]["frames"] - 40)
+
+
+def test_start_and_end_bound_the_sampling():
+    (record,) = records(malmm("caption", SAMPLE, *TINY, "-q", "--json", "--fps", 2, "--start", 1, "--end", 4).stdout)
+    assert record["sampling"] == {"fps": 2.0, "frames": 6, "start": 1.0, "end": 4.0}
+
+
+def test_ask_answers_every_question_in_one_pass():
+    out = malmm("ask", SAMPLE, "what is shown?", "-Q", "what colour is it?", "-Q", "who wins?", *TINY, "-q", "--json")
+    assert out.exit_code == 0
+    (record,) = records(out.stdout)
+    check_record(record, "ask")
+    assert [a["question"] for a in record["answers"]] == ["what is shown?", "what colour is it?", "who wins?"]
+    assert record["sampling"]["frames"] == 20  # the paper's QA setting
+    human = malmm("ask", SAMPLE, "what is shown?", *TINY, "-q")
+    assert human.stdout.startswith("Q: what is shown?\nA: ")
+
+
+@pytest.mark.parametrize("task, n_labels", [("coin", 180), ("breakfast", 10), ("lvu_genre", 4), ("lvu_way_speaking", 5)])
+def test_classify_ranks_the_whole_label_set(task, n_labels):
+    out = malmm("classify", SAMPLE, "--task", task, "--top-k", 500, *TINY, "-q", "--json", "--frames", 8)
+    assert out.exit_code == 0, out.stderr
+    (record,) = records(out.stdout)
+    check_record(record, "classify")
+    scores = [x["score"] for x in record["labels"]]
+    assert len(scores) == n_labels and record["label_set"] == task
+    assert sum(scores) == pytest.approx(1.0, abs=1e-4)
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_classify_top_k_and_custom_labels(tmp_path):
+    out = malmm("classify", SAMPLE, "--labels", "cat, dog,bird,dog", *TINY, "-q", "--json", "--frames", 4, "-k", 2)
+    (record,) = records(out.stdout)
+    assert len(record["labels"]) == 2 and record["label_set"] == "custom"
+    assert {x["label"] for x in record["labels"]} <= {"cat", "dog", "bird"}
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("# my labels\nmaking tea\nplaying football\n\nwashing a dog\n")
+    human = malmm("classify", SAMPLE, "--labels", labels_file, *TINY, "-q", "--frames", 4)
+    lines = human.stdout.splitlines()
+    assert len(lines) == 3 and lines[0].startswith(" 1. ") and lines[0].endswith("%")
+    assert {line[4:].rsplit(None, 1)[0].strip() for line in lines} == {"making tea", "playing football", "washing a dog"}
+
+
+def _assert_tiles(segments, start, end):
+    assert segments[0]["start"] == pytest.approx(start) and segments[-1]["end"] == pytest.approx(end)
+    for a, b in zip(segments, segments[1:]):
+        assert a["end"] == pytest.approx(b["start"])  # no gaps, no overlaps
+    assert all(s["start"] < s["end"] and s["text"].strip() for s in segments)
+
+
+def test_summarize_every_tiles_the_video_in_all_formats(tmp_path):
+    out = malmm("summarize", SAMPLE, "--every", 2.5, *TINY, "-q", "--json")
+    (record,) = records(out.stdout)
+    check_record(record, "summarize")
+    _assert_tiles(record["segments"], 0.0, 6.0)
+    assert [s["start"] for s in record["segments"]] == [0.0, 2.5, 5.0] and record["summary"].strip()
+
+    srt_out = malmm("summarize", SAMPLE, "--every", 2, *TINY, "-q", "--format", "srt").stdout
+    subs = list(srt.parse(srt_out))
+    assert [(s.start.total_seconds(), s.end.total_seconds()) for s in subs] == [(0, 2), (2, 4), (4, 6)]
+
+    vtt_file = tmp_path / "sample.vtt"
+    assert malmm("summarize", SAMPLE, "--every", 2, *TINY, "-q", "-o", vtt_file).exit_code == 0
+    captions = webvtt.read(str(vtt_file))
+    assert [(c.start, c.end) for c in captions] == [("00:00:00.000", "00:00:02.000"), ("00:00:02.000", "00:00:04.000"),
+                                                    ("00:00:04.000", "00:00:06.000")]
+    md = malmm("summarize", SAMPLE, "--every", 3, *TINY, "-q", "--format", "md").stdout
+    assert md.startswith(f"# {SAMPLE}\n") and "## 0:00 - 0:03" in md and "## 0:03 - 0:06" in md
+    text = malmm("summarize", SAMPLE, "--every", 3, *TINY, "-q").stdout
+    assert text.count("[0:0") == 2 and "Summary: " in text
+
+
+def test_summarize_scenes_cuts_where_the_picture_changes(scenes_video):
+    out = malmm("summarize", scenes_video, "--scenes", "--fps", 2, *TINY, "-q", "--json")
+    (record,) = records(out.stdout)
+    segments = record["segments"]
+    _assert_tiles(segments, 0.0, 12.0)
+    cuts = [s["start"] for s in segments[1:]]
+    assert len(cuts) == 2 and cuts[0] == pytest.approx(4.0, abs=0.5) and cuts[1] == pytest.approx(8.0, abs=0.5)
+
+
+def test_summarize_vision_runs_once_per_frame(scenes_video, monkeypatch):
+    """However many segments, each sampled frame goes through the ViT exactly once."""
+    from models import MALMM
+
+    calls = []
+    original = MALMM.encode_frames
+
+    def counting(self, pixels):
+        calls.append(pixels.shape[0])
+        return original(self, pixels)
+
+    monkeypatch.setattr(MALMM, "encode_frames", counting)
+    for extra in (["--every", "1.5"], ["--scenes"]):
+        calls.clear()
+        out = malmm("summarize", scenes_video, *extra, "--fps", 2, *TINY, "-q", "--json", "--no-cache")
+        (record,) = records(out.stdout)
+        assert sum(calls) == record["sampling"]["frames"] == 24
+        assert len(record["segments"]) >= 3
+
+
+def test_srt_with_several_inputs_needs_an_output_directory(tmp_path):
+    out = malmm("summarize", SAMPLE, bigbuckbunny_path(), *TINY, "-q", "--format", "srt")
+    assert out.exit_code == 2 and "-o DIRECTORY" in out.stderr
+    target = tmp_path / "subs"
+    target.mkdir()
+    out = malmm("summarize", SAMPLE, bigbuckbunny_path(), *TINY, "-q", "--format", "srt", "--every", 2, "-o", target)
+    assert out.exit_code == 0
+    assert sorted(p.name for p in target.iterdir()) == ["bigbuckbunny.srt", "sample.srt"]
+    assert len(list(srt.parse((target / "bigbuckbunny.srt").read_text()))) == 3
+
+
+# ---- batches, errors, resume, interrupts ------------------------------------------------------
+
+
+def test_folder_with_a_corrupt_file_gives_two_results_and_one_error(folder, tmp_path):
+    output = tmp_path / "out.jsonl"
+    out = malmm("caption", folder, *TINY, "-q", "--frames", 4, "-o", output)
+    assert out.exit_code == 1
+    rows = records(output.read_text())
+    assert [Path(r["input"]).name for r in rows] == ["a.mp4", "corrupt.mp4", "b.mp4"]  # stable, recursive order
+    good = [r for r in rows if "error" not in r]
+    bad = [r for r in rows if "error" in r]
+    assert len(good) == 2 and len(bad) == 1 and set(bad[0]) == {"input", "error"}
+    for r in good:
+        check_record(r, "caption")
+    assert "corrupt.mp4" in bad[0]["error"] and bad[0]["error"].endswith(".")
+    assert "Traceback" not in out.stderr and bad[0]["error"] in out.stderr
+
+
+def test_resume_does_no_new_work(folder, tmp_path):
+    output = tmp_path / "done.jsonl"
+    good = [folder / "a.mp4", folder / "nested" / "b.mp4"]
+    assert malmm("caption", *good, *TINY, "-q", "--frames", 4, "-o", output).exit_code == 0
+    before = output.read_text()
+    again = malmm("caption", *good, *TINY, "--frames", 4, "-o", output, "--resume")
+    assert again.exit_code == 0 and output.read_text() == before
+    assert "2 input(s) already done, 0 to go" in again.stderr and "loading" not in again.stderr
+
+
+def test_resume_retries_failures_and_keeps_earlier_records(folder, tmp_path):
+    output = tmp_path / "mixed.jsonl"
+    malmm("caption", folder, *TINY, "-q", "--frames", 4, "-o", output)
+    again = malmm("caption", folder, *TINY, "--frames", 4, "-o", output, "--resume")
+    assert again.exit_code == 1 and "1 to go" in again.stderr
+    rows = records(output.read_text())
+    assert len(rows) == 4 and sum("error" in r for r in rows) == 2
+
+
+def test_bad_inputs_are_one_sentence_and_nonzero(tmp_path):
+    cases = [
+        (["caption", tmp_path / "missing.mp4"], 1, "does not exist"),
+        (["caption", tmp_path], 1, "no video"),
+        (["caption", SAMPLE, "--start", 10], 1, "after the end"),
+        (["caption", SAMPLE, "--fps", 0], 2, "--fps must be a positive number"),
+        (["caption", SAMPLE, "--fps", 1, "--frames", 3], 2, "either --fps or --frames"),
+        (["caption", SAMPLE, "--memory", -1], 2, "--memory"),
+        (["classify", SAMPLE], 2, "exactly one of --task"),
+        (["classify", SAMPLE, "--task", "nope"], 2, "Unknown task 'nope'"),
+        (["classify", SAMPLE, "--labels", "onlyone"], 2, "at least two"),
+        (["summarize", SAMPLE, "--every", 5, "--scenes"], 2, "either --every or --scenes"),
+        (["caption", SAMPLE, "--resume"], 2, "--resume needs --output"),
+        (["caption", "ftp://example.com/x.mp4"], 1, "only http and https"),
+    ]
+    for args, code, words in cases:
+        out = malmm(*args, *TINY, "-q")
+        assert out.exit_code == code, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("malmm: error: ") and words in lines[0], (args, out.stderr)
+    unknown_model = malmm("caption", SAMPLE, "--model", "no such model", "-q")
+    assert unknown_model.exit_code == 2 and "Unknown model" in unknown_model.stderr
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_finished_records(tmp_path):
+    longer = tmp_path / "long.mp4"
+    make_video(longer, fps=25, n_frames=25 * 60, size=(96, 64))
+    output = tmp_path / "partial.jsonl"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "malmm_cli", "caption", str(SAMPLE), str(longer), str(longer), *TINY,
+           "--fps", "25", "--no-cache", "-o", str(output)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (output.exists() and output.read_text().count("\n") >= 1):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted; 1 result(s) kept" in err
+    (row,) = records(output.read_text())
+    assert row["input"] == str(SAMPLE) and "text" in row
+
+
+# ---- URLs ---------------------------------------------------------------------------------------
+
+
+def test_a_url_is_downloaded_and_captioned(tmp_path):
+    served = tmp_path / "www"
+    served.mkdir()
+    shutil.copy(SAMPLE, served / "clip.mp4")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+        out = malmm("caption", url, *TINY, "-q", "--json", "--frames", 4)
+        assert out.exit_code == 0, out.stderr
+        (record,) = records(out.stdout)
+        assert record["input"] == url and record["video"]["width"] == 160
+    finally:
+        server.shutdown()
+
+
+# ---- help, models, doctor, live view ----------------------------------------------------------
+
+
+def test_help_is_instant_and_never_imports_torch():
+    code = (
+        "import sys\n"
+        "from malmm_cli.app import main\n"
+        "for argv in (['malmm', '--help'], ['malmm', 'caption', '--help'], ['malmm', 'caption'],"
+        " ['malmm', 'caption', 'x.mp4', '--fps', '-1'], ['malmm', 'classify', 'x.mp4', '--task', 'nope']):\n"
+        "    sys.argv = argv\n"
+        "    try:\n        main()\n    except SystemExit:\n        pass\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('OK')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr
+
+
+@pytest.mark.parametrize("command", ["caption", "ask", "classify", "summarize", "doctor", "models list",
+                                     "models download", "models path"])
+def test_every_command_help_shows_an_example(command):
+    out = malmm(*command.split(), "--help")
+    assert out.exit_code == 0 and "Example" in out.stdout
+
+
+def test_models_commands(tmp_path):
+    assert malmm("models", "download", "tiny-random").exit_code == 0
+    path = malmm("models", "path", "tiny-random")
+    assert path.exit_code == 0 and Path(path.stdout.strip(), "config.json").exists()
+    rows = records(malmm("models", "list", "--json").stdout)
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["tiny-random"]["downloaded"] is True
+    assert by_name["instructblip-vicuna-7b"]["source"] == "Salesforce/instructblip-vicuna-7b"
+    missing = malmm("models", "path", "instructblip-vicuna-7b")
+    assert missing.exit_code == 1 and "malmm models download instructblip-vicuna-7b" in missing.stderr
+
+
+def test_doctor_runs_tiny_random_end_to_end():
+    out = malmm("doctor")
+    assert out.exit_code == 0, out.stdout
+    assert "end to end" in out.stdout and "all good" in out.stdout
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal():
+    out = malmm("caption", SAMPLE, *TINY, "--frames", 50)
+    lines = out.stderr.splitlines()
+    assert any("50 frames from 0:00 to 0:06, memory 40 slots" in line for line in lines)
+    assert any("50/50 frames, memory 40/40 slots · 10 compressions" in line for line in lines)
+    assert out.stdout.strip() and "malmm:" not in out.stdout  # results on stdout, progress on stderr
+
+
+def test_live_view_shows_the_memory_bank():
+    import io
+
+    from rich.console import Console
+
+    from malmm_cli.live import RichEvents, memory_line, slot_chart
+    from malmm_cli.video import plan_sampling, probe
+    from models.memory_bank import BankStatus
+
+    info = probe(SAMPLE)
+    sampling = plan_sampling(info, fps=10)
+    buf = io.StringIO()
+    events = RichEvents(Console(file=buf, force_terminal=True, width=120), total_inputs=1)
+    events.started(str(SAMPLE), info, sampling, capacity=4)
+    status = BankStatus(4, 4, 20, 16, (8.0, 6.0, 4.0, 2.0), ((0, 9), (6, 14), (12, 17), (18, 19)))
+    events.frames(20, 1.9, status)
+    events.close()
+    assert "4/4 slots · 16 compressions · oldest slot 0:00-0:00" in memory_line(status, sampling.timestamps)
+    assert slot_chart(status.slot_frames) == "█▆▄▂"
+    assert "memory bank" in buf.getvalue() and "16 compressions" in buf.getvalue()
