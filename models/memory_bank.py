@@ -1,15 +1,24 @@
-"""MA-LMM's long-term memory bank and its compression (MBC), as pure tensor code.
+"""MA-LMM's long-term memory bank and its compression (MBC).
 
-A bank holds ``features`` of shape [B, T, N, C] (T time slots, N tokens per slot) and
-``counts`` [B, T, N]: how many original frames each slot stands for at each token position.
-When a bank holds more than its capacity M, MBC merges, independently at every position i,
-the temporally adjacent pair (j, j+1) with the highest cosine similarity into their
+A bank holds ``features`` [B, T, N, C] (T time slots, N tokens per slot) and ``counts``
+[B, T, N]: how many original frames each slot stands for at each token position. When a
+bank holds more than its capacity M, MBC merges, independently at every position i, the
+temporally adjacent pair (j, j+1) with the highest cosine similarity into their
 count-weighted mean. Counts always sum to the number of frames seen, per position.
 
-Key/value projections are affine, so the projection of a count-weighted mean is the
-count-weighted mean of the projections. A bank can therefore carry cached projections
-(``extras``) that are merged with the same decisions and stay exact: a frame's tokens are
-projected once, when they arrive, instead of re-projecting the whole bank at every frame.
+:func:`compress` is that definition as a pure function. :class:`MemoryBank` is the state a
+video stream keeps, and produces exactly the same sequence of banks, faster:
+
+- Buffers are allocated once with M+1 slots, so memory never grows with the video.
+- Attention does not care about slot order, only MBC does. So entries stay in the physical
+  slot they were written to; a small per-position index (``order``) records temporal order.
+  A merge writes one slot and frees its partner, where the next frame goes. Per frame this
+  moves a few slots of data instead of rewriting the whole bank (the features plus every
+  cached key/value tensor: hundreds of MB at ViT-g size).
+- Adjacent-pair similarities are cached; a merge changes only the two pairs around it.
+- Key/value projections are affine, so the projection of a count-weighted mean is the
+  count-weighted mean of the projections: cached projections (``extras``) are merged with
+  the features' decisions and stay exact. A frame's tokens are projected once, on arrival.
 """
 
 from __future__ import annotations
@@ -19,7 +28,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["merge_plan", "merge", "compress", "MemoryBank", "BankStatus"]
+__all__ = ["merge_plan", "merge", "merge_counts", "compress", "MemoryBank", "BankStatus"]
+
+
+# ---- MBC as a pure function (the definition) ------------------------------------------------
 
 
 def merge_plan(features: torch.Tensor) -> torch.Tensor:
@@ -40,23 +52,16 @@ def merge(x: torch.Tensor, counts: torch.Tensor, plan: torch.Tensor) -> torch.Te
     Returns [B, T-1, N, *D]: slots before j* unchanged, the merged pair at j*, later slots shifted.
     """
     B, T, N = counts.shape
-    extra_dims = x.dim() - 3
+    tail = [1] * (x.dim() - 3)
     slot = torch.arange(T - 1, device=x.device).view(1, T - 1, 1)  # [1, T-1, 1]
     j = plan.unsqueeze(1)  # [B, 1, N]
-    # Source slot for every output slot: s for s <= j*, s + 1 after it.
-    src = slot + (slot > j).long()  # [B, T-1, N]
-    idx = src.view(B, T - 1, N, *([1] * extra_dims)).expand(B, T - 1, N, *x.shape[3:])
-    shifted = x.gather(1, idx)
-
-    jj = j.view(B, 1, N, *([1] * extra_dims)).expand(B, 1, N, *x.shape[3:])
-    k_a = counts.gather(1, j).to(x.dtype)  # [B, 1, N]
-    k_b = counts.gather(1, j + 1).to(x.dtype)
-    k_a = k_a.view(B, 1, N, *([1] * extra_dims))
-    k_b = k_b.view(B, 1, N, *([1] * extra_dims))
+    src = slot + (slot > j).long()  # source slot of every output slot: s up to j*, s + 1 after
+    shifted = x.gather(1, src.view(B, T - 1, N, *tail).expand(B, T - 1, N, *x.shape[3:]))
+    jj = j.view(B, 1, N, *tail).expand(B, 1, N, *x.shape[3:])
+    k_a = counts.gather(1, j).to(x.dtype).view(B, 1, N, *tail)
+    k_b = counts.gather(1, j + 1).to(x.dtype).view(B, 1, N, *tail)
     merged = (k_a * x.gather(1, jj) + k_b * x.gather(1, jj + 1)) / (k_a + k_b)  # [B, 1, N, *D]
-
-    at_j = (slot == j).view(B, T - 1, N, *([1] * extra_dims))
-    return torch.where(at_j, merged, shifted)
+    return torch.where((slot == j).view(B, T - 1, N, *tail), merged, shifted)
 
 
 def merge_counts(counts: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
@@ -65,8 +70,7 @@ def merge_counts(counts: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
     slot = torch.arange(T - 1, device=counts.device).view(1, T - 1, 1)
     j = plan.unsqueeze(1)
     shifted = counts.gather(1, slot.expand(B, T - 1, N) + (slot > j).long())
-    summed = counts.gather(1, j) + counts.gather(1, j + 1)
-    return torch.where(slot == j, summed, shifted)
+    return torch.where(slot == j, counts.gather(1, j) + counts.gather(1, j + 1), shifted)
 
 
 def compress(features: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,13 +81,16 @@ def compress(features: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor
     return merge(features, counts, plan), merge_counts(counts, plan)
 
 
+# ---- the bank a stream keeps ----------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class BankStatus:
     """What a bank holds, for progress displays and result records.
 
-    ``slot_frames[s]`` is the mean number of frames slot s stands for (over positions);
-    ``slot_spans[s]`` is the (first, last) frame index, counted from the stream's first
-    frame, that any position of slot s covers.
+    ``slot_frames[s]`` is the mean number of frames slot s (oldest first) stands for, over
+    positions; ``slot_spans[s]`` is the (first, last) frame index, counted from the stream's
+    first frame, that any position of slot s covers.
     """
 
     capacity: int
@@ -94,67 +101,184 @@ class BankStatus:
     slot_spans: tuple[tuple[int, int], ...]
 
 
-class MemoryBank:
-    """A capacity-bounded bank: append one time step, compress while over capacity.
+def _take(buf: torch.Tensor, phys: torch.Tensor) -> torch.Tensor:
+    """buf [B, S, N, *D] at physical slot phys[b, i] for every (b, i) -> [B, N, *D]."""
+    B, N = phys.shape
+    index = phys.view(B, 1, N, *([1] * (buf.dim() - 3))).expand(B, 1, N, *buf.shape[3:])
+    return buf.gather(1, index).squeeze(1)
 
-    ``extras`` are tensors aligned with the features slot by slot (e.g. cached key/value
-    projections, [B, T, N, D]); they are appended together and merged with the
-    features' decisions. Capacity 0 means no memory: nothing is ever stored.
+
+def _put(buf: torch.Tensor, phys: torch.Tensor, value: torch.Tensor) -> None:
+    """buf[b, phys[b, i], i] = value[b, i] for every (b, i), in place."""
+    B, N = phys.shape
+    index = phys.view(B, 1, N, *([1] * (buf.dim() - 3))).expand(B, 1, N, *buf.shape[3:])
+    buf.scatter_(1, index, value.unsqueeze(1).to(buf.dtype))
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+class MemoryBank:
+    """A capacity-bounded bank with the same semantics as repeated :func:`compress`.
+
+    Per frame: :meth:`push` the new entry (and its cached projections, ``extras``), read
+    :meth:`slots` (every entry, current included, in physical order), then :meth:`settle`
+    to compress back down to capacity. Capacity 0 means no memory: the bank holds the
+    current entry during the step and drops it at :meth:`settle`.
     """
 
     def __init__(self, capacity: int):
         if capacity < 0:
             raise ValueError(f"memory capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self.features: torch.Tensor | None = None  # [B, T, N, C]
-        self.counts: torch.Tensor | None = None  # [B, T, N]
-        self.extras: dict[str, torch.Tensor] = {}
+        self.length = 0  # valid entries
         self.frames_seen = 0
         self.compressions = 0
+        self._features: torch.Tensor | None = None  # [B, S, N, C], S = capacity + 1 physical slots
+        self._counts: torch.Tensor | None = None  # [B, S, N]
+        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D]
+        self._order: torch.Tensor | None = None  # [B, S, N]: temporal index t -> physical slot
+        self._sims: torch.Tensor | None = None  # [B, S-1, N]: cos(entry t, entry t+1), float32
+        self._free: torch.Tensor | None = None  # [B, N]: the physical slot the next entry goes to
 
     def __len__(self) -> int:
-        return 0 if self.features is None else self.features.shape[1]
+        return self.length
 
-    def append(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
-        """Add one time step: features [B, N, C], each extra [B, N, *D]; then enforce capacity."""
+    def _allocate(self, features: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        B, N = features.shape[:2]
+        S = self.capacity + 1
+        dev = features.device
+        self._features = features.new_zeros(B, S, N, *features.shape[2:])
+        self._counts = torch.zeros(B, S, N, dtype=torch.long, device=dev)
+        self._extras = {k: v.new_zeros(B, S, N, *v.shape[2:]) for k, v in extras.items()}
+        self._order = torch.arange(S, device=dev).view(1, S, 1).repeat(B, 1, N)
+        self._sims = torch.zeros(B, max(S - 1, 1), N, dtype=torch.float32, device=dev)
+        self._free = torch.zeros(B, N, dtype=torch.long, device=dev)
+
+    def push(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
+        """Add the current time step: features [B, N, C], each extra [B, N, *D]."""
+        if self._features is None:
+            self._allocate(features, extras)
+        elif extras.keys() != self._extras.keys():
+            raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self._extras)}")
+        if self.length > self.capacity:
+            raise RuntimeError("push before settle: the bank is already over capacity")
+        t, free = self.length, self._free
+        _put(self._features, free, features)
+        for name, value in extras.items():
+            _put(self._extras[name], free, value)
+        _put(self._counts, free, torch.ones_like(free))
+        self._order[:, t] = free
+        if t > 0:
+            self._sims[:, t - 1] = _cos(_take(self._features, self._order[:, t - 1]), features)
+        self.length += 1
         self.frames_seen += 1
-        if self.capacity == 0:
-            return
-        fresh = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
-        if self.features is None:
-            self.extras = {k: v.unsqueeze(1) for k, v in extras.items()}
-            self.features = features.unsqueeze(1)
-            self.counts = fresh.unsqueeze(1)
-        else:
-            if extras.keys() != self.extras.keys():
-                raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self.extras)}")
-            self.features = torch.cat([self.features, features.unsqueeze(1)], dim=1)
-            self.counts = torch.cat([self.counts, fresh.unsqueeze(1)], dim=1)
-            self.extras = {k: torch.cat([v, extras[k].unsqueeze(1)], dim=1) for k, v in self.extras.items()}
-        while len(self) > self.capacity:
-            self._compress()
+        # Until the first merge, entries fill slots 0, 1, 2, ... at every position.
+        self._free = torch.full_like(free, self.length) if self.length <= self.capacity else free
 
-    def _compress(self) -> None:
-        plan = merge_plan(self.features)
-        self.features = merge(self.features, self.counts, plan)
-        self.extras = {k: merge(v, self.counts, plan) for k, v in self.extras.items()}
-        self.counts = merge_counts(self.counts, plan)
+    def slots(self, name: str | None = None) -> torch.Tensor:
+        """Every valid entry (features, or the named extra) in physical order: [B, L, N, *D].
+
+        Entries always occupy physical slots 0..length-1 (a merge frees a slot that the next
+        push refills), so this is a view, not a copy.
+        """
+        buf = self._features if name is None else self._extras[name]
+        return buf[:, : self.length]
+
+    def settle(self) -> None:
+        """Compress until the bank is within capacity (once per frame at steady state)."""
+        if self.capacity == 0:
+            self.length, self._free = 0, torch.zeros_like(self._free)
+            return
+        while self.length > self.capacity:
+            self._merge_once()
+
+    def _merge_once(self) -> None:
+        L = self.length
+        j = self._sims[:, : L - 1].argmax(dim=1)  # [B, N] temporal index of the most similar pair
+        order = self._order
+        a = order.gather(1, j.unsqueeze(1)).squeeze(1)  # physical slots of the pair
+        b = order.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
+        k_a, k_b = _take(self._counts, a), _take(self._counts, b)  # [B, N]
+        for buf in (self._features, *self._extras.values()):
+            w_a = k_a.to(buf.dtype).view(*k_a.shape, *([1] * (buf.dim() - 3)))
+            w_b = k_b.to(buf.dtype).view(*k_b.shape, *([1] * (buf.dim() - 3)))
+            _put(buf, a, (w_a * _take(buf, a) + w_b * _take(buf, b)) / (w_a + w_b))
+        _put(self._counts, a, k_a + k_b)
+        # Temporal order loses entry j+1; pairs shift the same way, except the two pairs
+        # that now touch the merged entry, which are measured again.
+        t = torch.arange(L - 1, device=j.device).view(1, L - 1, 1)
+        self._order[:, : L - 1] = order[:, :L].gather(1, t + (t > j.unsqueeze(1)).long())
+        if L > 2:
+            p = torch.arange(L - 2, device=j.device).view(1, L - 2, 1)
+            self._sims[:, : L - 2] = self._sims[:, : L - 1].gather(1, p + (p >= (j + 1).unsqueeze(1)).long())
+            merged = _take(self._features, a)
+            before = self._order.gather(1, (j - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+            after = self._order.gather(1, (j + 1).clamp(max=L - 2).unsqueeze(1)).squeeze(1)
+            jj = j.unsqueeze(1)
+            self._sims.scatter_(1, (j - 1).clamp(min=0).unsqueeze(1),
+                                torch.where(jj > 0, _cos(_take(self._features, before), merged).unsqueeze(1),
+                                            self._sims.gather(1, (j - 1).clamp(min=0).unsqueeze(1))))
+            self._sims.scatter_(1, j.clamp(max=L - 3).unsqueeze(1),
+                                torch.where(jj < L - 2, _cos(merged, _take(self._features, after)).unsqueeze(1),
+                                            self._sims.gather(1, j.clamp(max=L - 3).unsqueeze(1))))
+        # The freed slot is refilled by the next push. Keep entries in slots 0..L-2 by
+        # moving the entry in the last slot (L-1) into it, so slots() stays a prefix view.
+        self._relocate_last(b, L - 1)
+        self.length = L - 1
         self.compressions += 1
 
+    def _relocate_last(self, freed: torch.Tensor, last: int) -> None:
+        """Move, at every position, the entry in physical slot `last` into slot `freed`."""
+        if last == 0:
+            return
+        src = torch.full_like(freed, last)
+        for buf in (self._features, self._counts, *self._extras.values()):
+            _put(buf, freed, _take(buf, src))
+        # The temporal index that pointed at `last` now points at `freed`.
+        self._order[:, : last] = torch.where(self._order[:, : last] == last, freed.unsqueeze(1), self._order[:, : last])
+        self._free = src
+
+    # ---- temporal-order views (status, tests) ----------------------------------------
+
+    def _ordered(self, buf: torch.Tensor) -> torch.Tensor:
+        L = self.length
+        B, _, N = self._order.shape
+        idx = self._order[:, :L].view(B, L, N, *([1] * (buf.dim() - 3))).expand(B, L, N, *buf.shape[3:])
+        return buf.gather(1, idx)
+
+    @property
+    def features(self) -> torch.Tensor | None:
+        """[B, T, N, C], oldest entry first."""
+        return None if self._features is None or not self.length else self._ordered(self._features)
+
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """[B, T, N], oldest entry first."""
+        return None if self._counts is None or not self.length else self._ordered(self._counts)
+
+    def extra(self, name: str) -> torch.Tensor:
+        """A cached projection [B, T, N, D], oldest entry first."""
+        return self._ordered(self._extras[name])
+
+    def append(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
+        """push + settle: add one time step and compress back to capacity."""
+        self.push(features, **extras)
+        self.settle()
+
     def status(self) -> BankStatus:
-        if self.counts is None:
-            return BankStatus(self.capacity, 0, self.frames_seen, self.compressions, (), ())
         counts = self.counts
+        if counts is None:
+            return BankStatus(self.capacity, 0, self.frames_seen, self.compressions, (), ())
         end = counts.cumsum(dim=1)  # exclusive end frame of each slot, per position
         start = end - counts
-        first = start.amin(dim=(0, 2)).tolist()
-        last = (end.amax(dim=(0, 2)) - 1).tolist()
-        per_slot = counts.float().mean(dim=(0, 2)).tolist()
         return BankStatus(
             capacity=self.capacity,
-            length=len(self),
+            length=self.length,
             frames_seen=self.frames_seen,
             compressions=self.compressions,
-            slot_frames=tuple(per_slot),
-            slot_spans=tuple(zip((int(f) for f in first), (int(x) for x in last))),
+            slot_frames=tuple(counts.float().mean(dim=(0, 2)).tolist()),
+            slot_spans=tuple(zip((int(f) for f in start.amin(dim=(0, 2)).tolist()),
+                                 (int(x) - 1 for x in end.amax(dim=(0, 2)).tolist()))),
         )

@@ -11,10 +11,10 @@ explicitly as a :class:`QFormerMemory` (the modules themselves hold no state):
   layer's inputs at earlier frames (stored in the bank) plus the current input, with the
   text padding mask repeated once per entry. Queries come from the current input only.
 
-Order per frame (method.md): attend over [bank; current] -> append current -> compress any
-bank over capacity M. The query banks are appended right after their own attention (no
-later layer reads them in this frame); the visual bank after the whole step, since all
-cross-attention layers read it.
+Order per frame (method.md): append the current entry to a bank -> attend over the whole
+bank -> compress it back to M entries (MBC). A query bank settles right after its own
+attention (no later layer reads it in this frame); the visual bank after the whole step,
+since all cross-attention layers read it.
 
 With ``cache_projections`` a bank also keeps the key/value projections of what it stores,
 merged with the same MBC decisions (exact: projections are affine), so each frame projects
@@ -127,24 +127,20 @@ class QFormerLayer(nn.Module):
         self.output_query = QFormerOutput(config)
 
     def self_attention(self, hidden: torch.Tensor, key_mask: torch.Tensor, bank: MemoryBank, cache: bool):
-        """hidden [B, N, H] attends over [bank; hidden]; then hidden joins the bank."""
+        """hidden [B, N, H] joins its layer's bank, attends over all of it, then the bank settles."""
         attn = self.attention.attention
         k_cur, v_cur = attn.key(hidden), attn.value(hidden)
-        keys, values, mask = k_cur, v_cur, key_mask
-        if len(bank):
-            T = len(bank)
-            if cache:
-                k_mem, v_mem = bank.extras["k"], bank.extras["v"]  # [B, T, N, H]
-            else:
-                k_mem, v_mem = attn.key(bank.features), attn.value(bank.features)
-            keys = torch.cat([k_mem.flatten(1, 2), k_cur], dim=1)  # [B, (T+1)N, H]
-            values = torch.cat([v_mem.flatten(1, 2), v_cur], dim=1)
-            mask = key_mask.repeat(1, T + 1)
-        out = _attend(attn.query(hidden), keys, values, attn.num_heads, mask)
         if cache:
-            bank.append(hidden, k=k_cur, v=v_cur)
+            bank.push(hidden, k=k_cur, v=v_cur)
+            keys, values = bank.slots("k"), bank.slots("v")  # [B, T+1, N, H]
         else:
-            bank.append(hidden)
+            bank.push(hidden)
+            entries = bank.slots()
+            keys, values = attn.key(entries), attn.value(entries)
+        # Every entry has the same instruction, so the same padding: repeat the mask per entry.
+        mask = key_mask.repeat(1, keys.shape[1])
+        out = _attend(attn.query(hidden), keys.flatten(1, 2), values.flatten(1, 2), attn.num_heads, mask)
+        bank.settle()
         return self.attention.output(out, hidden)
 
     def cross_attention(self, queries: torch.Tensor, frame_kv: tuple[torch.Tensor, torch.Tensor]):
@@ -207,23 +203,24 @@ class MemoryQFormer(nn.Module):
     def new_memory(self, capacity: int, cache_projections: bool = True) -> QFormerMemory:
         return QFormerMemory.empty(capacity, len(self.encoder.layer), cache_projections)
 
-    def _frame_kv(self, frame: torch.Tensor, memory: QFormerMemory) -> dict[int, tuple]:
-        """Per cross-attention layer: keys/values over [visual bank; frame], each [1, S, H],
-        plus the frame's own projections (to store in the bank when caching)."""
-        bank, cache = memory.visual, memory.cache_projections
-        out = {}
-        for i in self.cross_layers:
-            attn = self.encoder.layer[i].crossattention.attention
-            k_cur, v_cur = attn.key(frame), attn.value(frame)  # [1, P, H]
-            k, v = k_cur, v_cur
-            if len(bank):
-                if cache:
-                    k_mem, v_mem = bank.extras[f"k{i}"], bank.extras[f"v{i}"]  # [1, T, P, H]
-                else:
-                    k_mem, v_mem = attn.key(bank.features), attn.value(bank.features)
-                k = torch.cat([k_mem.flatten(1, 2), k_cur], dim=1)
-                v = torch.cat([v_mem.flatten(1, 2), v_cur], dim=1)
-            out[i] = (k, v, k_cur, v_cur)
+    def _push_frame(self, frame: torch.Tensor, memory: QFormerMemory) -> dict[int, tuple]:
+        """Add the frame to the visual bank; per cross-attention layer, keys/values over the
+        whole bank, current frame included, each [1, S, H]."""
+        bank, out = memory.visual, {}
+        if memory.cache_projections:
+            extras = {}
+            for i in self.cross_layers:
+                attn = self.encoder.layer[i].crossattention.attention
+                extras[f"k{i}"], extras[f"v{i}"] = attn.key(frame), attn.value(frame)  # [1, P, H]
+            bank.push(frame, **extras)
+            for i in self.cross_layers:
+                out[i] = (bank.slots(f"k{i}").flatten(1, 2), bank.slots(f"v{i}").flatten(1, 2))
+        else:
+            bank.push(frame)
+            entries = bank.slots().flatten(1, 2)
+            for i in self.cross_layers:
+                attn = self.encoder.layer[i].crossattention.attention
+                out[i] = (attn.key(entries), attn.value(entries))
         return out
 
     def step(
@@ -239,21 +236,14 @@ class MemoryQFormer(nn.Module):
         if frame.dim() != 3 or frame.shape[0] != 1:
             raise ValueError(f"step takes one frame's features [1, P, C], got {tuple(frame.shape)}")
         query_length = self.num_query_tokens
-        frame_kv = self._frame_kv(frame, memory)
+        frame_kv = self._push_frame(frame, memory)
         hidden = embeddings
         for i, layer in enumerate(self.encoder.layer):
             hidden = layer.self_attention(hidden, key_mask, memory.query[i], memory.cache_projections)
             if layer.has_cross_attention:
-                k, v, _, _ = frame_kv[i]
-                queries = layer.cross_attention(hidden[:, :query_length], (k, v))
+                queries = layer.cross_attention(hidden[:, :query_length], frame_kv[i])
                 hidden = torch.cat([queries, hidden[:, query_length:]], dim=1)
             hidden = layer.feed_forward(hidden, query_length)
-        if memory.cache_projections:
-            extras = {}
-            for i, (_, _, k_cur, v_cur) in frame_kv.items():
-                extras[f"k{i}"], extras[f"v{i}"] = k_cur, v_cur
-            memory.visual.append(frame, **extras)
-        else:
-            memory.visual.append(frame)
+        memory.visual.settle()
         memory.frames += 1
         return hidden

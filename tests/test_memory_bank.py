@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.memory_bank import MemoryBank, compress, merge_plan
+from models.memory_bank import MemoryBank, compress, merge, merge_plan
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -62,7 +62,7 @@ def test_bank_invariants_over_a_long_stream(capacity):
         # Merging by count-weighted means keeps the count-weighted sum: it is the sum of all frames.
         torch.testing.assert_close((bank.counts[..., None] * bank.features).sum(dim=1), total)
         # A cached affine projection merged with the same decisions equals the projection of the merged bank.
-        torch.testing.assert_close(bank.extras["proj"], bank.features @ W + bias)
+        torch.testing.assert_close(bank.extra("proj"), bank.features @ W + bias)
     status = bank.status()
     assert status.length == capacity and status.frames_seen == 30
     assert status.compressions == 30 - capacity
@@ -111,3 +111,46 @@ def test_compress_needs_two_slots_and_rejects_negative_capacity():
 def test_bf16_bank_picks_pairs_in_float32():
     x = torch.randn(1, 5, 6, 16, generator=torch.Generator().manual_seed(5))
     assert torch.equal(merge_plan(x.bfloat16()), merge_plan(x.bfloat16().float()))
+
+
+@pytest.mark.parametrize("capacity", [1, 2, 3, 7])
+def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity):
+    """The in-place bank (physical slots, cached similarities) against the definition."""
+    gen = torch.Generator().manual_seed(100 + capacity)
+    bank = MemoryBank(capacity)
+    B, N, C = 2, 9, 5
+    ref_x = ref_k = ref_p = None
+    W = torch.randn(C, 3, generator=gen, dtype=torch.float64)
+    for t in range(25):
+        # A drifting stream, with exact repeats now and then (ties resolve to the earliest pair).
+        f = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
+        if t % 6 == 5:
+            f = ref_x[:, -1].clone()
+        bank.append(f, proj=f @ W)
+        x1, k1, p1 = f[:, None], torch.ones(B, 1, N, dtype=torch.long), (f @ W)[:, None]
+        ref_x = x1 if ref_x is None else torch.cat([ref_x, x1], 1)
+        ref_k = k1 if ref_k is None else torch.cat([ref_k, k1], 1)
+        ref_p = p1 if ref_p is None else torch.cat([ref_p, p1], 1)
+        while ref_x.shape[1] > capacity:
+            plan = merge_plan(ref_x)
+            ref_p = merge(ref_p, ref_k, plan)
+            ref_x, ref_k = compress(ref_x, ref_k)
+        torch.testing.assert_close(bank.features, ref_x)
+        assert torch.equal(bank.counts, ref_k)
+        torch.testing.assert_close(bank.extra("proj"), ref_p)
+        # slots() holds the same entries (in physical order): same multiset per position.
+        phys = bank.slots()
+        assert phys.shape[1] == len(bank)
+        torch.testing.assert_close(phys.sort(dim=1).values, ref_x.sort(dim=1).values)
+
+
+def test_push_attend_settle_sees_the_current_entry_then_drops_to_capacity():
+    bank = MemoryBank(2)
+    for _ in range(3):
+        bank.push(torch.randn(1, 4, 3))
+        assert len(bank) == bank.slots().shape[1] <= 3
+        bank.settle()
+        assert len(bank) <= 2
+    with pytest.raises(RuntimeError, match="push before settle"):
+        bank.push(torch.randn(1, 4, 3))
+        bank.push(torch.randn(1, 4, 3))
