@@ -13,7 +13,7 @@ video stream keeps, and produces exactly the same sequence of banks, faster:
 - Attention does not care about slot order, only MBC does. So entries stay in the physical
   slot they were written to; a small per-position index (``order``) records temporal order.
   A merge writes one slot and frees its partner, where the next frame goes. Per frame this
-  moves a few slots of data instead of rewriting the whole bank (the features plus every
+  moves three slots of data instead of rewriting the whole bank (the features plus every
   cached key/value tensor: hundreds of MB at ViT-g size).
 - Adjacent-pair similarities are cached; a merge changes only the two pairs around it.
 - Key/value projections are affine, so the projection of a count-weighted mean is the
@@ -101,18 +101,19 @@ class BankStatus:
     slot_spans: tuple[tuple[int, int], ...]
 
 
-def _take(buf: torch.Tensor, phys: torch.Tensor) -> torch.Tensor:
-    """buf [B, S, N, *D] at physical slot phys[b, i] for every (b, i) -> [B, N, *D]."""
-    B, N = phys.shape
-    index = phys.view(B, 1, N, *([1] * (buf.dim() - 3))).expand(B, 1, N, *buf.shape[3:])
-    return buf.gather(1, index).squeeze(1)
+def _take(buf: torch.Tensor, where: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """buf [B, S, N, *D] at physical slot phys[b, i] for every (b, i) -> [B, N, *D].
+
+    ``where`` is (batch index, phys, position index), each [B, N]: advanced indexing copies
+    whole rows of D, several times faster than gather/scatter with an expanded index
+    (and bf16 scatter is not vectorized at all on CPU).
+    """
+    return buf[where]
 
 
-def _put(buf: torch.Tensor, phys: torch.Tensor, value: torch.Tensor) -> None:
+def _put(buf: torch.Tensor, where: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
     """buf[b, phys[b, i], i] = value[b, i] for every (b, i), in place."""
-    B, N = phys.shape
-    index = phys.view(B, 1, N, *([1] * (buf.dim() - 3))).expand(B, 1, N, *buf.shape[3:])
-    buf.scatter_(1, index, value.unsqueeze(1).to(buf.dtype))
+    buf[where] = value.to(buf.dtype)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,11 @@ class MemoryBank:
         self._order = torch.arange(S, device=dev).view(1, S, 1).repeat(B, 1, N)
         self._sims = torch.zeros(B, max(S - 1, 1), N, dtype=torch.float32, device=dev)
         self._free = torch.zeros(B, N, dtype=torch.long, device=dev)
+        self._batch = torch.arange(B, device=dev).view(B, 1).expand(B, N)
+        self._position = torch.arange(N, device=dev).view(1, N).expand(B, N)
+
+    def _at(self, phys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self._batch, phys, self._position)
 
     def push(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
         """Add the current time step: features [B, N, C], each extra [B, N, *D]."""
@@ -164,25 +170,29 @@ class MemoryBank:
             raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self._extras)}")
         if self.length > self.capacity:
             raise RuntimeError("push before settle: the bank is already over capacity")
-        t, free = self.length, self._free
-        _put(self._features, free, features)
+        t, at = self.length, self._at(self._free)
+        _put(self._features, at, features)
         for name, value in extras.items():
-            _put(self._extras[name], free, value)
-        _put(self._counts, free, torch.ones_like(free))
-        self._order[:, t] = free
+            _put(self._extras[name], at, value)
+        _put(self._counts, at, torch.ones_like(self._free))
+        self._order[:, t] = self._free
         if t > 0:
-            self._sims[:, t - 1] = _cos(_take(self._features, self._order[:, t - 1]), features)
+            self._sims[:, t - 1] = _cos(_take(self._features, self._at(self._order[:, t - 1])), features)
         self.length += 1
         self.frames_seen += 1
-        # Until the first merge, entries fill slots 0, 1, 2, ... at every position.
-        self._free = torch.full_like(free, self.length) if self.length <= self.capacity else free
+        # Until the first merge entries fill slots 0, 1, 2, ...; after it, the bank is full
+        # right after each push, and each merge frees the slot the next push takes.
+        if self.length <= self.capacity:
+            self._free = torch.full_like(self._free, self.length)
 
     def slots(self, name: str | None = None) -> torch.Tensor:
-        """Every valid entry (features, or the named extra) in physical order: [B, L, N, *D].
+        """Every entry (features, or the named extra), physical order: [B, L, N, *D]. A view.
 
-        Entries always occupy physical slots 0..length-1 (a merge frees a slot that the next
-        push refills), so this is a view, not a copy.
+        Valid between :meth:`push` and :meth:`settle`: then the entries fill slots
+        0..L-1 (in order while the bank fills up; all M+1 slots once it is full).
         """
+        if self.length and self.length <= self.capacity and self.compressions:
+            raise RuntimeError("slots() is read between push() and settle()")
         buf = self._features if name is None else self._extras[name]
         return buf[:, : self.length]
 
@@ -198,8 +208,9 @@ class MemoryBank:
         L = self.length
         j = self._sims[:, : L - 1].argmax(dim=1)  # [B, N] temporal index of the most similar pair
         order = self._order
-        a = order.gather(1, j.unsqueeze(1)).squeeze(1)  # physical slots of the pair
-        b = order.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
+        a = self._at(order.gather(1, j.unsqueeze(1)).squeeze(1))  # physical slots of the pair
+        b_phys = order.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
+        b = self._at(b_phys)
         k_a, k_b = _take(self._counts, a), _take(self._counts, b)  # [B, N]
         for buf in (self._features, *self._extras.values()):
             w_a = k_a.to(buf.dtype).view(*k_a.shape, *([1] * (buf.dim() - 3)))
@@ -214,31 +225,17 @@ class MemoryBank:
             p = torch.arange(L - 2, device=j.device).view(1, L - 2, 1)
             self._sims[:, : L - 2] = self._sims[:, : L - 1].gather(1, p + (p >= (j + 1).unsqueeze(1)).long())
             merged = _take(self._features, a)
-            before = self._order.gather(1, (j - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-            after = self._order.gather(1, (j + 1).clamp(max=L - 2).unsqueeze(1)).squeeze(1)
+            prev_t, next_t = (j - 1).clamp(min=0), (j + 1).clamp(max=L - 2)
+            before = _take(self._features, self._at(self._order.gather(1, prev_t.unsqueeze(1)).squeeze(1)))
+            after = _take(self._features, self._at(self._order.gather(1, next_t.unsqueeze(1)).squeeze(1)))
             jj = j.unsqueeze(1)
-            self._sims.scatter_(1, (j - 1).clamp(min=0).unsqueeze(1),
-                                torch.where(jj > 0, _cos(_take(self._features, before), merged).unsqueeze(1),
-                                            self._sims.gather(1, (j - 1).clamp(min=0).unsqueeze(1))))
-            self._sims.scatter_(1, j.clamp(max=L - 3).unsqueeze(1),
-                                torch.where(jj < L - 2, _cos(merged, _take(self._features, after)).unsqueeze(1),
-                                            self._sims.gather(1, j.clamp(max=L - 3).unsqueeze(1))))
-        # The freed slot is refilled by the next push. Keep entries in slots 0..L-2 by
-        # moving the entry in the last slot (L-1) into it, so slots() stays a prefix view.
-        self._relocate_last(b, L - 1)
+            pair = prev_t.unsqueeze(1)  # pair (j-1, merged), if j > 0
+            self._sims.scatter_(1, pair, torch.where(jj > 0, _cos(before, merged).unsqueeze(1), self._sims.gather(1, pair)))
+            pair = j.clamp(max=L - 3).unsqueeze(1)  # pair (merged, j+1), if there is an entry after it
+            self._sims.scatter_(1, pair, torch.where(jj < L - 2, _cos(merged, after).unsqueeze(1), self._sims.gather(1, pair)))
+        self._free = b_phys  # the next push writes here
         self.length = L - 1
         self.compressions += 1
-
-    def _relocate_last(self, freed: torch.Tensor, last: int) -> None:
-        """Move, at every position, the entry in physical slot `last` into slot `freed`."""
-        if last == 0:
-            return
-        src = torch.full_like(freed, last)
-        for buf in (self._features, self._counts, *self._extras.values()):
-            _put(buf, freed, _take(buf, src))
-        # The temporal index that pointed at `last` now points at `freed`.
-        self._order[:, : last] = torch.where(self._order[:, : last] == last, freed.unsqueeze(1), self._order[:, : last])
-        self._free = src
 
     # ---- temporal-order views (status, tests) ----------------------------------------
 

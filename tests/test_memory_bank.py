@@ -126,7 +126,13 @@ def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity):
         f = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
         if t % 6 == 5:
             f = ref_x[:, -1].clone()
-        bank.append(f, proj=f @ W)
+        bank.push(f, proj=f @ W)
+        # Between push and settle, slots() holds every entry (physical order): per position,
+        # the same set as the temporal view.
+        phys = bank.slots()
+        assert phys.shape[1] == len(bank)
+        torch.testing.assert_close(phys.sort(dim=1).values, bank.features.sort(dim=1).values)
+        bank.settle()
         x1, k1, p1 = f[:, None], torch.ones(B, 1, N, dtype=torch.long), (f @ W)[:, None]
         ref_x = x1 if ref_x is None else torch.cat([ref_x, x1], 1)
         ref_k = k1 if ref_k is None else torch.cat([ref_k, k1], 1)
@@ -138,10 +144,6 @@ def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity):
         torch.testing.assert_close(bank.features, ref_x)
         assert torch.equal(bank.counts, ref_k)
         torch.testing.assert_close(bank.extra("proj"), ref_p)
-        # slots() holds the same entries (in physical order): same multiset per position.
-        phys = bank.slots()
-        assert phys.shape[1] == len(bank)
-        torch.testing.assert_close(phys.sort(dim=1).values, ref_x.sort(dim=1).values)
 
 
 def test_push_attend_settle_sees_the_current_entry_then_drops_to_capacity():
@@ -151,6 +153,8 @@ def test_push_attend_settle_sees_the_current_entry_then_drops_to_capacity():
         assert len(bank) == bank.slots().shape[1] <= 3
         bank.settle()
         assert len(bank) <= 2
+    with pytest.raises(RuntimeError, match="between push"):
+        bank.slots()  # after settle the bank has a free slot: nothing to attend over
     with pytest.raises(RuntimeError, match="push before settle"):
         bank.push(torch.randn(1, 4, 3))
         bank.push(torch.randn(1, 4, 3))
