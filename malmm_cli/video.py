@@ -1,0 +1,682 @@
+"""Video frames for the model: probe, sampling plan, chunked background decoding, preprocessing.
+
+decord reads the video. Every sampled frame carries its presentation time (seconds) from
+the stream, so variable frame rates and 29.97 fps come out right. Frames arrive in chunks
+from background threads through bounded queues, so memory does not grow with the video.
+torch is imported only by `preprocess`, so the CLI can show --help without it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from malmm_cli.errors import UsageError, VideoError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("malmm")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+STALL_TIMEOUT_S = 600.0  # no chunk for this long means the decoder is stuck: give up, never hang
+MAX_CHUNK_BYTES = 128 * 2**20  # caps frames per chunk for 4K/8K sources (16 x 4K would be 400 MB)
+MAX_DAMAGED_REGIONS = 16  # after this many undecodable regions the rest of the file is skipped
+_JOIN_TIMEOUT_S = 5.0
+_POLL_S = 0.2
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a video is, known before decoding starts. Times in seconds.
+
+    `frame_times` holds each frame's presentation time (decord's pts, display order) and
+    `key_frames` the keyframe indices; both are None only for a VideoInfo built by hand,
+    in which case a constant frame rate is assumed.
+    """
+
+    path: Path
+    duration: float
+    fps: float
+    frame_count: int
+    width: int
+    height: int
+    frame_times: np.ndarray | None = field(default=None, repr=False, compare=False)
+    key_frames: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def times(self) -> np.ndarray:
+        if self.frame_times is not None:
+            return self.frame_times
+        return np.arange(self.frame_count, dtype=np.float64) / self.fps
+
+    def keys(self) -> np.ndarray:
+        return self.key_frames if self.key_frames is not None else np.zeros(1, dtype=np.int64)
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Duration, fps, frame count, size and frame times of a video (decodes one frame).
+
+    Raises VideoError with one sentence for anything that is not a readable video.
+    """
+    path = Path(path)
+    reader = _open_reader(path)
+    count = len(reader)
+    try:
+        stamps = reader.get_frame_timestamp(np.arange(count))
+    except IndexError:  # header frame count above the packets decord indexed: trust the packets
+        stamps = reader._frame_pts  # filled by the call above before it indexed
+    count = min(count, len(stamps))
+    if count == 0:
+        raise VideoError(f"{path} has a video stream with no frames.")
+    fps = float(reader.get_avg_fps())
+    # decord's times are float32: round away the conversion noise (0.36000001 -> 0.36)
+    starts = np.round(np.asarray(stamps[:count, 0], dtype=np.float64), 6)
+    duration = round(float(stamps[count - 1, 1]), 6)
+    if not _plausible_times(starts, duration):
+        # e.g. AVI with B-frames: no pts in the container, decord returns garbage
+        log.warning("%s has no usable frame timestamps; assuming a constant %.3f fps", path, fps)
+        starts = np.arange(count, dtype=np.float64) / fps
+        duration = count / fps
+    height, width = _first_frame_shape(reader, path)
+    keys = np.asarray(reader.get_key_indices() or [0], dtype=np.int64)
+    if not math.isfinite(fps) or fps <= 0:
+        fps = count / duration if duration > 0 else 1.0
+    return VideoInfo(path, max(duration, 0.0), fps, count, width, height, starts, keys)
+
+
+def _plausible_times(starts: np.ndarray, duration: float) -> bool:
+    return bool(
+        np.all(np.isfinite(starts)) and math.isfinite(duration) and starts[0] > -1.0
+        and np.all(np.diff(starts) >= 0) and duration >= starts[-1]
+    )
+
+
+def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int]:
+    """Frame size. decord exposes it only through a decoded frame, so decode one: the first,
+    or failing that a later keyframe (a damaged opening need not make the video unusable)."""
+    import decord
+
+    keys = reader.get_key_indices() or [0]
+    error: BaseException | None = None
+    for index in dict.fromkeys([0, keys[len(keys) // 2], keys[-1]]):
+        try:
+            frame = reader.get_batch([index]).asnumpy()
+            return int(frame.shape[1]), int(frame.shape[2])
+        except (decord.DECORDError, RuntimeError) as e:
+            error = e
+    raise VideoError(f"{path} cannot be decoded: none of the frames tried could be read ({_decord_msg(error)}).")
+
+
+def _open_reader(path: Path, num_threads: int = 0) -> Any:
+    """A decord VideoReader, or VideoError naming the file and what is wrong with it."""
+    _check_file(path)
+    import decord
+
+    decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would bypass ours
+    try:
+        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
+    except (decord.DECORDError, RuntimeError, AssertionError) as e:
+        raise VideoError(_open_error(path, e)) from None
+
+
+def _check_file(path: Path) -> None:
+    """Cheap checks first: they give better sentences than FFmpeg's, without its stderr noise."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except FileNotFoundError:
+        raise VideoError(f"{path} does not exist.") from None
+    except IsADirectoryError:
+        raise VideoError(f"{path} is a folder, not a video file.") from None
+    except OSError as e:
+        raise VideoError(f"{path} cannot be read ({e.strerror or type(e).__name__}).") from None
+    if size == 0:
+        raise VideoError(f"{path} is empty (0 bytes), not a video.")
+    if _looks_like_text(head):
+        raise VideoError(f"{path} is a text file, not a video.")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if b"\0" in head:  # every video container has NUL bytes in its first 512 bytes
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # a multi-byte character cut at the end is still text
+    return True
+
+
+def _open_error(path: Path, e: BaseException) -> str:
+    msg = _decord_msg(e)
+    if "cannot find video stream" in msg:
+        if _mentions_av1(path):
+            return f"{path} is AV1 video, which decord's FFmpeg cannot decode; re-encode it to H.264."
+        return f"{path} has no video stream (audio-only, or not a video)."
+    if "frame count" in msg.lower():
+        return f"{path} has a video stream with no frames."
+    if "buffer source" in msg:
+        return f"{path} has a video stream, but none of its frames can be decoded (corrupt or unsupported codec)."
+    if "av_read_frame" in msg:
+        return f"{path} is truncated or corrupt (reading its packets failed)."
+    if _has_container_signature(path):
+        return f"{path} cannot be opened as a video: the file is truncated or corrupt."
+    return f"{path} is not a video file (its format is not recognised)."
+
+
+def _decord_msg(e: BaseException) -> str:
+    """decord's message without its '[time] /path/file.cc:123:' prefixes."""
+    import re
+
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ", "", str(e))
+    return " ".join(text.split())[:300] or type(e).__name__
+
+
+def _has_container_signature(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return (
+        head[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip")  # MP4/MOV
+        or head.startswith((b"\x1a\x45\xdf\xa3", b"RIFF", b"FLV", b"OggS", b"\x00\x00\x01\xba"))
+        or head.startswith(b"\x30\x26\xb2\x75")  # ASF/WMV
+        or head[:1] == b"\x47"  # MPEG-TS sync byte
+    )
+
+
+def _mentions_av1(path: Path) -> bool:
+    """AV1 sample entry (MP4 'av01') or codec id (Matroska 'V_AV1') near either end of the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+    return any(m in part for part in (head, tail) for m in (b"av01", b"V_AV1"))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class _DefaultFps(float):
+    """The default rate, told apart from an explicit fps=1.0 so num_frames alone just works."""
+
+
+DEFAULT_FPS = _DefaultFps(1.0)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Which frames to read: source frame indices and their presentation times (seconds).
+
+    `fps` is the requested rate (None when `num_frames` was asked); `num_frames` is how
+    many distinct frames the plan holds.
+    """
+
+    indices: np.ndarray
+    timestamps: np.ndarray
+    start: float
+    end: float
+    fps: float | None
+    num_frames: int
+
+
+def plan_sampling(
+    info: VideoInfo,
+    *,
+    fps: float | None = DEFAULT_FPS,
+    num_frames: int | None = None,
+    start: float | None = None,
+    end: float | None = None,
+) -> Sampling:
+    """Sample at `fps` over [start, end), or `num_frames` spread uniformly over it (paper style).
+
+    Passing num_frames alone replaces the default fps; passing both is an error.
+    At each sample time t the frame on screen is taken: the last frame whose presentation
+    time is <= t. Uniform sampling uses t_k = start + k * (end - start) / T, the time-based
+    form of MA-LMM's `np.arange(0, vlen, vlen / T)`. A frame picked twice (fps above the
+    video's own) is kept once, so the plan may hold fewer frames than sample times.
+    """
+    if num_frames is not None and fps is DEFAULT_FPS:
+        fps = None
+    if (fps is None) == (num_frames is None):
+        raise UsageError("Give exactly one of fps or num_frames.")
+    fps = None if fps is None else float(fps)
+    if fps is not None and not (math.isfinite(fps) and fps > 0):
+        raise UsageError(f"The sampling rate must be a positive number of frames per second, not {fps}.")
+    if num_frames is not None and (int(num_frames) != num_frames or num_frames < 1):
+        raise UsageError(f"The number of frames must be a positive integer, not {num_frames}.")
+    t0, t1 = _check_range(info, start, end)
+    if fps is not None:
+        # the 1e-9 keeps a sample exactly at `end` out of the half-open range despite rounding
+        n = max(1, math.ceil((t1 - t0) * fps - 1e-9))
+        times = t0 + np.arange(n, dtype=np.float64) / fps
+    else:
+        times = t0 + np.arange(int(num_frames), dtype=np.float64) * ((t1 - t0) / int(num_frames))
+    frame_times = info.times()
+    idx = np.clip(np.searchsorted(frame_times, times, side="right") - 1, 0, len(frame_times) - 1)
+    keep = np.concatenate([[True], idx[1:] != idx[:-1]])
+    idx = idx[keep].astype(np.int64)
+    return Sampling(idx, frame_times[idx].astype(np.float64), t0, t1, fps, len(idx))
+
+
+def _check_range(info: VideoInfo, start: float | None, end: float | None) -> tuple[float, float]:
+    name, dur = info.path, info.duration
+    t0 = 0.0 if start is None else float(start)
+    t1 = dur if end is None else float(end)
+    if not (math.isfinite(t0) and math.isfinite(t1)):
+        raise UsageError("start and end must be finite numbers of seconds.")
+    if t0 < 0:
+        raise UsageError(f"start ({t0:g} s) must not be negative.")
+    if end is not None and t1 <= t0:
+        raise UsageError(f"end ({t1:g} s) must be after start ({t0:g} s).")
+    if t0 >= dur:
+        raise VideoError(f"start ({t0:g} s) is at or after the end of {name}, which lasts {dur:.3f} s.")
+    if t1 > dur + 1e-6:
+        raise VideoError(f"end ({t1:g} s) is after the end of {name}, which lasts {dur:.3f} s.")
+    return t0, t1
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """Consecutive sampled frames: source indices, presentation times (s), uint8 RGB [n, H, W, 3]."""
+
+    indices: np.ndarray
+    timestamps: np.ndarray
+    frames: np.ndarray
+
+
+def stream_frames(
+    path: str | os.PathLike,
+    sampling: Sampling,
+    *,
+    info: VideoInfo | None = None,
+    chunk_size: int = 16,
+    prefetch: int = 2,
+    workers: int | None = None,
+) -> FrameStream:
+    """Decode the planned frames in order, in chunks of at most `chunk_size`, ahead of the reader.
+
+    At most `prefetch` decoded chunks wait (per decoder thread, at least one). `workers`
+    decoder threads (default: one per CPU, at most 2) take turns over keyframe-aligned runs
+    of the plan, so decoding is not limited to one core. Chunks of large frames are smaller
+    (MAX_CHUNK_BYTES), so memory stays bounded whatever the resolution.
+    """
+    if int(chunk_size) < 1 or int(prefetch) < 1:
+        raise UsageError("chunk_size and prefetch must be at least 1.")
+    path = Path(path)
+    info = info if info is not None else probe(path)
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    return FrameStream(path, sampling, info, int(chunk_size), int(prefetch), max(1, int(workers)))
+
+
+class FrameStream:
+    """Iterable of FrameChunk (once), decoded by background threads; a context manager.
+
+    Breaking out, an exception or KeyboardInterrupt in the consumer stops the threads (close).
+    `warnings` lists, one sentence each, damaged regions that were skipped; those frames
+    are missing from the chunks and everything decoded around them is still delivered.
+    """
+
+    def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk_size: int,
+                 prefetch: int, workers: int):
+        self.info = info
+        self.sampling = sampling
+        self.warnings: list[str] = []
+        frame_bytes = max(1, info.width * info.height * 3)
+        chunk = max(1, min(chunk_size, MAX_CHUNK_BYTES // frame_bytes))
+        self._decoder = _Decoder(path, sampling, info, chunk, workers, prefetch)
+        self._started = False
+
+    def __iter__(self) -> Iterator[FrameChunk]:
+        if self._started:
+            raise RuntimeError("A FrameStream can be iterated only once.")
+        self._started = True
+        return self._iterate()
+
+    def __enter__(self) -> FrameStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        decoder = getattr(self, "_decoder", None)
+        if decoder is not None:
+            decoder.stop.set()
+
+    def close(self) -> None:
+        """Stop the decoder threads and drop what they queued; safe to call twice."""
+        self._decoder.shutdown()
+
+    def _iterate(self) -> Iterator[FrameChunk]:
+        d = self._decoder
+        d.start()
+        delivered = 0
+        try:
+            for unit in range(len(d.units)):
+                worker = unit % d.workers
+                while (item := d.get(worker)) is not _UNIT_END:
+                    if item is _STOP:
+                        break
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    if isinstance(item, _Warning):
+                        self.warnings.append(item.message)
+                        log.warning("%s", item.message)
+                        continue
+                    delivered += len(item.indices)
+                    yield item
+                if item is _STOP:
+                    break
+            if delivered == 0 and self.warnings:
+                raise VideoError(f"{d.path} is corrupt: none of the sampled frames could be decoded.")
+        finally:
+            self.close()
+
+
+_UNIT_END = object()  # a worker finished one run of the plan
+_STOP = object()  # a worker gave up on the rest of the file (too many damaged regions)
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class _Warning:
+    message: str
+
+
+class _GiveUp(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Decoder:
+    """State shared by the decoder threads. Holds no reference to the FrameStream, so an
+    abandoned stream is garbage-collected and its __del__ stops the threads."""
+
+    def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk: int,
+                 workers: int, prefetch: int):
+        self.path, self.chunk = path, chunk
+        self.indices, self.times = sampling.indices, sampling.timestamps
+        self.keys = info.keys()
+        # Runs of >= 8 chunks: a worker's first and last chunk of a run can be short, so
+        # long runs keep nearly all chunks full; one worker reads the plan as a single run.
+        self.units = _plan_units(self.indices, self.keys, 8 * chunk if workers > 1 else len(self.indices))
+        self.workers = max(1, min(workers, len(self.units)))
+        # One decoder thread already keeps a core busy; FFmpeg threads on top only contend.
+        self.num_threads = 0 if self.workers == 1 else 1
+        self.queues = [queue.Queue(maxsize=max(1, prefetch // self.workers)) for _ in range(self.workers)]
+        self.threads: list[threading.Thread] = []
+        self.stop = threading.Event()
+        self.damaged = 0
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        for w in range(self.workers):
+            t = threading.Thread(target=self.run, args=(w,), name=f"malmm-decode-{w}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for q in self.queues:
+            _drain(q)
+        for t in self.threads:
+            if t is not threading.current_thread():
+                t.join(timeout=_JOIN_TIMEOUT_S)
+                if t.is_alive():  # stuck inside decord; it is a daemon and exits with the process
+                    log.debug("decoder thread %s did not stop within %.0f s", t.name, _JOIN_TIMEOUT_S)
+        for q in self.queues:
+            _drain(q)
+
+    def get(self, worker: int) -> Any:
+        """Next item from one worker's queue; VideoError if the worker died or stalled."""
+        q, deadline = self.queues[worker], time.monotonic() + STALL_TIMEOUT_S
+        while True:
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.threads[worker].is_alive() and q.empty():
+                    raise VideoError(f"Decoding {self.path} stopped unexpectedly.") from None
+                if time.monotonic() > deadline:
+                    raise VideoError(f"Decoding {self.path} stalled for {STALL_TIMEOUT_S:g} s; giving up.") from None
+
+    def put(self, worker: int, item: Any) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queues[worker].put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def run(self, worker: int) -> None:
+        """Thread body: decode this worker's runs of the plan (units w, w+W, ...) in order."""
+        try:
+            reader = None
+            mine = list(range(worker, len(self.units), self.workers))
+            for k, unit in enumerate(mine):
+                after = self.units[mine[k + 1]][0] if k + 1 < len(mine) else None
+                reader = self.decode_unit(worker, *self.units[unit], reader, after)
+                self.put(worker, _UNIT_END)
+        except _Stopped:
+            return
+        except _GiveUp:
+            self._final(worker, _STOP)
+        except BaseException as e:  # delivered to the consumer, which re-raises it
+            self._final(worker, _Failure(e))
+
+    def _final(self, worker: int, item: Any) -> None:
+        try:
+            self.put(worker, item)
+        except _Stopped:
+            pass
+
+    def decode_unit(self, worker: int, lo: int, hi: int, reader: Any, after: int | None) -> Any:
+        """Decode plan positions [lo, hi) in chunks; `after` is where this worker goes next."""
+        import decord
+
+        p = lo
+        while p < hi:
+            if self.stop.is_set():
+                raise _Stopped
+            if reader is None:
+                reader = _open_reader(self.path, self.num_threads)
+            q = min(p + self.chunk, hi)
+            try:
+                frames = reader.get_batch(self.indices[p:q]).asnumpy()
+            except (decord.DECORDError, RuntimeError) as e:
+                reader = None  # after a decoder error decord may return wrong frames: reopen
+                p = self.recover(worker, p, q, hi, e)
+                continue
+            nxt = q if q < hi else after
+            if self.queues[worker].full() or (nxt is not None and self.new_gop(self.indices[q - 1], nxt)):
+                reader = self.park(reader, nxt)
+            self.put(worker, self.chunk_of(p, q, frames))
+            p = q
+        return reader
+
+    def new_gop(self, last: int, position: int) -> bool:
+        """True if plan position `position` lies in a later keyframe interval than frame `last`."""
+        k = np.searchsorted(self.keys, [last, self.indices[position]], side="right")
+        return bool(k[1] > k[0])
+
+    def park(self, reader: Any, position: int | None) -> Any:
+        """Seek the reader to the keyframe it needs next, dropping what decord read ahead.
+
+        decord's decoder thread goes on decoding every packet it has read ahead into an
+        unbounded queue (it grew to 1.8 GB on a 2-minute 720p clip while a slow consumer
+        held us up). The seek (exact, to a keyframe) drops that queue. It is free when the
+        next frame is in a later keyframe interval (decord would seek there anyway) and
+        costs up to one interval of decoding again otherwise, which is paid only when the
+        queue is full, i.e. when decoding is ahead of the consumer."""
+        import decord
+
+        if position is None:
+            return None
+        key = self.keys[max(0, int(np.searchsorted(self.keys, self.indices[position], side="right")) - 1)]
+        try:
+            reader.seek(int(key))
+        except (decord.DECORDError, RuntimeError):
+            return None  # reopened when needed
+        return reader
+
+    def recover(self, worker: int, p: int, q: int, hi: int, error: BaseException) -> int:
+        """After a decode error in plan positions [p, q): deliver what still decodes of them
+        (fresh reader, frame by frame), skip the damage, return the position to go on from."""
+        import decord
+
+        reader = _open_reader(self.path, self.num_threads)
+        good: list[np.ndarray] = []
+        for j in range(p, q):
+            try:
+                good.append(reader.get_batch([int(self.indices[j])]).asnumpy()[0])
+            except (decord.DECORDError, RuntimeError):
+                break
+        if good:
+            self.put(worker, self.chunk_of(p, p + len(good), np.stack(good)))
+        bad = p + len(good)
+        if bad == q:
+            return q
+        resume = self.skip_damage(bad, hi)
+        self.damage(worker, bad, resume, error)
+        return resume
+
+    def skip_damage(self, bad: int, hi: int) -> int:
+        """First plan position after `bad` that decodes again, trying the keyframe 1, 2, 4, ...
+        intervals further on. decord's decoder reads ahead, so an error can surface well before
+        the damage and its extent is unknown; doubling keeps the reopen count logarithmic."""
+        import decord
+
+        pos, step = bad, 1
+        while True:
+            later = self.keys[self.keys > self.indices[pos]]
+            if len(later) < step:
+                return hi
+            resume = int(np.searchsorted(self.indices, later[step - 1]))
+            if resume >= hi:
+                return hi
+            try:
+                _open_reader(self.path, self.num_threads).get_batch([int(self.indices[resume])])
+                return resume
+            except (decord.DECORDError, RuntimeError):
+                pos, step = resume, step * 2
+
+    def damage(self, worker: int, bad: int, resume: int, error: BaseException) -> None:
+        t_bad = float(self.times[bad])
+        until = f"to {self.times[resume]:.2f} s" if resume < len(self.indices) else "the rest of the video"
+        with self.lock:
+            self.damaged += 1
+            give_up = self.damaged > MAX_DAMAGED_REGIONS
+        if give_up:
+            msg = f"{self.path}: too many damaged regions; stopped decoding at {t_bad:.2f} s."
+        else:
+            msg = f"{self.path}: corrupt data near {t_bad:.2f} s could not be decoded; skipped {until}."
+        log.debug("decord error for %s: %s", self.path, _decord_msg(error))
+        self.put(worker, _Warning(msg))  # in band, so warnings arrive in video order
+        if give_up:
+            raise _GiveUp
+
+    def chunk_of(self, p: int, q: int, frames: np.ndarray) -> FrameChunk:
+        return FrameChunk(self.indices[p:q].copy(), self.times[p:q].copy(), frames)
+
+
+def _plan_units(indices: np.ndarray, keys: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+    """Split plan positions into runs of >= min_len samples, cut only where a sample opens a new
+    keyframe interval (GOP): a decoder starting a run then never decodes frames another
+    decoder already decoded (it seeks straight to the run's keyframe)."""
+    if len(indices) == 0:
+        return []
+    gop = np.searchsorted(keys, indices, side="right")
+    opens = np.flatnonzero(np.concatenate([[True], gop[1:] != gop[:-1]]))
+    starts = [0]
+    for p in opens[1:]:
+        if p - starts[-1] >= min_len:
+            starts.append(int(p))
+    return list(zip(starts, starts[1:] + [len(indices)]))
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+_PREPROCESS_BYTES = 256 * 2**20  # float32 working set per resize call
+
+
+def preprocess(
+    frames: np.ndarray | torch.Tensor,
+    *,
+    size: int = 224,
+    antialias: bool = True,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """uint8 RGB frames [n, H, W, 3] -> model input [n, 3, size, size] (default dtype float32).
+
+    Bicubic resize to size x size (no crop: the aspect ratio is not kept, as in MA-LMM), scale
+    to [0, 1], normalise with CLIP mean/std. Two resize conventions:
+
+    - antialias=True (default): matches Hugging Face's BlipImageProcessor, i.e. PIL bicubic,
+      whose kernel widens when shrinking so a 720p frame is averaged down instead of aliased;
+      rounded to uint8 as PIL does. Chosen as default because the InstructBLIP weights we load
+      come with that processor, and because aliasing turns fine texture into noise at 224 px.
+    - antialias=False: the MA-LMM/LAVIS video pipeline: float bicubic without antialiasing
+      (a = -0.75), then truncated to uint8 before scaling. One deliberate difference: values
+      are clamped to [0, 255] before truncation, where LAVIS's `.to(torch.uint8)` wraps bicubic
+      overshoot around (-2 becomes 254), a bug that only flips pixels next to hard edges.
+
+    Frames are resized in sub-batches so a chunk of 4K frames never needs GBs of float32.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = frames if isinstance(frames, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(frames))
+    if x.ndim == 3:
+        x = x.unsqueeze(0)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 frames [n, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+    dtype = dtype or torch.float32
+    device = torch.device(device) if device is not None else x.device
+    n, h, w, _ = x.shape
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255.0
+    out = torch.empty((n, 3, size, size), dtype=dtype, device=device)
+    step = max(1, _PREPROCESS_BYTES // (h * w * 3 * 4))
+    for i in range(0, n, step):
+        # uint8 travels to the device (4x less transfer than float); the maths happen there
+        part = x[i : i + step].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+        part = F.interpolate(part, size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)
+        part = part.clamp_(0.0, 255.0)
+        part = part.round_() if antialias else part.floor_()
+        out[i : i + step] = ((part - mean) / std).to(dtype)
+    return out

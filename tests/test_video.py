@@ -1,0 +1,484 @@
+"""malmm_cli.video: probe, sampling plans, chunked background decoding, preprocessing, bad input."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from malmm_cli import video
+from malmm_cli.errors import UsageError, VideoError
+from malmm_cli.video import CLIP_MEAN, CLIP_STD, plan_sampling, preprocess, probe, stream_frames
+from tests import media
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """Synthetic index videos: name -> (path, intended pts of every frame)."""
+    d = tmp_path_factory.mktemp("clips")
+    specs = {
+        "cfr25": dict(fps=25, n_frames=150, gop=25),
+        "ntsc": dict(fps=Fraction(30000, 1001), n_frames=180, gop=30),
+        "vfr": dict(fps=25, n_frames=120, vfr=True, gop=20),
+        "vfr_mkv": dict(fps=25, n_frames=60, vfr=True),
+        "faststart": dict(fps=25, n_frames=250, gop=25, faststart=True),
+        "tiny": dict(fps=25, n_frames=5),  # 0.2 s: shorter than one 1 fps interval
+    }
+    out = {}
+    for name, kw in specs.items():
+        path = d / (f"{name}.mkv" if name.endswith("mkv") else f"{name}.mp4")
+        out[name] = (path, media.make_video(path, **kw))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bbb():
+    return media.bigbuckbunny_path()
+
+
+def collect(stream):
+    with stream:
+        chunks = list(stream)
+    if not chunks:
+        return chunks, np.zeros(0, np.int64), np.zeros(0), np.zeros((0, 1, 1, 3), np.uint8)
+    return (chunks, np.concatenate([c.indices for c in chunks]),
+            np.concatenate([c.timestamps for c in chunks]), np.concatenate([c.frames for c in chunks]))
+
+
+def expected_indices(pts: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Reference rule, written independently: the frame on screen at t is the last with pts <= t."""
+    out = []
+    for t in times:
+        on_screen = [i for i, p in enumerate(pts) if p <= t + 1e-9]
+        out.append(on_screen[-1] if on_screen else 0)
+    return np.array(list(dict.fromkeys(out)))
+
+
+def decode_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("malmm-decode")]
+
+
+def assert_sentence(err: BaseException, *needles: str) -> None:
+    msg = str(err)
+    assert "\n" not in msg and msg.endswith("."), msg
+    for needle in needles:
+        assert needle in msg, msg
+
+
+# ----------------------------------------------------------------------------- real clip
+
+
+def test_probe_bigbuckbunny(bbb):
+    info = probe(bbb)
+    assert (info.frame_count, info.width, info.height) == (132, 1280, 720)
+    assert info.fps == pytest.approx(25.0)
+    assert info.duration == pytest.approx(132 / 25, abs=1e-6)
+    np.testing.assert_allclose(info.frame_times, np.arange(132) / 25, atol=1e-6)
+
+
+def test_plan_and_stream_bigbuckbunny(bbb):
+    info = probe(bbb)
+    plan = plan_sampling(info, fps=1.0)
+    np.testing.assert_array_equal(plan.indices, [0, 25, 50, 75, 100, 125])
+    np.testing.assert_allclose(plan.timestamps, [0, 1, 2, 3, 4, 5], atol=1e-6)
+    chunks, idx, ts, frames = collect(stream_frames(bbb, plan, info=info, chunk_size=4))
+    assert [len(c.indices) for c in chunks] == [4, 2]
+    np.testing.assert_array_equal(idx, plan.indices)
+    assert frames.shape == (6, 720, 1280, 3) and frames.dtype == np.uint8
+    x = preprocess(frames)
+    assert x.shape == (6, 3, 224, 224) and x.dtype == torch.float32
+    lo = (0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    hi = (1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+    per_channel = x.permute(1, 0, 2, 3).reshape(3, -1)
+    assert (per_channel.min(1).values >= torch.tensor(lo, dtype=torch.float32) - 1e-5).all()
+    assert (per_channel.max(1).values <= torch.tensor(hi, dtype=torch.float32) + 1e-5).all()
+    assert x.std() > 0.1  # real picture content, not a constant
+
+
+def test_preprocess_antialias_matches_hf_blip_processor(bbb):
+    from transformers import BlipImageProcessor
+    from transformers.utils import logging as hf_logging
+
+    info = probe(bbb)
+    _, _, _, frames = collect(stream_frames(bbb, plan_sampling(info, num_frames=4), info=info))
+    hf_logging.set_verbosity_error()  # "no torchvision, using the PIL backend" is expected here
+    proc = BlipImageProcessor(size={"height": 224, "width": 224}, resample=3, do_convert_rgb=True,
+                              image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
+    ref = torch.as_tensor(np.asarray(proc(list(frames), return_tensors="np")["pixel_values"]))
+    ours = preprocess(frames, antialias=True)
+    assert ours.shape == ref.shape == (4, 3, 224, 224)
+    diff = (ours - ref).abs()
+    # PIL rounds between its two resize passes; one grey level is 1/255/0.26 ~ 0.015 here
+    assert diff.mean() < 0.003, diff.mean()
+    assert diff.max() < 0.05, diff.max()
+
+
+def test_preprocess_no_antialias_matches_reference_formula(bbb):
+    import torch.nn.functional as F
+
+    info = probe(bbb)
+    _, _, _, frames = collect(stream_frames(bbb, plan_sampling(info, num_frames=3), info=info))
+    # The MA-LMM/LAVIS video pipeline: float bicubic, no antialias, truncate to uint8, /255, CLIP norm
+    # (clamped before truncation; see preprocess's docstring for why).
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False)
+    x = x.clamp(0, 255).to(torch.uint8).float() / 255.0
+    ref = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess(frames, antialias=False), ref, atol=1e-5, rtol=0)
+    # and the two conventions really differ on a 1280 -> 224 downscale
+    assert (preprocess(frames, antialias=True) - ref).abs().mean() > 0.01
+
+
+def test_preprocess_accepts_torch_single_frame_and_dtype():
+    frame = torch.full((48, 64, 3), 255, dtype=torch.uint8)
+    out = preprocess(frame, size=32, dtype=torch.bfloat16)
+    assert out.shape == (1, 3, 32, 32) and out.dtype == torch.bfloat16
+    expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
+    torch.testing.assert_close(out[0, :, 5, 5].float(), expected, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError):
+        preprocess(np.zeros((2, 8, 8, 3), dtype=np.float32))
+
+
+# ----------------------------------------------------------------------------- synthetic timing
+
+
+@pytest.mark.parametrize("name", ["cfr25", "ntsc", "vfr", "vfr_mkv"])
+@pytest.mark.parametrize("rate", [1.0, 3.3, 7.0])
+def test_sampled_times_and_content(clips, name, rate):
+    path, pts = clips[name]
+    info = probe(path)
+    np.testing.assert_allclose(info.frame_times, pts, atol=1e-4)
+    plan = plan_sampling(info, fps=rate)
+    sample_times = np.arange(0, info.duration, 1 / rate)
+    np.testing.assert_array_equal(plan.indices, expected_indices(pts, sample_times))
+    _, idx, ts, frames = collect(stream_frames(path, plan, info=info, chunk_size=5))
+    np.testing.assert_array_equal(idx, plan.indices)
+    np.testing.assert_allclose(ts, pts[idx], atol=1e-4)  # true presentation times
+    np.testing.assert_array_equal(media.decode_indices(frames), idx)  # and the pixels are that frame
+
+
+def test_vfr_clip_really_is_variable(clips):
+    pts = probe(clips["vfr"][0]).frame_times
+    steps = np.unique(np.round(np.diff(pts), 4))
+    assert len(steps) == 2 and steps[1] > 2 * steps[0]
+
+
+def test_uniform_num_frames(clips):
+    path, pts = clips["ntsc"]
+    info = probe(path)
+    plan = plan_sampling(info, num_frames=8, start=1.0, end=5.0)
+    times = 1.0 + np.arange(8) * 0.5
+    np.testing.assert_array_equal(plan.indices, expected_indices(pts, times))
+    assert plan.num_frames == 8 and plan.fps is None and (plan.start, plan.end) == (1.0, 5.0)
+    _, idx, _, frames = collect(stream_frames(path, plan, info=info))
+    np.testing.assert_array_equal(media.decode_indices(frames), plan.indices)
+
+
+def test_start_end_window(clips):
+    path, pts = clips["cfr25"]
+    info = probe(path)
+    plan = plan_sampling(info, fps=2.0, start=1.25, end=3.0)
+    assert plan.timestamps[0] <= 1.25 < plan.timestamps[0] + 0.04
+    assert plan.timestamps[-1] < 3.0 and len(plan.indices) == 4  # 1.25, 1.75, 2.25, 2.75
+
+
+def test_rate_above_source_fps_gives_each_frame_once(clips):
+    for name in ("cfr25", "vfr"):
+        path, pts = clips[name]
+        plan = plan_sampling(probe(path), fps=100.0)
+        np.testing.assert_array_equal(plan.indices, np.arange(len(pts)))
+        plan = plan_sampling(probe(path), num_frames=10_000)
+        np.testing.assert_array_equal(plan.indices, np.arange(len(pts)))
+
+
+def test_video_shorter_than_interval_yields_one_frame(clips):
+    path, _ = clips["tiny"]
+    info = probe(path)
+    assert info.duration == pytest.approx(0.2, abs=1e-3)
+    plan = plan_sampling(info, fps=1.0)
+    _, idx, ts, frames = collect(stream_frames(path, plan, info=info))
+    np.testing.assert_array_equal(idx, [0])
+    assert ts[0] == 0.0 and media.decode_indices(frames)[0] == 0
+
+
+def test_bad_sampling_arguments(clips):
+    info = probe(clips["cfr25"][0])  # 6.0 s
+    cases = [
+        (UsageError, dict(fps=1.0, num_frames=4), "exactly one"),
+        (UsageError, dict(fps=None), "exactly one"),
+        (UsageError, dict(fps=1.0, num_frames=3), "exactly one"),
+        (UsageError, dict(fps=0.0), "positive"),
+        (UsageError, dict(fps=None, num_frames=0), "positive integer"),
+        (UsageError, dict(start=3.0, end=3.0), "after start"),
+        (UsageError, dict(start=4.0, end=2.0), "after start"),
+        (UsageError, dict(start=-1.0), "negative"),
+        (VideoError, dict(start=6.0), "lasts 6.000 s"),
+        (VideoError, dict(start=10.0, end=12.0), "after the end"),
+        (VideoError, dict(end=7.5), "lasts 6.000 s"),
+    ]
+    for kind, kw, needle in cases:
+        with pytest.raises(kind) as e:
+            plan_sampling(info, **kw)
+        assert_sentence(e.value, needle)
+
+
+# ----------------------------------------------------------------------------- chunks & threads
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_chunks_concatenate_to_plan_and_are_bounded(tmp_path, workers):
+    path = tmp_path / "gop.mp4"
+    pts = media.make_video(path, fps=25, n_frames=600, gop=20)  # 24 s, keyframe every 0.8 s
+    info = probe(path)
+    plan = plan_sampling(info, fps=10.0)
+    chunks, idx, ts, frames = collect(stream_frames(path, plan, info=info, chunk_size=3, workers=workers))
+    assert all(1 <= len(c.indices) <= 3 for c in chunks)
+    assert all(len(c.indices) == len(c.timestamps) == len(c.frames) for c in chunks)
+    np.testing.assert_array_equal(idx, plan.indices)
+    np.testing.assert_array_equal(ts, plan.timestamps)
+    np.testing.assert_array_equal(media.decode_indices(frames), idx)
+    np.testing.assert_allclose(ts, pts[idx], atol=1e-4)
+
+
+def test_parallel_runs_start_on_keyframes(clips):
+    info = probe(clips["cfr25"][0])
+    plan = plan_sampling(info, fps=25.0)
+    units = video._plan_units(plan.indices, info.key_frames, 8)
+    assert units[0][0] == 0 and units[-1][1] == len(plan.indices)
+    assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
+    assert all(plan.indices[lo] in set(info.key_frames) for lo, _ in units)
+    assert len(units) > 1
+
+
+def test_chunk_frames_capped_by_bytes(bbb, monkeypatch):
+    monkeypatch.setattr(video, "MAX_CHUNK_BYTES", 3 * 1280 * 720 * 3)
+    info = probe(bbb)
+    chunks, idx, _, _ = collect(stream_frames(bbb, plan_sampling(info, fps=2.0), info=info, chunk_size=16))
+    assert max(len(c.indices) for c in chunks) == 3 and len(idx) == 11
+
+
+def test_break_and_consumer_errors_stop_the_threads(clips):
+    path, _ = clips["cfr25"]
+    info = probe(path)
+    plan = plan_sampling(info, fps=25.0)
+    stream = stream_frames(path, plan, info=info, chunk_size=2, prefetch=1)
+    for _ in stream:
+        break  # queue full, decoder blocked on put: close() must still stop it
+    stream.close()
+    assert not decode_threads()
+    with pytest.raises(KeyboardInterrupt):
+        with stream_frames(path, plan, info=info, chunk_size=2, workers=2) as s2:
+            for _ in s2:
+                raise KeyboardInterrupt
+    assert not decode_threads()
+    with pytest.raises(RuntimeError, match="only once"):
+        iter(s2)
+
+
+def test_sigint_during_decoding_exits_promptly(clips):
+    path, _ = clips["cfr25"]
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from malmm_cli import video
+        info = video.probe({str(path)!r})
+        plan = video.plan_sampling(info, fps=25.0)
+        try:
+            for chunk in video.stream_frames({str(path)!r}, plan, info=info, chunk_size=1, prefetch=1):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the consumer is 'busy'; SIGINT interrupts it
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+    """)
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr
+    assert "interrupted" in proc.stdout and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_decoder_failure_reaches_consumer(clips, monkeypatch):
+    path, _ = clips["cfr25"]
+    info = probe(path)
+
+    def broken(*a, **k):
+        raise VideoError(f"{path} vanished.")
+
+    monkeypatch.setattr(video, "_open_reader", broken)
+    with pytest.raises(VideoError, match="vanished"):
+        collect(stream_frames(path, plan_sampling(info), info=info))
+    assert not decode_threads()
+
+
+def test_stalled_decoder_raises_instead_of_hanging(clips, monkeypatch):
+    path, _ = clips["cfr25"]
+    info = probe(path)
+    monkeypatch.setattr(video, "STALL_TIMEOUT_S", 0.5)
+
+    def stuck(self, worker, lo, hi, reader, after):
+        while not self.stop.is_set():  # a decoder that never produces anything
+            time.sleep(0.05)
+        raise video._Stopped
+
+    monkeypatch.setattr(video._Decoder, "decode_unit", stuck)
+    start = time.monotonic()
+    with pytest.raises(VideoError) as e:
+        collect(stream_frames(path, plan_sampling(info), info=info))
+    assert_sentence(e.value, "stalled", str(path))
+    assert time.monotonic() - start < 5 and not decode_threads()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, clips):
+    d = tmp_path_factory.mktemp("bad")
+    good, _ = clips["cfr25"]
+    fast, _ = clips["faststart"]
+    files = {"missing": d / "missing.mp4", "empty": d / "empty.mp4", "text": d / "notes.mp4",
+             "garbage": d / "garbage.mp4"}
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("this is a shopping list, not a video\n" * 20)
+    files["garbage"].write_bytes(bytes(range(256)) * 64)
+    files["audio_m4a"] = d / "tone.m4a"
+    files["audio_wav"] = d / "tone.wav"
+    media.make_audio(files["audio_m4a"])
+    media.make_audio(files["audio_wav"])
+    files["trunc_moov_end"] = media.truncate(good, d / "cut.mp4", 0.6)  # index (moov) was at the end
+    files["trunc_faststart"] = media.truncate(fast, d / "cut_fs.mp4", 0.6)  # index intact, data cut
+    data = bytearray(fast.read_bytes())
+    at = media.mdat_offset(fast)
+    data[at:] = bytes(len(data) - at)
+    files["no_decodable_frames"] = d / "zeroed.mp4"
+    files["no_decodable_frames"].write_bytes(bytes(data))
+    return files
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("missing", "does not exist"),
+    ("empty", "empty (0 bytes)"),
+    ("text", "text file, not a video"),
+    ("garbage", "not a video file"),
+    ("audio_m4a", "no video stream"),
+    ("audio_wav", "no video stream"),
+    ("trunc_moov_end", "truncated or corrupt"),
+    ("trunc_faststart", "truncated or corrupt"),
+    ("no_decodable_frames", "none of its frames can be decoded"),
+])
+def test_bad_files_give_one_sentence(bad_files, kind, needle):
+    path = bad_files[kind]
+    start = time.monotonic()
+    with pytest.raises(VideoError) as e:
+        probe(path)
+    assert_sentence(e.value, str(path), needle)
+    assert time.monotonic() - start < 10
+
+
+def test_av1_is_named(tmp_path):
+    path = tmp_path / "av1.mkv"
+    media.make_video(path, fps=25, n_frames=10, codec="libsvtav1", extra_args=["-svtav1-params", "log-level=0"])
+    with pytest.raises(VideoError) as e:
+        probe(path)
+    assert_sentence(e.value, "AV1", str(path))
+
+
+def test_mid_file_corruption_keeps_frames_before_it(tmp_path, caplog):
+    """Bytes overwritten at 3/4 of a 20 s file: decord raises (avcodec_send_packet fails) at
+    the damaged keyframe interval. Frames before it are delivered, a fresh reader resumes at
+    a later keyframe that decodes, the skip is recorded and logged.
+
+    decord's decoder thread reads ahead, so the error can surface some frames before the
+    damage (more under CPU load): "before" is checked with a 10 s margin, not to the frame."""
+    src = tmp_path / "clip.mp4"
+    pts = media.make_video(src, fps=25, n_frames=500, gop=25, faststart=True)
+    path = media.overwrite(src, tmp_path / "damaged.mp4", at=0.75, length=1500)
+    info = probe(path)  # the index (moov) is intact
+    plan = plan_sampling(info, fps=5.0)
+    with caplog.at_level(logging.WARNING, logger="malmm"):
+        stream = stream_frames(path, plan, info=info, chunk_size=4)
+        _, idx, ts, frames = collect(stream)
+    np.testing.assert_array_equal(media.decode_indices(frames), idx)  # never a wrong frame
+    np.testing.assert_allclose(ts, pts[idx], atol=1e-4)
+    assert np.all(np.diff(idx) > 0) and len(idx) < len(plan.indices)
+    assert set(plan.indices[plan.timestamps < 5.0]) <= set(idx)
+    assert set(plan.indices[plan.timestamps >= 18.0]) <= set(idx)  # recovered after the damage
+    assert stream.warnings and all(str(path) in w and w.endswith(".") for w in stream.warnings)
+    first_gap = plan.timestamps[~np.isin(plan.indices, idx)][0]
+    assert f"near {first_gap:.2f} s" in stream.warnings[0]
+    assert any("could not be decoded" in r.getMessage() for r in caplog.records if r.name == "malmm")
+
+
+def test_too_many_damaged_regions_stop_cleanly(clips, tmp_path, monkeypatch):
+    src, _ = clips["faststart"]
+    path = media.overwrite(src, tmp_path / "damaged.mp4", at=0.3, length=6000)
+    monkeypatch.setattr(video, "MAX_DAMAGED_REGIONS", 0)
+    info = probe(path)
+    stream = stream_frames(path, plan_sampling(info, fps=5.0), info=info)
+    _, idx, _, frames = collect(stream)
+    np.testing.assert_array_equal(media.decode_indices(frames), idx)
+    assert stream.warnings[-1].endswith(".") and "too many damaged regions" in stream.warnings[-1]
+    assert not decode_threads()
+
+
+def test_no_decodable_frame_in_plan_is_an_error(clips, tmp_path):
+    src, _ = clips["faststart"]
+    path = media.overwrite(src, tmp_path / "zeroed_tail.mp4", at=0.3, length=10**9, value=0)
+    info = probe(path)  # the opening still decodes
+    stream = stream_frames(path, plan_sampling(info, fps=2.0, start=6.0), info=info)
+    start = time.monotonic()
+    with pytest.raises(VideoError) as e:
+        collect(stream)
+    assert_sentence(e.value, str(path), "none of the sampled frames could be decoded")
+    assert stream.warnings and time.monotonic() - start < 10 and not decode_threads()
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+# Peak RSS from VmHWM: ru_maxrss would be wrong here, as Linux carries it over from the parent
+# (pytest, with torch loaded) through fork and exec.
+MEMORY_SCRIPT = """
+import re, sys, time
+from malmm_cli import video
+info = video.probe(sys.argv[1])
+plan = video.plan_sampling(info, fps=1.0)
+total = 0
+for chunk in video.stream_frames(sys.argv[1], plan, info=info, chunk_size=16):
+    total += len(chunk.frames[:, 0, 0, 0])
+    time.sleep(0.005)  # a consumer a little slower than decoding, as the model is
+hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
+print(total, hwm_kb // 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_peak_memory_flat_in_video_length(tmp_path):
+    """60 vs 5 minutes of 320x240 video sampled at 1 fps: holding the 3600 sampled frames
+    would cost 830 MB (vs 69 MB); peak RSS of the whole process may differ by far less.
+    (preprocess is per chunk and is left out to keep this fast; torch is not imported.)"""
+    peaks = {}
+    for minutes in (5, 60):
+        path = tmp_path / f"{minutes}min.mp4"
+        media.make_video(path, fps=1, n_frames=60 * minutes, size=(320, 240), gop=10)
+        proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        frames, peak_mb = map(int, proc.stdout.split())
+        assert frames == 60 * minutes
+        peaks[minutes] = peak_mb
+    assert peaks[60] - peaks[5] < 150, peaks
