@@ -8,8 +8,8 @@ random: text it produces is meaningless by design. Tests, ``malmm doctor`` and t
 ``tiny-random`` preset use it to exercise every code path in seconds.
 
 The LLM tokenizer mimics the Vicuna one of InstructBLIP (``</s>`` is both BOS and EOS, a
-SentencePiece-style metaspace vocabulary with byte fallback, so any text round-trips); the
-Q-Former tokenizer is a small uncased BERT WordPiece vocabulary.
+SentencePiece-style metaspace vocabulary; printable ASCII round-trips, other characters
+become ``<unk>``); the Q-Former tokenizer is a small uncased BERT WordPiece vocabulary.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import torch
 __all__ = ["TINY_RANDOM", "TINY_VERSION", "write_tiny_checkpoint", "tiny_random_dir"]
 
 TINY_RANDOM = "tiny-random"
-TINY_VERSION = 1  # bump when the layout or sizes change, so cached copies are rebuilt
+TINY_VERSION = 2  # bump when the layout or sizes change, so cached copies are rebuilt
 _MARKER = "malmm_tiny.json"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Words the tiny vocabularies know whole (everything else falls back to characters / bytes).
+# Words the tiny vocabularies know whole (everything else falls back to characters).
 _WORDS = (
     "what does the video describe is of movie type breakfast shown in activity question short answer "
     "a an and to on with person man woman people cooking cook food make making making egg coffee tea "
@@ -67,18 +67,17 @@ def _llm_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
-    byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
     chars = [chr(c) for c in range(33, 127)]
-    pieces = specials + byte_pieces + ["\u2581"] + chars + ["\u2581" + c for c in chars]
+    pieces = specials + ["\u2581"] + chars + ["\u2581" + c for c in chars]
     pieces += ["\u2581" + w for w in dict.fromkeys(_WORDS)]
     # Unigram scores: longer pieces are preferred, so known words encode as one token.
     vocab = [(p, 0.0) for p in specials] + [(p, -10.0 + 0.5 * len(p)) for p in pieces[3:]]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    # No byte fallback: characters outside printable ASCII become <unk>, so whatever the
+    # random model generates decodes to printable text.
+    tok = Tokenizer(models.Unigram(vocab, unk_id=0))
     tok.add_special_tokens(specials)
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     # Like InstructBLIP-Vicuna: "</s>" (id 2) starts every prompt and ends every answer.
     tok.post_processor = processors.TemplateProcessing(
         single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", 2)]

@@ -37,7 +37,7 @@ def test_tiny_checkpoint_is_deterministic_and_small(tiny_dir, tmp_path):
 def test_tiny_random_preset_name_loads_through_the_same_path(monkeypatch, tmp_path):
     monkeypatch.setenv("MALMM_CACHE_DIR", str(tmp_path))
     model = MALMM.from_pretrained("tiny-random", dtype=torch.float32, device="cpu")
-    assert (tmp_path / "models" / "tiny-random-v1" / "config.json").exists()
+    assert (tmp_path / "models" / "tiny-random-v2" / "config.json").exists()
     assert model.num_query_tokens == 32 and model.memory_bank_length == 20
 
 
