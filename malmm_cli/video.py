@@ -97,13 +97,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     keys = np.asarray(reader.get_key_indices() or [0], dtype=np.int64)
     if not math.isfinite(fps) or fps <= 0:
         fps = count / duration if duration > 0 else 1.0
-    return VideoInfo(path, max(duration, 0.0), fps, count, width, height, starts, keys)
+    # some containers give the last packet no duration: it still shows for one frame time
+    duration = max(duration, round(float(starts[-1]) + 1.0 / fps, 6))
+    return VideoInfo(path, duration, fps, count, width, height, starts, keys)
 
 
 def _plausible_times(starts: np.ndarray, duration: float) -> bool:
+    # missing pts come out of decord as +-9.2e15 s (INT64 limits times the time base)
     return bool(
-        np.all(np.isfinite(starts)) and math.isfinite(duration) and starts[0] > -1.0
-        and np.all(np.diff(starts) >= 0) and duration >= starts[-1]
+        np.all(np.isfinite(starts)) and starts[0] > -1.0 and np.all(np.diff(starts) >= 0)
+        and math.isfinite(duration) and starts[-1] <= duration < 1e7
     )
 
 
@@ -218,6 +221,7 @@ class _DefaultFps(float):
 
 
 DEFAULT_FPS = _DefaultFps(1.0)
+_MAX_SAMPLES = 10_000_000  # 2 h at 1000 fps; beyond that a typo, not a plan
 
 
 @dataclass(frozen=True)
@@ -265,7 +269,11 @@ def plan_sampling(
     if fps is not None:
         # the 1e-9 keeps a sample exactly at `end` out of the half-open range despite rounding
         n = max(1, math.ceil((t1 - t0) * fps - 1e-9))
+        if n > _MAX_SAMPLES:
+            raise UsageError(f"Sampling {t1 - t0:g} s at {fps:g} fps would take {n} frames; lower the rate.")
         times = t0 + np.arange(n, dtype=np.float64) / fps
+    elif num_frames > _MAX_SAMPLES:
+        raise UsageError(f"{num_frames} frames is more than this tool samples ({_MAX_SAMPLES}).")
     else:
         times = t0 + np.arange(int(num_frames), dtype=np.float64) * ((t1 - t0) / int(num_frames))
     frame_times = info.times()
@@ -458,6 +466,8 @@ class _Decoder:
         """Next item from one worker's queue; VideoError if the worker died or stalled."""
         q, deadline = self.queues[worker], time.monotonic() + STALL_TIMEOUT_S
         while True:
+            if self.stop.is_set():  # closed from inside the loop: end the iteration quietly
+                return _STOP
             try:
                 return q.get(timeout=_POLL_S)
             except queue.Empty:

@@ -215,6 +215,18 @@ def test_video_shorter_than_interval_yields_one_frame(clips):
     assert ts[0] == 0.0 and media.decode_indices(frames)[0] == 0
 
 
+def test_single_frame_without_timestamps(tmp_path, caplog):
+    """A one-frame Matroska file: decord reports no pts (+9.2e15 s); a constant rate is assumed."""
+    path = tmp_path / "one.mkv"
+    media.make_video(path, fps=25, n_frames=1)
+    with caplog.at_level(logging.WARNING, logger="malmm"):
+        info = probe(path)
+    assert info.frame_count == 1 and info.duration == pytest.approx(0.04)
+    assert info.frame_times.tolist() == [0.0] and "no usable frame timestamps" in caplog.text
+    _, idx, ts, frames = collect(stream_frames(path, plan_sampling(info), info=info))
+    assert idx.tolist() == [0] and ts.tolist() == [0.0] and media.decode_indices(frames).tolist() == [0]
+
+
 def test_bad_sampling_arguments(clips):
     info = probe(clips["cfr25"][0])  # 6.0 s
     cases = [
@@ -229,6 +241,7 @@ def test_bad_sampling_arguments(clips):
         (VideoError, dict(start=6.0), "lasts 6.000 s"),
         (VideoError, dict(start=10.0, end=12.0), "after the end"),
         (VideoError, dict(end=7.5), "lasts 6.000 s"),
+        (UsageError, dict(fps=1e9), "lower the rate"),
     ]
     for kind, kw, needle in cases:
         with pytest.raises(kind) as e:
@@ -287,6 +300,12 @@ def test_break_and_consumer_errors_stop_the_threads(clips):
     assert not decode_threads()
     with pytest.raises(RuntimeError, match="only once"):
         iter(s2)
+    s3 = stream_frames(path, plan, info=info, chunk_size=2)
+    seen = 0
+    for _ in s3:
+        seen += 1
+        s3.close()  # closing from inside the loop ends it
+    assert seen == 1 and not decode_threads()
 
 
 def test_sigint_during_decoding_exits_promptly(clips):
