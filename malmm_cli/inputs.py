@@ -70,7 +70,9 @@ def expand_inputs(args: Sequence[str]) -> list[str]:
     """Flatten arguments into specs: folders and globs become sorted video files, @lists their lines.
 
     Files and URLs pass through unchanged (a missing file too, so a batch can report it as
-    that input's error). Duplicates are dropped, keeping the first occurrence.
+    that input's error). In "@list.txt" files, one input per line, blank lines and lines
+    starting with # are skipped and relative paths are relative to the list file. A path
+    that exists is never treated as a glob. Duplicates are dropped, keeping the first.
     """
     out: list[str] = []
     for arg in args:
