@@ -58,14 +58,23 @@ def list_models(as_json: bool) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    table = Table(title="malmm models")
-    for col in ("name", "source", "downloaded", "description"):
-        table.add_column(col)
+    table = Table(title="malmm models", show_lines=True)
+    for col in ("name", "downloaded", "size", "what it is"):
+        table.add_column(col, overflow="fold")
     for row in rows:
-        have = f"yes ({row['size_bytes'] / 1e9:.2f} GB)" if row["downloaded"] else f"no ({row['download']})"
-        table.add_row(row["name"], row["source"], have, row["description"])
+        size = _human(row["size_bytes"]) if row["downloaded"] else row["download"]
+        table.add_row(row["name"], "yes" if row["downloaded"] else "no", size,
+                      f"{row['description']} [dim]({row['source']})[/]")
     Console().print(table)
     return 0
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def download_model(name: str) -> int:

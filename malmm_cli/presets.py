@@ -32,14 +32,14 @@ PRESETS: dict[str, ModelPreset] = {
             name="instructblip-vicuna-7b",
             source="Salesforce/instructblip-vicuna-7b",
             description="InstructBLIP-Vicuna-7B with MA-LMM's memory bank (zero-shot; --checkpoint adds finetuned weights)",
-            download="about 32 GB from the Hugging Face hub",
+            download="32 GB to fetch",
             hardware="GPU with 16 GB (bf16), 10 GB (8-bit) or 6 GB (4-bit); or a CPU with 20+ GB RAM (slow)",
         ),
         ModelPreset(
             name="tiny-random",
             source="tiny-random",
             description="tiny random weights: runs every command in seconds; its text is meaningless by design",
-            download="nothing (about 1 MB, written locally on first use)",
+            download="about 1 MB, built locally",
             hardware="any CPU",
         ),
     )
