@@ -8,7 +8,8 @@ run, interleaved (ffmpeg, ours with each worker count, repeat), so drifting mach
 hits both alike. ffmpeg: `ffmpeg -i FILE -vf fps=RATE -f rawvideo -pix_fmt rgb24 -` into
 /dev/null. Ours: probe + plan_sampling + iterating stream_frames (frames land in numpy).
 Reported: sampled frames per wall-clock second, source seconds per second, and the ratio
-ours / ffmpeg per round and its median. Prints a Markdown block for BENCHMARKS.md.
+ours / ffmpeg per round and its median; with --memory-delay also peak RSS (VmHWM) when the
+consumer is slower than decoding. Prints a Markdown block for BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -73,6 +74,35 @@ def run_ours(path: Path, rate: float, workers: int) -> tuple[float, int]:
     return time.perf_counter() - start, frames
 
 
+# Peak RSS with a consumer slower than decoding (as the model is): raw decord get_batch in a
+# loop vs stream_frames. VmHWM, not ru_maxrss, which Linux carries over from the parent.
+MEMORY_SCRIPT = r"""
+import re, sys, time
+import numpy as np
+path, rate, delay, mode = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+if mode == "decord":
+    import decord
+    vr = decord.VideoReader(path)
+    idx = np.unique(np.searchsorted(vr.get_frame_timestamp(np.arange(len(vr)))[:, 0],
+                                    np.arange(0, len(vr) / vr.get_avg_fps(), 1 / rate), side="right") - 1)
+    for s in range(0, len(idx), 16):
+        vr.get_batch(idx[s : s + 16]).asnumpy()
+        time.sleep(delay)
+else:
+    from malmm_cli import video
+    info = video.probe(path)
+    for chunk in video.stream_frames(path, video.plan_sampling(info, fps=rate), info=info, workers=int(mode)):
+        time.sleep(delay)
+print(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) // 1024)
+"""
+
+
+def peak_memory(path: Path, rate: float, delay: float, mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(path), str(rate), str(delay), mode],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -93,6 +123,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1.0, help="sampling rate (frames per second)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workers", default="1,2", help="comma-separated decoder thread counts to time")
+    ap.add_argument("--memory-delay", type=float, default=0.0,
+                    help="also measure peak RSS with a consumer sleeping this long per 16-frame chunk")
     args = ap.parse_args()
 
     path = args.file
@@ -136,6 +168,11 @@ def main() -> None:
         ratios = [r["ffmpeg"] / r[f"w{w}"] for r in rounds]
         print(f"- throughput ratio ours/ffmpeg, workers={w}: per round "
               f"{', '.join(f'{x:.2f}' for x in ratios)}; median {statistics.median(ratios):.2f}")
+    if args.memory_delay > 0:
+        print(f"- peak RSS with a consumer taking {args.memory_delay:g} s per chunk: raw decord get_batch loop "
+              f"{peak_memory(path, args.rate, args.memory_delay, 'decord')} MB; "
+              + "; ".join(f"stream_frames workers={w} {peak_memory(path, args.rate, args.memory_delay, str(w))} MB"
+                          for w in worker_counts))
 
 
 def video_decord_version() -> str:

@@ -440,6 +440,7 @@ class _Decoder:
         self.workers = max(1, min(workers, len(self.units)))
         self.queues = [queue.Queue(maxsize=prefetch) for _ in range(self.workers)]
         self.threads: list[threading.Thread] = []
+        self.readers: list[Any] = [None] * self.workers
         self.stop = threading.Event()
         self.damaged = 0
         self.lock = threading.Lock()
@@ -491,18 +492,19 @@ class _Decoder:
     def run(self, worker: int) -> None:
         """Thread body: decode this worker's runs of the plan (units w, w+W, ...) in order."""
         try:
-            reader = None
             mine = list(range(worker, len(self.units), self.workers))
             for k, unit in enumerate(mine):
                 after = self.units[mine[k + 1]][0] if k + 1 < len(mine) else None
-                reader = self.decode_unit(worker, *self.units[unit], reader, after)
+                self.decode_unit(worker, *self.units[unit], after)
                 self.put(worker, _UNIT_END)
         except _Stopped:
-            return
+            pass
         except _GiveUp:
             self._final(worker, _STOP)
         except BaseException as e:  # delivered to the consumer, which re-raises it
             self._final(worker, _Failure(e))
+        finally:
+            self.readers[worker] = None
 
     def _final(self, worker: int, item: Any) -> None:
         try:
@@ -510,41 +512,43 @@ class _Decoder:
         except _Stopped:
             pass
 
-    def decode_unit(self, worker: int, lo: int, hi: int, reader: Any, after: int | None) -> Any:
-        """Decode plan positions [lo, hi) in chunks; `after` is where this worker goes next."""
+    def decode_unit(self, worker: int, lo: int, hi: int, after: int | None) -> None:
+        """Decode plan positions [lo, hi) in chunks; `after` is where this worker goes next.
+
+        self.readers[worker] is the only reference to the worker's reader, so dropping it
+        (park with nowhere to go, or after an error) frees decord's buffers at once."""
         import decord
 
         p = lo
         while p < hi:
             if self.stop.is_set():
                 raise _Stopped
-            if reader is None:
-                reader = _open_reader(self.path)
+            if self.readers[worker] is None:
+                self.readers[worker] = _open_reader(self.path)
             q = min(p + self.chunk, hi)
             try:
-                frames = reader.get_batch(self.indices[p:q]).asnumpy()
+                frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
             except (decord.DECORDError, RuntimeError) as e:
-                reader = None  # after a decoder error decord may return wrong frames: reopen
+                self.readers[worker] = None  # after a decoder error decord may return wrong frames
                 p = self.recover(worker, p, q, hi, e)
                 continue
             nxt = q if q < hi else after
             free = nxt is not None and self.new_gop(self.indices[q - 1], nxt)
             if free:
-                reader = self.park(reader, nxt)
+                self.park(worker, nxt)
             chunk = self.chunk_of(p, q, frames)
             if not self.put(worker, chunk, wait=_PARK_AFTER_S):
                 if not free:  # the consumer is behind: park before waiting for it
-                    reader = self.park(reader, nxt)
+                    self.park(worker, nxt)
                 self.put(worker, chunk)
             p = q
-        return reader
 
     def new_gop(self, last: int, position: int) -> bool:
         """True if plan position `position` lies in a later keyframe interval than frame `last`."""
         k = np.searchsorted(self.keys, [last, self.indices[position]], side="right")
         return bool(k[1] > k[0])
 
-    def park(self, reader: Any, position: int | None) -> Any:
+    def park(self, worker: int, position: int | None) -> None:
         """Seek the reader to the keyframe it needs next, dropping what decord read ahead.
 
         decord's decoder thread goes on decoding every packet it has read ahead into an
@@ -555,14 +559,15 @@ class _Decoder:
         queue is full, i.e. when decoding is ahead of the consumer."""
         import decord
 
-        if position is None:
-            return None
+        reader = self.readers[worker]
+        if position is None or reader is None:
+            self.readers[worker] = None  # nothing more to read: free it now
+            return
         key = self.keys[max(0, int(np.searchsorted(self.keys, self.indices[position], side="right")) - 1)]
         try:
             reader.seek(int(key))
         except (decord.DECORDError, RuntimeError):
-            return None  # reopened when needed
-        return reader
+            self.readers[worker] = None  # reopened when needed
 
     def recover(self, worker: int, p: int, q: int, hi: int, error: BaseException) -> int:
         """After a decode error in plan positions [p, q): deliver what still decodes of them

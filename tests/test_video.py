@@ -348,7 +348,7 @@ def test_stalled_decoder_raises_instead_of_hanging(clips, monkeypatch):
     info = probe(path)
     monkeypatch.setattr(video, "STALL_TIMEOUT_S", 0.5)
 
-    def stuck(self, worker, lo, hi, reader, after):
+    def stuck(self, worker, lo, hi, after):
         while not self.stop.is_set():  # a decoder that never produces anything
             time.sleep(0.05)
         raise video._Stopped
