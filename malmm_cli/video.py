@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import queue
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -142,13 +143,16 @@ def _open_reader(path: Path) -> Any:
 def _check_file(path: Path) -> None:
     """Cheap checks first: they give better sentences than FFmpeg's, without its stderr noise."""
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise VideoError(f"{path} is a folder, not a video file.")
+        if not stat.S_ISREG(st.st_mode):  # opening a FIFO or device could block forever
+            raise VideoError(f"{path} is not a regular file.")
+        size = st.st_size
         with open(path, "rb") as f:
             head = f.read(512)
     except FileNotFoundError:
         raise VideoError(f"{path} does not exist.") from None
-    except IsADirectoryError:
-        raise VideoError(f"{path} is a folder, not a video file.") from None
     except OSError as e:
         raise VideoError(f"{path} cannot be read ({e.strerror or type(e).__name__}).") from None
     if size == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -406,6 +407,15 @@ def test_bad_files_give_one_sentence(bad_files, kind, needle):
         probe(path)
     assert_sentence(e.value, str(path), needle)
     assert time.monotonic() - start < 10
+
+
+def test_folder_and_fifo_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path, needle in [(tmp_path, "is a folder"), (fifo, "not a regular file")]:
+        with pytest.raises(VideoError) as e:
+            probe(path)
+        assert_sentence(e.value, str(path), needle)
 
 
 def test_av1_is_named(tmp_path):
