@@ -38,6 +38,31 @@ def qformer_per_frame(qformer, features: torch.Tensor, cache: bool, frames: int 
         return timeit(lambda: [one() for _ in range(frames)], repeat=3, warmup=0) / frames
 
 
+def bf16_drift(frames: int = 200, probes=(10, 50, 100, 200)) -> dict:
+    """How far the bf16 Q-Former's output drifts from the fp32 one (same weights) over a stream."""
+    import copy
+
+    fp32 = qformer_model(torch.float32)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    frame = torch.randn(257, 1408, generator=gen)
+    out = {}
+    with torch.inference_mode():
+        qt, ids = torch.randn(1, 32, 768, generator=gen) * 0.5, torch.randint(1000, 2000, (1, 12), generator=gen)
+        streams = []
+        for model, dtype in ((fp32, torch.float32), (bf16, torch.bfloat16)):
+            streams.append((model, model.embed(qt.to(dtype), ids), model.new_memory(M), dtype))
+        for t in range(1, frames + 1):
+            frame = frame + 0.3 * torch.randn(257, 1408, generator=gen)  # content drifting over time
+            outs = [m.step(e, None, frame[None].to(d), mem)[:, :32].float() for m, e, mem, d in streams]
+            if t in probes:
+                a, b = outs
+                out[f"frame_{t}"] = {
+                    "max_abs_err_over_max_abs": round(float((a - b).abs().max() / a.abs().max()), 4),
+                    "mean_cosine": round(float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()), 5)}
+    return out
+
+
 def main() -> None:
     vit = vision_model(torch.bfloat16)
     pixels = torch.randn(16, 3, 224, 224).bfloat16()
@@ -54,6 +79,8 @@ def main() -> None:
                    "fraction_of_vision": round(s / vision_s, 4)}
             results["qformer"].append(row)
             print(row, flush=True)
+    results["bf16_vs_fp32_output"] = bf16_drift()
+    print(results["bf16_vs_fp32_output"], flush=True)
     report("qformer", results, "python benchmarks/bench_qformer.py")
 
 

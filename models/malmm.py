@@ -73,7 +73,8 @@ class VideoStream:
         self.input_ids = qtok.input_ids.to(device)  # [B, L]
         B, Q = len(instructions), model.num_query_tokens
         query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
-        self.key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
+        key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
+        self.key_mask = None if bool(key_mask.all()) else key_mask  # no padding: no masking work
         query_tokens = model.query_tokens.expand(B, -1, -1).to(model.qformer_dtype)
         # The embeddings do not depend on the frame: computed once per stream.
         self.embeddings = model.qformer.embed(query_tokens, self.input_ids)  # [B, Q+L, H]
@@ -175,6 +176,12 @@ class MALMM(nn.Module):
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return self.tokenizer.eos_token_id if pad is None else pad
+
+    def set_qformer_dtype(self, dtype: torch.dtype) -> None:
+        """Run the Q-Former, query tokens, projection and temporal embedding in `dtype`."""
+        for module in (self.qformer, self.language_projection, self.temporal_embedding):
+            module.to(dtype)
+        self.query_tokens.data = self.query_tokens.data.to(dtype)
 
     @property
     def qformer_dtype(self) -> torch.dtype:

@@ -127,18 +127,28 @@ class MemoryBank:
     :meth:`slots` (every entry, current included, in physical order), then :meth:`settle`
     to compress back down to capacity. Capacity 0 means no memory: the bank holds the
     current entry during the step and drops it at :meth:`settle`.
+
+    ``groups`` > 1 makes one bank hold several same-shaped banks stacked on the batch axis
+    (the Q-Former's per-layer query banks): each group stages its entry (:meth:`stage`) and
+    reads its own :meth:`slots`, then one :meth:`commit` and one :meth:`settle` serve all groups,
+    so merging costs one set of tensor ops per frame instead of one per layer.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, extra_heads: int | None = None, groups: int = 1):
         if capacity < 0:
             raise ValueError(f"memory capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        self.length = 0  # valid entries
+        # Extras (cached keys/values) are stored head-major, [B, heads, S, N, D/heads], when
+        # given: attention then reads each head's keys of all entries as one contiguous block.
+        self.extra_heads = extra_heads
+        self.groups = groups
+        self.length = 0  # valid entries (committed)
         self.frames_seen = 0
         self.compressions = 0
+        self._staged: set[int] = set()
         self._features: torch.Tensor | None = None  # [B, S, N, C], S = capacity + 1 physical slots
         self._counts: torch.Tensor | None = None  # [B, S, N]
-        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D]
+        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D] or [B, heads, S, N, D/heads]
         self._order: torch.Tensor | None = None  # [B, S, N]: temporal index t -> physical slot
         self._sims: torch.Tensor | None = None  # [B, S-1, N]: cos(entry t, entry t+1), float32
         self._free: torch.Tensor | None = None  # [B, N]: the physical slot the next entry goes to
@@ -147,54 +157,111 @@ class MemoryBank:
         return self.length
 
     def _allocate(self, features: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
-        B, N = features.shape[:2]
+        B, N = features.shape[0] * self.groups, features.shape[1]
         S = self.capacity + 1
         dev = features.device
+        self._rows = features.shape[0]  # batch rows per group
         self._features = features.new_zeros(B, S, N, *features.shape[2:])
         self._counts = torch.zeros(B, S, N, dtype=torch.long, device=dev)
-        self._extras = {k: v.new_zeros(B, S, N, *v.shape[2:]) for k, v in extras.items()}
+        h = self.extra_heads
+        self._extras = {
+            k: v.new_zeros(B, S, N, *v.shape[2:]) if h is None else v.new_zeros(B, h, S, N, v.shape[-1] // h)
+            for k, v in extras.items()
+        }
         self._order = torch.arange(S, device=dev).view(1, S, 1).repeat(B, 1, N)
         self._sims = torch.zeros(B, max(S - 1, 1), N, dtype=torch.float32, device=dev)
         self._free = torch.zeros(B, N, dtype=torch.long, device=dev)
         self._batch = torch.arange(B, device=dev).view(B, 1).expand(B, N)
         self._position = torch.arange(N, device=dev).view(1, N).expand(B, N)
+        self._head_index = (torch.arange(B, device=dev).view(B, 1, 1),
+                            torch.arange(h or 1, device=dev).view(1, h or 1, 1),
+                            torch.arange(N, device=dev).view(1, 1, N))
 
-    def _at(self, phys: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self._batch, phys, self._position)
+    def _at(self, phys: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+        """Index of slot phys[b, i] at every (b, i), for slot-major buffers: rows [B, N, *D]."""
+        return (self._batch[rows], phys, self._position[rows])
 
-    def push(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
-        """Add the current time step: features [B, N, C], each extra [B, N, *D]."""
+    def _at_heads(self, phys: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
+        """The same for head-major buffers: rows [B, heads, N, d], walked head by head, so each
+        head's block is read in order (a per-position walk jumps across heads: DRAM-latency bound)."""
+        b, h, n = self._head_index
+        return (b[rows], h, phys.view(phys.shape[0], 1, -1), n)
+
+    def _head_major(self, buf: torch.Tensor) -> bool:
+        return self.extra_heads is not None and buf.dim() == 5
+
+    def _slot_view(self, buf: torch.Tensor) -> torch.Tensor:
+        """buf as [B, S, N, *D] (a view; slow to index for head-major buffers: status/tests only)."""
+        return buf.permute(0, 2, 3, 1, 4) if self._head_major(buf) else buf
+
+    def _group_rows(self, group: int) -> slice:
+        return slice(group * self._rows, (group + 1) * self._rows)
+
+    # ---- adding an entry -----------------------------------------------------------------
+
+    def stage(self, features: torch.Tensor, group: int = 0, **extras: torch.Tensor) -> None:
+        """Write this frame's entry of one group ([B, N, C], extras [B, N, *D]) into its free slot."""
         if self._features is None:
             self._allocate(features, extras)
         elif extras.keys() != self._extras.keys():
             raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self._extras)}")
         if self.length > self.capacity:
             raise RuntimeError("push before settle: the bank is already over capacity")
-        t, at = self.length, self._at(self._free)
-        _put(self._features, at, features)
+        if group in self._staged:
+            raise RuntimeError(f"group {group} staged twice before commit")
+        rows = self._group_rows(group)
+        free = self._free[rows]
+        _put(self._features, self._at(free, rows), features)
         for name, value in extras.items():
-            _put(self._extras[name], at, value)
+            buf = self._extras[name]
+            if self._head_major(buf):  # [B, N, D] -> [B, heads, N, d]
+                _put(buf, self._at_heads(free, rows), value.view(*value.shape[:2], buf.shape[1], -1).transpose(1, 2))
+            else:
+                _put(buf, self._at(free, rows), value)
+        self._staged.add(group)
+
+    def commit(self) -> None:
+        """Every group has staged its entry: it becomes the newest entry of the bank."""
+        if len(self._staged) != self.groups:
+            raise RuntimeError(f"commit with {len(self._staged)} of {self.groups} groups staged")
+        t, at = self.length, self._at(self._free)
         _put(self._counts, at, torch.ones_like(self._free))
         self._order[:, t] = self._free
         if t > 0:
-            self._sims[:, t - 1] = _cos(_take(self._features, self._at(self._order[:, t - 1])), features)
+            previous = _take(self._features, self._at(self._order[:, t - 1]))
+            self._sims[:, t - 1] = _cos(previous, _take(self._features, at))
         self.length += 1
         self.frames_seen += 1
+        self._staged.clear()
         # Until the first merge entries fill slots 0, 1, 2, ...; after it, the bank is full
         # right after each push, and each merge frees the slot the next push takes.
         if self.length <= self.capacity:
             self._free = torch.full_like(self._free, self.length)
 
-    def slots(self, name: str | None = None) -> torch.Tensor:
-        """Every entry (features, or the named extra), physical order: [B, L, N, *D]. A view.
+    def push(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
+        """Add the current time step: features [B, N, C], each extra [B, N, *D] (one group)."""
+        self.stage(features, 0, **extras)
+        self.commit()
 
-        Valid between :meth:`push` and :meth:`settle`: then the entries fill slots
-        0..L-1 (in order while the bank fills up; all M+1 slots once it is full).
+    def slots(self, name: str | None = None, group: int | None = None) -> torch.Tensor:
+        """Every entry, physical order, as a view: features [B, L, N, C]; an extra
+        [B, L, N, D], or [B, heads, L * N, D/heads] when stored head-major. With ``group``:
+        that group's rows, including its staged (not yet committed) entry.
+
+        Valid between push/stage and settle: then the entries fill slots 0..L-1 (in order
+        while the bank fills up; all M+1 slots once it is full).
         """
-        if self.length and self.length <= self.capacity and self.compressions:
+        L = self.length + (1 if group is not None and group in self._staged else 0)
+        if L and L <= self.capacity and self.compressions:
             raise RuntimeError("slots() is read between push() and settle()")
-        buf = self._features if name is None else self._extras[name]
-        return buf[:, : self.length]
+        rows = slice(None) if group is None else self._group_rows(group)
+        if name is None:
+            return self._features[rows, :L]
+        if self.extra_heads is None:
+            return self._extras[name][rows, :L]
+        return self._extras[name][rows, :, :L].flatten(2, 3)
+
+    # ---- compression ---------------------------------------------------------------------
 
     def settle(self) -> None:
         """Compress until the bank is within capacity (once per frame at steady state)."""
@@ -208,14 +275,23 @@ class MemoryBank:
         L = self.length
         j = self._sims[:, : L - 1].argmax(dim=1)  # [B, N] temporal index of the most similar pair
         order = self._order
-        a = self._at(order.gather(1, j.unsqueeze(1)).squeeze(1))  # physical slots of the pair
+        a_phys = order.gather(1, j.unsqueeze(1)).squeeze(1)  # physical slots of the pair
         b_phys = order.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
-        b = self._at(b_phys)
+        a, b = self._at(a_phys), self._at(b_phys)
         k_a, k_b = _take(self._counts, a), _take(self._counts, b)  # [B, N]
+        a_heads = b_heads = None
+        if self.extra_heads is not None:
+            a_heads, b_heads = self._at_heads(a_phys), self._at_heads(b_phys)
         for buf in (self._features, *self._extras.values()):
-            w_a = k_a.to(buf.dtype).view(*k_a.shape, *([1] * (buf.dim() - 3)))
-            w_b = k_b.to(buf.dtype).view(*k_b.shape, *([1] * (buf.dim() - 3)))
-            _put(buf, a, (w_a * _take(buf, a) + w_b * _take(buf, b)) / (w_a + w_b))
+            if self._head_major(buf):  # rows [B, heads, N, d]; weights broadcast over heads
+                ia, ib, wa, wb = a_heads, b_heads, k_a[:, None, :, None], k_b[:, None, :, None]
+            else:  # rows [B, N, *D]
+                tail = [1] * (buf.dim() - 3)
+                ia, ib, wa, wb = a, b, k_a.view(*k_a.shape, *tail), k_b.view(*k_b.shape, *tail)
+            # The count-weighted mean in at least float32 (bf16 banks round once, after it).
+            acc = torch.promote_types(buf.dtype, torch.float32)
+            wa, wb = wa.to(acc), wb.to(acc)
+            _put(buf, ia, (wa * _take(buf, ia).to(acc) + wb * _take(buf, ib).to(acc)) / (wa + wb))
         _put(self._counts, a, k_a + k_b)
         # Temporal order loses entry j+1; pairs shift the same way, except the two pairs
         # that now touch the merged entry, which are measured again.
@@ -257,7 +333,8 @@ class MemoryBank:
 
     def extra(self, name: str) -> torch.Tensor:
         """A cached projection [B, T, N, D], oldest entry first."""
-        return self._ordered(self._extras[name])
+        ordered = self._ordered(self._slot_view(self._extras[name]))
+        return ordered.flatten(3) if self.extra_heads is not None else ordered
 
     def append(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
         """push + settle: add one time step and compress back to capacity."""

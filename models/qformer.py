@@ -12,9 +12,9 @@ explicitly as a :class:`QFormerMemory` (the modules themselves hold no state):
   text padding mask repeated once per entry. Queries come from the current input only.
 
 Order per frame (method.md): append the current entry to a bank -> attend over the whole
-bank -> compress it back to M entries (MBC). A query bank settles right after its own
-attention (no later layer reads it in this frame); the visual bank after the whole step,
-since all cross-attention layers read it.
+bank -> compress it back to M entries (MBC). Banks are compressed at the end of the step:
+nothing reads them in between (each query bank is read only by its own layer), and all
+twelve query banks then compress together as one grouped bank.
 
 With ``cache_projections`` a bank also keeps the key/value projections of what it stores,
 merged with the same MBC decisions (exact: projections are affine), so each frame projects
@@ -38,33 +38,50 @@ __all__ = ["MemoryQFormer", "QFormerMemory"]
 
 @dataclass
 class QFormerMemory:
-    """All memory state of one video stream inside the Q-Former."""
+    """All memory state of one video stream inside the Q-Former.
+
+    ``query`` holds every layer's query bank as one grouped bank (group i = layer i): they
+    have the same shape and history, so they are compressed together, once per frame.
+    """
 
     visual: MemoryBank
-    query: list[MemoryBank]
+    query: MemoryBank
     cache_projections: bool = True
     frames: int = field(default=0)
 
     @classmethod
-    def empty(cls, capacity: int, num_layers: int, cache_projections: bool = True) -> QFormerMemory:
-        return cls(MemoryBank(capacity), [MemoryBank(capacity) for _ in range(num_layers)], cache_projections)
+    def empty(cls, capacity: int, num_layers: int, num_heads: int, cache_projections: bool = True) -> QFormerMemory:
+        # Cached keys/values are stored head-major, ready for attention.
+        heads = num_heads if cache_projections else None
+        return cls(MemoryBank(capacity, heads), MemoryBank(capacity, heads, groups=num_layers), cache_projections)
 
 
-def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    # [B, S, H] -> [B, heads, S, H/heads]
+def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, S, H] -> [B, heads, S, H/heads], contiguous per head."""
     B, S, H = x.shape
-    return x.view(B, S, num_heads, H // num_heads).transpose(1, 2)
+    return x.view(B, S, num_heads, H // num_heads).transpose(1, 2).contiguous()
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, mask: torch.Tensor | None):
-    """Multi-head attention. q [B, L, H], k/v [B or 1, S, H], mask [B, S] bool (True = attend)."""
-    B = q.shape[0]
-    k, v = k.expand(B, -1, -1), v.expand(B, -1, -1)
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        _split_heads(q, num_heads), _split_heads(k, num_heads), _split_heads(v, num_heads), attn_mask=attn_mask
-    )  # [B, heads, L, d]
-    return out.transpose(1, 2).reshape(B, q.shape[1], -1)
+    """Multi-head attention over head-major keys/values.
+
+    q [B, L, H]; k, v [B or 1, heads, S, H/heads], each head's keys contiguous (as the banks
+    store them); mask [B, S] bool (True = attend) or None. Two matmuls and a softmax: with
+    few queries and many keys this ran 2x faster on CPU than scaled_dot_product_attention on
+    strided keys (BENCHMARKS.md).
+    """
+    B, L, H = q.shape
+    d = H // num_heads
+    scores = torch.matmul(_heads(q, num_heads), k.transpose(-1, -2)) * d**-0.5  # [B, heads, L, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    out = torch.matmul(scores.softmax(dim=-1), v)  # [B, heads, L, d]
+    return out.transpose(1, 2).reshape(B, L, H)
+
+
+def _entries_to_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Projected bank entries [B, T, N, H] -> [B, heads, T * N, H/heads]."""
+    return _heads(x.flatten(1, 2), num_heads)
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -126,25 +143,26 @@ class QFormerLayer(nn.Module):
         self.intermediate_query = QFormerIntermediate(config)
         self.output_query = QFormerOutput(config)
 
-    def self_attention(self, hidden: torch.Tensor, key_mask: torch.Tensor, bank: MemoryBank, cache: bool):
-        """hidden [B, N, H] joins its layer's bank, attends over all of it, then the bank settles."""
+    def self_attention(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, bank: MemoryBank, layer: int,
+                       cache: bool):
+        """hidden [B, N, H] joins this layer's query bank (group `layer`) and attends over all of it."""
         attn = self.attention.attention
         k_cur, v_cur = attn.key(hidden), attn.value(hidden)
         if cache:
-            bank.push(hidden, k=k_cur, v=v_cur)
-            keys, values = bank.slots("k"), bank.slots("v")  # [B, T+1, N, H]
+            bank.stage(hidden, layer, k=k_cur, v=v_cur)
+            keys, values = bank.slots("k", layer), bank.slots("v", layer)  # [B, heads, (T+1) * N, d]
         else:
-            bank.push(hidden)
-            entries = bank.slots()
-            keys, values = attn.key(entries), attn.value(entries)
+            bank.stage(hidden, layer)
+            entries = bank.slots(group=layer)
+            keys = _entries_to_heads(attn.key(entries), attn.num_heads)
+            values = _entries_to_heads(attn.value(entries), attn.num_heads)
         # Every entry has the same instruction, so the same padding: repeat the mask per entry.
-        mask = key_mask.repeat(1, keys.shape[1])
-        out = _attend(attn.query(hidden), keys.flatten(1, 2), values.flatten(1, 2), attn.num_heads, mask)
-        bank.settle()
+        mask = None if key_mask is None else key_mask.repeat(1, keys.shape[2] // key_mask.shape[1])
+        out = _attend(attn.query(hidden), keys, values, attn.num_heads, mask)
         return self.attention.output(out, hidden)
 
     def cross_attention(self, queries: torch.Tensor, frame_kv: tuple[torch.Tensor, torch.Tensor]):
-        """queries [B, Q, H] attend over visual keys/values [1, S, H]; no mask: all tokens valid."""
+        """queries [B, Q, H] attend over visual keys/values [1, heads, S, d]; no mask: all tokens valid."""
         attn = self.crossattention.attention
         out = _attend(attn.query(queries), frame_kv[0], frame_kv[1], attn.num_heads, None)
         return self.crossattention.output(out, queries)
@@ -201,11 +219,13 @@ class MemoryQFormer(nn.Module):
         return [i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
 
     def new_memory(self, capacity: int, cache_projections: bool = True) -> QFormerMemory:
-        return QFormerMemory.empty(capacity, len(self.encoder.layer), cache_projections)
+        return QFormerMemory.empty(
+            capacity, len(self.encoder.layer), self.config.num_attention_heads, cache_projections
+        )
 
     def _push_frame(self, frame: torch.Tensor, memory: QFormerMemory) -> dict[int, tuple]:
         """Add the frame to the visual bank; per cross-attention layer, keys/values over the
-        whole bank, current frame included, each [1, S, H]."""
+        whole bank, current frame included, each [1, heads, S, d]."""
         bank, out = memory.visual, {}
         if memory.cache_projections:
             extras = {}
@@ -214,22 +234,23 @@ class MemoryQFormer(nn.Module):
                 extras[f"k{i}"], extras[f"v{i}"] = attn.key(frame), attn.value(frame)  # [1, P, H]
             bank.push(frame, **extras)
             for i in self.cross_layers:
-                out[i] = (bank.slots(f"k{i}").flatten(1, 2), bank.slots(f"v{i}").flatten(1, 2))
+                out[i] = (bank.slots(f"k{i}"), bank.slots(f"v{i}"))
         else:
             bank.push(frame)
-            entries = bank.slots().flatten(1, 2)
+            entries = bank.slots()
             for i in self.cross_layers:
                 attn = self.encoder.layer[i].crossattention.attention
-                out[i] = (attn.key(entries), attn.value(entries))
+                out[i] = (_entries_to_heads(attn.key(entries), attn.num_heads),
+                          _entries_to_heads(attn.value(entries), attn.num_heads))
         return out
 
     def step(
-        self, embeddings: torch.Tensor, key_mask: torch.Tensor, frame: torch.Tensor, memory: QFormerMemory
+        self, embeddings: torch.Tensor, key_mask: torch.Tensor | None, frame: torch.Tensor, memory: QFormerMemory
     ) -> torch.Tensor:
         """Run the Q-Former for one frame and update ``memory`` in place.
 
         embeddings: [B, N, H] from :meth:`embed` (query tokens + instruction), constant per stream.
-        key_mask: [B, N] bool, False at instruction padding.
+        key_mask: [B, N] bool, False at instruction padding; None when nothing is padded.
         frame: [1, P, C_vision] this frame's vision features (temporal position already added).
         Returns the last hidden states [B, N, H]; the first ``num_query_tokens`` are the output.
         """
@@ -239,11 +260,14 @@ class MemoryQFormer(nn.Module):
         frame_kv = self._push_frame(frame, memory)
         hidden = embeddings
         for i, layer in enumerate(self.encoder.layer):
-            hidden = layer.self_attention(hidden, key_mask, memory.query[i], memory.cache_projections)
+            hidden = layer.self_attention(hidden, key_mask, memory.query, i, memory.cache_projections)
             if layer.has_cross_attention:
                 queries = layer.cross_attention(hidden[:, :query_length], frame_kv[i])
                 hidden = torch.cat([queries, hidden[:, query_length:]], dim=1)
             hidden = layer.feed_forward(hidden, query_length)
+        # Both kinds of bank compress back to M only now: nothing reads them until the next frame.
+        memory.query.commit()
+        memory.query.settle()
         memory.visual.settle()
         memory.frames += 1
         return hidden

@@ -47,13 +47,30 @@ def test_qformer_parameter_names_are_instructblips(hf_model):
     assert set(ours.state_dict()) == set(hf_model.qformer.state_dict())
 
 
-def test_small_modules_stay_float32_when_the_llm_is_bf16(tiny_dir):
+def test_qformer_precision_follows_the_model_and_loads_from_full_precision(tiny_dir):
+    """bf16 model: bf16 Q-Former by default (loaded from the fp32 checkpoint, rounded once);
+    qformer_dtype=float32 keeps the checkpoint's exact values; an fp32 model stays fp32."""
+    exact = load_file(tiny_dir / "model.safetensors")
     model = _load(tiny_dir, dtype=torch.bfloat16)
     assert model.vision_dtype == torch.bfloat16
     assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16
-    assert model.qformer_dtype == torch.float32
-    assert model.query_tokens.dtype == model.language_projection.weight.dtype == torch.float32
-    assert model.temporal_embedding.weight.dtype == torch.float32
+    assert model.qformer_dtype == model.query_tokens.dtype == model.language_projection.weight.dtype == torch.bfloat16
+    name = "qformer.encoder.layer.1.output_query.dense.weight"
+    assert torch.equal(model.qformer.encoder.layer[1].output_query.dense.weight, exact[name].bfloat16())
+    full = _load(tiny_dir, dtype=torch.bfloat16, qformer_dtype=torch.float32)
+    assert full.qformer_dtype == full.temporal_embedding.weight.dtype == torch.float32
+    assert torch.equal(full.qformer.encoder.layer[1].output_query.dense.weight, exact[name])
+    assert torch.equal(full.query_tokens.detach(), exact["query_tokens"])
+    assert _load(tiny_dir, dtype=torch.float32).qformer_dtype == torch.float32
+
+
+def test_a_bf16_model_runs_end_to_end(tiny_dir, pixels):
+    model = _load(tiny_dir, dtype=torch.bfloat16)
+    stream = model.new_stream(["what does the video describe?", "who wins?"], memory_bank_length=2)
+    stream.add_frames(pixels[:5])
+    assert stream.query_output().dtype == torch.bfloat16 and stream.memory.compressions == 3
+    assert len(model.generate(stream, max_new_tokens=4, num_beams=2)) == 2
+    assert model.score(stream, None, ["a", "b c"]).shape == (2, 2)
 
 
 # ---- LAVIS overlays ---------------------------------------------------------------------

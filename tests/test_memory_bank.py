@@ -113,14 +113,15 @@ def test_bf16_bank_picks_pairs_in_float32():
     assert torch.equal(merge_plan(x.bfloat16()), merge_plan(x.bfloat16().float()))
 
 
+@pytest.mark.parametrize("heads", [None, 3])
 @pytest.mark.parametrize("capacity", [1, 2, 3, 7])
-def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity):
-    """The in-place bank (physical slots, cached similarities) against the definition."""
+def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity, heads):
+    """The in-place bank (physical slots, cached similarities, head-major extras) against the definition."""
     gen = torch.Generator().manual_seed(100 + capacity)
-    bank = MemoryBank(capacity)
+    bank = MemoryBank(capacity, extra_heads=heads)
     B, N, C = 2, 9, 5
     ref_x = ref_k = ref_p = None
-    W = torch.randn(C, 3, generator=gen, dtype=torch.float64)
+    W = torch.randn(C, 6, generator=gen, dtype=torch.float64)
     for t in range(25):
         # A drifting stream, with exact repeats now and then (ties resolve to the earliest pair).
         f = torch.randn(B, N, C, generator=gen, dtype=torch.float64)
@@ -132,6 +133,11 @@ def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity):
         phys = bank.slots()
         assert phys.shape[1] == len(bank)
         torch.testing.assert_close(phys.sort(dim=1).values, bank.features.sort(dim=1).values)
+        if heads:  # head-major extras: [B, heads, L * N, d], head h holding columns h*d:(h+1)*d
+            proj = bank.slots("proj")
+            assert proj.shape == (B, heads, len(bank) * N, 6 // heads) and proj[1, 2].is_contiguous()
+            entries = phys @ W  # [B, L, N, 6] in the same physical order
+            torch.testing.assert_close(proj[:, 1], entries[..., 2:4].flatten(1, 2))
         bank.settle()
         x1, k1, p1 = f[:, None], torch.ones(B, 1, N, dtype=torch.long), (f @ W)[:, None]
         ref_x = x1 if ref_x is None else torch.cat([ref_x, x1], 1)

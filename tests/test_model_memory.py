@@ -155,7 +155,7 @@ def _video_features(n, seed=0):
 def test_memory_path_matches_method_frame_by_frame(model_with_pe, M, frames, cache_projections):
     model = model_with_pe
     stream = model.new_stream(INSTRUCTIONS, memory_bank_length=M, cache_projections=cache_projections)
-    assert not stream.key_mask.all(), "the test needs a padded instruction"
+    assert stream.key_mask is not None and not stream.key_mask.all(), "the test needs a padded instruction"
     refs = [
         ReferenceMALMM(model, stream.input_ids[b].cpu(), stream.key_mask[b, model.num_query_tokens :].cpu(), M)
         for b in range(len(INSTRUCTIONS))
