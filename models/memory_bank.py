@@ -138,8 +138,10 @@ class MemoryBank:
         if capacity < 0:
             raise ValueError(f"memory capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        # Extras (cached keys/values) are stored head-major, [B, heads, S, N, D/heads], when
-        # given: attention then reads each head's keys of all entries as one contiguous block.
+        # Extras (cached keys/values) are stored head-major, [B, heads, N, S, D/heads], when
+        # given: attention reads each head's keys of all entries as one contiguous block (the
+        # order of keys does not matter to attention), and a merge touches, per position, one
+        # short run of slots instead of rows 32 KB apart (DRAM-latency bound).
         self.extra_heads = extra_heads
         self.groups = groups
         self.length = 0  # valid entries (committed)
@@ -148,7 +150,7 @@ class MemoryBank:
         self._staged: set[int] = set()
         self._features: torch.Tensor | None = None  # [B, S, N, C], S = capacity + 1 physical slots
         self._counts: torch.Tensor | None = None  # [B, S, N]
-        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D] or [B, heads, S, N, D/heads]
+        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D] or [B, heads, N, S, D/heads]
         self._order: torch.Tensor | None = None  # [B, S, N]: temporal index t -> physical slot
         self._sims: torch.Tensor | None = None  # [B, S-1, N]: cos(entry t, entry t+1), float32
         self._free: torch.Tensor | None = None  # [B, N]: the physical slot the next entry goes to
@@ -165,7 +167,7 @@ class MemoryBank:
         self._counts = torch.zeros(B, S, N, dtype=torch.long, device=dev)
         h = self.extra_heads
         self._extras = {
-            k: v.new_zeros(B, S, N, *v.shape[2:]) if h is None else v.new_zeros(B, h, S, N, v.shape[-1] // h)
+            k: v.new_zeros(B, S, N, *v.shape[2:]) if h is None else v.new_zeros(B, h, N, S, v.shape[-1] // h)
             for k, v in extras.items()
         }
         self._order = torch.arange(S, device=dev).view(1, S, 1).repeat(B, 1, N)
@@ -182,17 +184,17 @@ class MemoryBank:
         return (self._batch[rows], phys, self._position[rows])
 
     def _at_heads(self, phys: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
-        """The same for head-major buffers: rows [B, heads, N, d], walked head by head, so each
-        head's block is read in order (a per-position walk jumps across heads: DRAM-latency bound)."""
+        """The same for head-major buffers [B, heads, N, S, d]: rows [B, heads, N, d], walked
+        head by head and position by position, through memory in order."""
         b, h, n = self._head_index
-        return (b[rows], h, phys.view(phys.shape[0], 1, -1), n)
+        return (b[rows], h, n, phys.view(phys.shape[0], 1, -1))
 
     def _head_major(self, buf: torch.Tensor) -> bool:
         return self.extra_heads is not None and buf.dim() == 5
 
     def _slot_view(self, buf: torch.Tensor) -> torch.Tensor:
         """buf as [B, S, N, *D] (a view; slow to index for head-major buffers: status/tests only)."""
-        return buf.permute(0, 2, 3, 1, 4) if self._head_major(buf) else buf
+        return buf.permute(0, 3, 2, 1, 4) if self._head_major(buf) else buf
 
     def _group_rows(self, group: int) -> slice:
         return slice(group * self._rows, (group + 1) * self._rows)
@@ -249,7 +251,8 @@ class MemoryBank:
         that group's rows, including its staged (not yet committed) entry.
 
         Valid between push/stage and settle: then the entries fill slots 0..L-1 (in order
-        while the bank fills up; all M+1 slots once it is full).
+        while the bank fills up; all M+1 slots once it is full). A head-major extra is a
+        view once the bank is full, a copy while it fills up.
         """
         L = self.length + (1 if group is not None and group in self._staged else 0)
         if L and L <= self.capacity and self.compressions:
@@ -259,7 +262,7 @@ class MemoryBank:
             return self._features[rows, :L]
         if self.extra_heads is None:
             return self._extras[name][rows, :L]
-        return self._extras[name][rows, :, :L].flatten(2, 3)
+        return self._extras[name][rows, :, :, :L].flatten(2, 3)  # [B, heads, N * L, d]: key order is free
 
     # ---- compression ---------------------------------------------------------------------
 

@@ -72,7 +72,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, m
     """
     B, L, H = q.shape
     d = H // num_heads
-    scores = torch.matmul(_heads(q, num_heads), k.transpose(-1, -2)) * d**-0.5  # [B, heads, L, S]
+    # Scale the few queries, not the many scores (a bf16 multiply over [heads, L, S] cost
+    # more than the matmul that made them).
+    scores = torch.matmul(_heads(q * d**-0.5, num_heads), k.transpose(-1, -2))  # [B, heads, L, S]
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
     out = torch.matmul(scores.softmax(dim=-1), v)  # [B, heads, L, d]
@@ -80,8 +82,9 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, m
 
 
 def _entries_to_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Projected bank entries [B, T, N, H] -> [B, heads, T * N, H/heads]."""
-    return _heads(x.flatten(1, 2), num_heads)
+    """Projected bank entries [B, T, N, H] -> [B, heads, N * T, H/heads], position-major like
+    the banks' cached keys (so one mask layout serves both paths)."""
+    return _heads(x.transpose(1, 2).flatten(1, 2), num_heads)
 
 
 class QFormerMultiHeadAttention(nn.Module):
@@ -156,8 +159,9 @@ class QFormerLayer(nn.Module):
             entries = bank.slots(group=layer)
             keys = _entries_to_heads(attn.key(entries), attn.num_heads)
             values = _entries_to_heads(attn.value(entries), attn.num_heads)
-        # Every entry has the same instruction, so the same padding: repeat the mask per entry.
-        mask = None if key_mask is None else key_mask.repeat(1, keys.shape[2] // key_mask.shape[1])
+        # Every entry has the same instruction, so the same padding; keys are position-major
+        # (all entries of token 0, then of token 1, ...), so each token's flag repeats per entry.
+        mask = None if key_mask is None else key_mask.repeat_interleave(keys.shape[2] // key_mask.shape[1], dim=1)
         out = _attend(attn.query(hidden), keys, values, attn.num_heads, mask)
         return self.attention.output(out, hidden)
 

@@ -133,11 +133,13 @@ def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity, heads):
         phys = bank.slots()
         assert phys.shape[1] == len(bank)
         torch.testing.assert_close(phys.sort(dim=1).values, bank.features.sort(dim=1).values)
-        if heads:  # head-major extras: [B, heads, L * N, d], head h holding columns h*d:(h+1)*d
+        if heads:  # head-major extras: [B, heads, N * L, d] position-major; head h = columns h*d:(h+1)*d
             proj = bank.slots("proj")
-            assert proj.shape == (B, heads, len(bank) * N, 6 // heads) and proj[1, 2].is_contiguous()
+            assert proj.shape == (B, heads, N * len(bank), 6 // heads)
             entries = phys @ W  # [B, L, N, 6] in the same physical order
-            torch.testing.assert_close(proj[:, 1], entries[..., 2:4].flatten(1, 2))
+            torch.testing.assert_close(proj[:, 1], entries[..., 2:4].transpose(1, 2).flatten(1, 2))
+            if len(bank) == capacity + 1:  # a full bank: each head's keys are one contiguous block
+                assert proj[1, 2].is_contiguous() and proj.data_ptr() == bank._extras["proj"].data_ptr()
         bank.settle()
         x1, k1, p1 = f[:, None], torch.ones(B, 1, N, dtype=torch.long), (f @ W)[:, None]
         ref_x = x1 if ref_x is None else torch.cat([ref_x, x1], 1)
