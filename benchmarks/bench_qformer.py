@@ -63,13 +63,17 @@ def bf16_drift(frames: int = 200, probes=(10, 50, 100, 200)) -> dict:
     return out
 
 
-def main() -> None:
+def vision_per_frame() -> tuple[torch.Tensor, float]:
+    """ViT-g features of 16 frames (for the banks) and its seconds per frame in bf16."""
     vit = vision_model(torch.bfloat16)
     pixels = torch.randn(16, 3, 224, 224).bfloat16()
     with torch.inference_mode():
-        features = vit(pixel_values=pixels).last_hidden_state.float()  # real features for the banks
-        vision_s = timeit(lambda: vit(pixel_values=pixels), repeat=2) / 16
-    del vit
+        features = vit(pixel_values=pixels).last_hidden_state.float()
+        return features, timeit(lambda: vit(pixel_values=pixels), repeat=2) / 16
+
+
+def main() -> None:
+    features, vision_s = vision_per_frame()
     results = {"M": M, "vision_s_per_frame": round(vision_s, 4), "qformer": []}
     for dtype in (torch.float32, torch.bfloat16):
         qformer = qformer_model(dtype)

@@ -32,7 +32,7 @@ def main() -> None:
         for n in args.chunks if dtype == torch.bfloat16 else [8]:
             pixels = torch.randn(n, 3, 224, 224).to(dtype)
             with torch.inference_mode():
-                t = timeit(lambda: model(pixel_values=pixels).last_hidden_state, repeat=args.repeat)
+                t = timeit(lambda m=model, x=pixels: m(pixel_values=x).last_hidden_state, repeat=args.repeat)
             rate = n * flops / t
             results["runs"].append({"dtype": str(dtype).replace("torch.", ""), "chunk": n,
                                     "s_per_frame": round(t / n, 3), "gflops": round(rate / 1e9, 1),

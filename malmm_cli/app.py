@@ -6,7 +6,6 @@ argument errors are instant; models, video decoding and torch load inside the co
 
 from __future__ import annotations
 
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import __version__
-from .errors import MalmmError, UsageError
+from .errors import MalmmError
 from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
 
 app = typer.Typer(

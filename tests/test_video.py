@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli import video
+from malmm_cli import decoding
 from malmm_cli.errors import UsageError, VideoError
 from malmm_cli.video import CLIP_MEAN, CLIP_STD, plan_sampling, preprocess, probe, stream_frames
 from tests import media
@@ -271,7 +271,7 @@ def test_chunks_concatenate_to_plan_and_are_bounded(tmp_path, workers):
 def test_parallel_runs_start_on_keyframes(clips):
     info = probe(clips["cfr25"][0])
     plan = plan_sampling(info, fps=25.0)
-    units = video._plan_units(plan.indices, info.key_frames, 8)
+    units = decoding._plan_units(plan.indices, info.key_frames, 8)
     assert units[0][0] == 0 and units[-1][1] == len(plan.indices)
     assert all(a[1] == b[0] for a, b in zip(units, units[1:]))
     assert all(plan.indices[lo] in set(info.key_frames) for lo, _ in units)
@@ -279,7 +279,7 @@ def test_parallel_runs_start_on_keyframes(clips):
 
 
 def test_chunk_frames_capped_by_bytes(bbb, monkeypatch):
-    monkeypatch.setattr(video, "MAX_CHUNK_BYTES", 3 * 1280 * 720 * 3)
+    monkeypatch.setattr(decoding, "MAX_CHUNK_BYTES", 3 * 1280 * 720 * 3)
     info = probe(bbb)
     chunks, idx, _, _ = collect(stream_frames(bbb, plan_sampling(info, fps=2.0), info=info, chunk_size=16))
     assert max(len(c.indices) for c in chunks) == 3 and len(idx) == 11
@@ -338,7 +338,7 @@ def test_decoder_failure_reaches_consumer(clips, monkeypatch):
     def broken(*a, **k):
         raise VideoError(f"{path} vanished.")
 
-    monkeypatch.setattr(video, "_open_reader", broken)
+    monkeypatch.setattr(decoding, "_open_reader", broken)
     with pytest.raises(VideoError, match="vanished"):
         collect(stream_frames(path, plan_sampling(info), info=info))
     assert not decode_threads()
@@ -347,14 +347,14 @@ def test_decoder_failure_reaches_consumer(clips, monkeypatch):
 def test_stalled_decoder_raises_instead_of_hanging(clips, monkeypatch):
     path, _ = clips["cfr25"]
     info = probe(path)
-    monkeypatch.setattr(video, "STALL_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(decoding, "STALL_TIMEOUT_S", 0.5)
 
     def stuck(self, worker, lo, hi, after):
         while not self.stop.is_set():  # a decoder that never produces anything
             time.sleep(0.05)
-        raise video._Stopped
+        raise decoding._Stopped
 
-    monkeypatch.setattr(video._Decoder, "decode_unit", stuck)
+    monkeypatch.setattr(decoding._Decoder, "decode_unit", stuck)
     start = time.monotonic()
     with pytest.raises(VideoError) as e:
         collect(stream_frames(path, plan_sampling(info), info=info))
@@ -455,7 +455,7 @@ def test_mid_file_corruption_keeps_frames_before_it(tmp_path, caplog):
 def test_too_many_damaged_regions_stop_cleanly(clips, tmp_path, monkeypatch):
     src, _ = clips["faststart"]
     path = media.overwrite(src, tmp_path / "damaged.mp4", at=0.3, length=6000)
-    monkeypatch.setattr(video, "MAX_DAMAGED_REGIONS", 0)
+    monkeypatch.setattr(decoding, "MAX_DAMAGED_REGIONS", 0)
     info = probe(path)
     stream = stream_frames(path, plan_sampling(info, fps=5.0), info=info)
     _, idx, _, frames = collect(stream)
