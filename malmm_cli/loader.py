@@ -16,23 +16,50 @@ from models.loading import default_dtype
 from .errors import UsageError
 
 
-def resolve_quantization(quant: str, device: torch.device) -> str | None:
-    """--quant auto: on a CPU, unquantized bf16/fp32 (bitsandbytes' CPU kernels dequantize on
-    every matmul, which BENCHMARKS.md measured slower than bf16 here); on a GPU, the most
-    precise mode whose LLM weights fit in free memory with room for activations."""
+def _model_config(source: str):
+    """The InstructBLIP config of a source, if it is available locally (None otherwise)."""
+    from transformers import AutoConfig
+
+    if source == "tiny-random":
+        from models.tiny import ensure_tiny_checkpoint
+
+        source = str(ensure_tiny_checkpoint())
+    try:
+        return AutoConfig.from_pretrained(source, local_files_only=True)
+    except OSError:
+        return None
+
+
+def _other_bytes(config, dtype: torch.dtype) -> int:
+    """ViT (model dtype) + Q-Former and projection (float32 at load): what sits beside the LLM."""
+    v, q = config.vision_config, config.qformer_config
+    vit = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+    qformer = q.num_hidden_layers * (6 * q.hidden_size**2 + 4 * q.hidden_size * q.intermediate_size)
+    return int(vit * torch.finfo(dtype).bits / 8 + qformer * 4)
+
+
+def resolve_quantization(quant: str, choice, device: torch.device, dtype: torch.dtype, quiet: bool) -> str | None:
+    """--quant: none / 8bit / 4bit as given; auto = the fastest precision that fits, measured on
+    this device for the paper's 5-beam decoding and remembered in the cache (models/quantize.py)."""
     if quant == "none":
         return None
     if quant in ("8bit", "4bit"):
         return quant
-    if device.type != "cuda":
+    from models.quantize import choose_precision
+
+    from .inputs import cache_root
+
+    if choice.source == "tiny-random":  # a toy: timings at its size say nothing, quantizing it nothing
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    gib = free / 2**30
-    # Vicuna-7B weights: ~13.5 GiB bf16, ~7 GiB 8-bit, ~4 GiB 4-bit, plus ~2.5 GiB for the ViT,
-    # Q-Former, memory banks and generation.
-    if gib >= 17:
+    config = _model_config(choice.source)
+    if config is None:  # not downloaded yet: loading will say so
         return None
-    return "8bit" if gib >= 10 else "4bit"
+    picked = choose_precision(config.text_config, device, dtype, _other_bytes(config, dtype),
+                              cache_root() / "precision.json")
+    if not quiet:
+        sys.stderr.write(f"malmm: --quant auto: {picked.mode or str(dtype).replace('torch.', '')}, "
+                         f"{picked.reason()}\n")
+    return picked.mode
 
 
 def _device(value: str) -> torch.device:
@@ -66,11 +93,12 @@ def _announce_download(choice, quiet: bool) -> None:
 
 
 def load_model(choice, opts) -> MALMM:
+    from .inputs import cache_root
+
     _quiet_libraries()
     device = _device(str(getattr(opts.device, "value", opts.device)))
-    quant = resolve_quantization(str(getattr(opts.quant, "value", opts.quant)), device)
-    if quant is not None and device.type == "cpu" and choice.source != "tiny-random":
-        sys.stderr.write(f"malmm: note: {quant} on a CPU is slower than bf16 here; see BENCHMARKS.md\n")
+    dtype = default_dtype(device)
+    quant = resolve_quantization(str(getattr(opts.quant, "value", opts.quant)), choice, device, dtype, opts.quiet)
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
         raise UsageError(f"--checkpoint '{opts.checkpoint}' does not exist.")
     _announce_download(choice, opts.quiet)
@@ -81,7 +109,7 @@ def load_model(choice, opts) -> MALMM:
         sys.stderr.flush()
     model = MALMM.from_pretrained(
         choice.source, memory_bank_length=20, checkpoint=opts.checkpoint, quantization=quant,
-        dtype=default_dtype(device), device=device,
+        dtype=dtype, device=device, quantized_cache=cache_root() / "quantized",
     )
     if not opts.quiet:
         extra = f"; {model.overlay_report.summary()}" if model.overlay_report else ""

@@ -15,22 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, BitsAndBytesConfig, InstructBlipForConditionalGeneration
+from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
 from .errors import CheckpointError, ModelNotAvailableError
 from .malmm import DEFAULT_MODEL, MALMM
 from .qformer import MemoryQFormer
+from .quantize import quantization_config, quantized_copy_dir, save_quantized
 from .tiny import TINY_RANDOM, ensure_tiny_checkpoint
 
-__all__ = ["load_malmm", "default_dtype", "OverlayReport", "convert_lavis_state_dict", "apply_overlay"]
+__all__ = ["load_malmm", "default_dtype", "qformer_dtype_for", "OverlayReport", "convert_lavis_state_dict", "apply_overlay"]
 
 log = logging.getLogger("malmm")
 
-QUANTIZATION_MODES = (None, "8bit", "4bit")
-# Modules MA-LMM keeps out of quantization and in float32: small, and the memory banks
-# accumulate count-weighted means over thousands of frames.
 FULL_PRECISION_MODULES = ["query_tokens", "qformer", "language_projection"]
-NOT_QUANTIZED = ["vision_model", "qformer", "language_projection", "query_tokens", "lm_head"]
 
 
 class _InstructBlipWeights(InstructBlipForConditionalGeneration):
@@ -68,20 +65,6 @@ def _resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _quantization_config(mode: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    if mode not in QUANTIZATION_MODES:
-        raise ValueError(f"quantization must be one of {QUANTIZATION_MODES}, got {mode!r}")
-    if mode is None:
-        return None
-    # Without the skip list bitsandbytes would also quantize the ViT, Q-Former and projection.
-    if mode == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=NOT_QUANTIZED,
-    )
-
-
 def _is_cached(repo_id: str, revision: str | None) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -89,13 +72,32 @@ def _is_cached(repo_id: str, revision: str | None) -> bool:
     return isinstance(hit, str)
 
 
-def _load_hf(src: str, revision: str | None, **kwargs):
+def _load_weights(src: str, common: dict, quantization: str | None, quantized_cache: Path | None,
+                  revision: str | None, dtype: torch.dtype, device: torch.device):
+    """The InstructBLIP weights; quantized ones from a saved quantized copy when there is one
+    (quantizing at load takes minutes at 7B, reloading a saved copy about a second)."""
+    kwargs = {"dtype": dtype, "device_map": {"": device}}
+    if quantization is None or quantized_cache is None:
+        return _InstructBlipWeights.from_pretrained(src, quantization_config=quantization_config(quantization, dtype),
+                                                    **common, **kwargs)
+    copy = quantized_copy_dir(quantized_cache, src, revision, quantization, device, dtype)
+    if (copy / "config.json").exists():
+        return _InstructBlipWeights.from_pretrained(str(copy), local_files_only=True, **kwargs)
+    hf = _InstructBlipWeights.from_pretrained(src, quantization_config=quantization_config(quantization, dtype),
+                                              **common, **kwargs)
+    log.info("saving the %s weights to %s for faster loading next time", quantization, copy)
+    save_quantized(hf, copy)
+    return hf
+
+
+def _load_hf(src: str, revision: str | None, quantization: str | None, quantized_cache: Path | None,
+             dtype: torch.dtype, device: torch.device):
     """Model + both tokenizers, with one clear error when the weights cannot be had."""
     local = Path(src).is_dir()
     offline_ok = local or _is_cached(src, revision)
     common = {"revision": revision, "local_files_only": offline_ok}
     try:
-        hf = _InstructBlipWeights.from_pretrained(src, **common, **kwargs)
+        hf = _load_weights(src, common, quantization, quantized_cache, revision, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(src, **common)
         qformer_tokenizer = AutoTokenizer.from_pretrained(src, subfolder="qformer_tokenizer", **common)
     except OSError as err:
@@ -133,6 +135,7 @@ def load_malmm(
     revision: str | None = None,
     strict_checkpoint: bool = True,
     qformer_dtype: torch.dtype | None = None,
+    quantized_cache: str | Path | None = None,
 ) -> MALMM:
     """Build a :class:`MALMM` from InstructBLIP weights.
 
@@ -144,6 +147,8 @@ def load_malmm(
         (default: :func:`qformer_dtype_for`); they are loaded from the checkpoint in float32
         first, whatever the choice.
     device: "cpu", "cuda", "cuda:1", or None/"auto".
+    quantized_cache: a directory where quantized weights are saved after the first quantized
+        load and read back afterwards (keyed by model, mode, device and library versions).
     """
     from transformers.utils import logging as hf_logging
 
@@ -153,8 +158,7 @@ def load_malmm(
         src = str(ensure_tiny_checkpoint())
     hf_logging.disable_progress_bar()
     hf, tokenizer, qformer_tokenizer = _load_hf(
-        src, revision, dtype=dtype, quantization_config=_quantization_config(quantization, dtype),
-        device_map={"": device},
+        src, revision, quantization, Path(quantized_cache) if quantized_cache else None, dtype, device
     )
     _check_special_tokens(tokenizer, hf.config.text_config.vocab_size)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -33,13 +34,17 @@ QFORMER_MAX_TEXT = 128  # instruction tokens kept for the Q-Former (LAVIS max_tx
 
 @contextlib.contextmanager
 def _expected_llm_warnings() -> Iterator[None]:
-    """Silence warnings that describe intended behaviour, raised on every call.
-
-    - bitsandbytes' 8-bit CPU matmul casts its inputs to fp16 on every call.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-        yield
+    """Silence notices about intended behaviour that would repeat on every call: bitsandbytes'
+    8-bit CPU matmul logs that it casts its inputs to fp16, each time."""
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+            yield
+    finally:
+        bnb_log.setLevel(level)
 
 
 def temporal_slot(t: int, total_frames: int | None) -> int:
