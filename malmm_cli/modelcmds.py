@@ -77,14 +77,21 @@ def _human(n: int) -> str:
     return f"{n:.1f} TB"
 
 
-def download_model(name: str) -> int:
+def _resolve(name: str):
+    """The ModelChoice for a name, or the exit code after reporting why there is none."""
     from .errors import MalmmError
 
     try:
-        choice = resolve_model(name)
+        return resolve_model(name)
     except MalmmError as err:
         print(f"malmm: error: {err}", file=sys.stderr)
         return err.exit_code
+
+
+def download_model(name: str) -> int:
+    choice = _resolve(name)
+    if isinstance(choice, int):
+        return choice
     if choice.source == TINY:
         from models.tiny import ensure_tiny_checkpoint
 
@@ -113,13 +120,9 @@ def _download_hub(repo_id: str) -> int:
 
 
 def model_path(name: str) -> int:
-    from .errors import MalmmError
-
-    try:
-        choice = resolve_model(name)
-    except MalmmError as err:
-        print(f"malmm: error: {err}", file=sys.stderr)
-        return err.exit_code
+    choice = _resolve(name)
+    if isinstance(choice, int):
+        return choice
     path = _local_path(choice.source)
     if path is None:
         print(f"malmm: error: '{choice.label}' is not downloaded; run: malmm models download {choice.label}",
