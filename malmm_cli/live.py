@@ -56,8 +56,8 @@ class RichEvents(Events):
         self.timestamps = sampling.timestamps
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("frames · {task.fields[rate]:.1f}/s"), TimeElapsedColumn(), TextColumn("left"),
-            TimeRemainingColumn(), console=self.console,
+            TextColumn("frames · {task.fields[rate]:.1f}/s ·"), TimeElapsedColumn(), TextColumn("elapsed ·"),
+            TimeRemainingColumn(), TextColumn("left"), console=self.console,
         )
         label = source if len(source) <= 40 else "…" + source[-39:]
         prefix = f"[{self.index}/{self.total_inputs}] " if self.total_inputs > 1 else ""

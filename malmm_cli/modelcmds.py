@@ -149,7 +149,7 @@ def _versions() -> dict[str, str]:
 
 
 def run_doctor() -> int:
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)  # one line per check, whatever the width
     ok = True
 
     def check(label: str, good: bool, detail: str) -> None:
