@@ -9,9 +9,12 @@ torch is imported only by `preprocess`, so the CLI can show --help without it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
+from collections.abc import Iterator
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +81,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     Raises VideoError with one sentence for anything that is not a readable video.
     """
     path = Path(path)
-    reader = _open_reader(path)
+    reader = _open_reader(path, quiet=True)
     count = len(reader)
     try:
         stamps = reader.get_frame_timestamp(np.arange(count))
@@ -129,15 +132,32 @@ def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int]:
     raise VideoError(f"{path} cannot be decoded: none of the frames tried could be read ({_decord_msg(error)}).")
 
 
-def _open_reader(path: Path) -> Any:
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """decord's C++ code logs "ERROR opening: ..." straight to file descriptor 2 when a file
+    does not open; the VideoError sentence says it better. Only for the main thread's first
+    open (probe), before any decoder thread or live view writes to stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _open_reader(path: Path, quiet: bool = False) -> Any:
     """A decord VideoReader, or VideoError naming the file and what is wrong with it."""
     _check_file(path)
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would bypass ours
     try:
-        # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+        with _native_stderr_silenced() if quiet else contextlib.nullcontext():
+            # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
+            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
         raise VideoError(_open_error(path, e)) from None
 

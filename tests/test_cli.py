@@ -384,3 +384,13 @@ def test_live_view_shows_the_memory_bank():
     assert "4/4 slots · 16 compressions · oldest slot 0:00-0:00" in memory_line(status, sampling.timestamps)
     assert slot_chart(status.slot_frames) == "█▆▄▂"
     assert "memory bank" in buf.getvalue() and "16 compressions" in buf.getvalue()
+
+
+def test_a_corrupt_file_gives_exactly_one_line_on_stderr(tmp_path):
+    """Seen from a real process: decord's native "ERROR opening" line must not leak through."""
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(bigbuckbunny_path().read_bytes()[:5000])
+    out = subprocess.run([sys.executable, "-m", "malmm_cli", "caption", str(broken), *TINY, "-q"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"malmm: error: {broken} cannot be opened as a video: the file is truncated or corrupt."]
