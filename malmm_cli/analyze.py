@@ -39,6 +39,9 @@ class Events:
 
     def finished(self, result: Result) -> None: ...
 
+    def close(self) -> None:
+        """Tidy the display after an error or an interrupt."""
+
 
 @dataclass
 class _Run:

@@ -152,9 +152,6 @@ class FeatureCache:
             return []
         return [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
-    def size(self) -> int:
-        return sum(f.stat().st_size for e in self.entries() for f in e.iterdir())
-
     def evict(self) -> None:
         """Drop least recently used entries until the cache fits its limit."""
         entries = sorted(self.entries(), key=lambda p: p.stat().st_mtime)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from .errors import InputError, MalmmError, UsageError
+from .errors import MalmmError, UsageError
 from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
 from .results import ErrorResult, Result
 from .writers import EXTENSIONS, get_writer
@@ -39,10 +39,6 @@ class CommonOptions:
     resume: bool = False
     quiet: bool = False
     no_cache: bool = False
-
-
-def _value(option) -> str:
-    return getattr(option, "value", option)
 
 
 def validate(opts: CommonOptions) -> None:
@@ -253,13 +249,13 @@ def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptio
                 result = analyzer.run(source, job)
             except (MalmmError, ModelError) as err:
                 failures += 1
-                analyzer.events_close()
+                analyzer.events.close()
                 _error(spec, str(err))
                 output.write_error(ErrorResult(spec, str(err)))
                 continue
             except (RuntimeError, ValueError, OSError) as err:  # a bug or a resource problem: report, go on
                 failures += 1
-                analyzer.events_close()
+                analyzer.events.close()
                 log.debug("%s", traceback.format_exc())
                 message = f"unexpected {type(err).__name__}: {err}"
                 _error(spec, message)
@@ -270,7 +266,7 @@ def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptio
             output.write(result)
             written += 1
     except KeyboardInterrupt:
-        analyzer.events_close()
+        analyzer.events.close()
         where = f" in {output.path}" if output.path else ""
         sys.stderr.write(f"malmm: interrupted; {written} result(s) kept{where}\n")
         return 130
@@ -282,22 +278,7 @@ def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptio
     return 1 if failures else 0
 
 
-class _BatchAnalyzer:
-    """The Analyzer plus what the batch needs to tidy the live view after an error."""
-
-    def __init__(self, analyzer, events):
-        self.analyzer, self.events = analyzer, events
-
-    def run(self, source, job):
-        return self.analyzer.run(source, job)
-
-    def events_close(self):
-        close = getattr(self.events, "close", None)
-        if close is not None:
-            close()
-
-
-def _analyzer(choice, opts: CommonOptions, n_inputs: int) -> _BatchAnalyzer:
+def _analyzer(choice, opts: CommonOptions, n_inputs: int):
     from .loader import load_model, model_id
     from .live import make_events
     from .analyze import Analyzer
@@ -307,7 +288,4 @@ def _analyzer(choice, opts: CommonOptions, n_inputs: int) -> _BatchAnalyzer:
     model = load_model(choice, opts)
     cache = None if opts.no_cache else FeatureCache(cache_root() / "features")
     events = make_events(opts.quiet, n_inputs)
-    return _BatchAnalyzer(Analyzer(model, model_id(choice, opts, model), cache=cache, events=events), events)
-
-
-__all__ = ["CommonOptions", "run_command", "InputError"]
+    return Analyzer(model, model_id(choice, opts, model), cache=cache, events=events)

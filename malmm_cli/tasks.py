@@ -48,11 +48,6 @@ def load_label_set(name: str) -> LabelSet:
     raise UsageError(f"Unknown task '{name}': choose one of {', '.join(LABEL_SET_NAMES)}, or use --labels.")
 
 
-def coin_domains() -> dict[str, str]:
-    """COIN task phrase -> its domain (e.g. 'make coffee' -> 'Drink and Snack')."""
-    return {t["label"]: t["domain"] for t in _label_data()["coin"]["targets"]}
-
-
 def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
     """--labels FILE (one label per line, or a JSON list) or "a,b,c"."""
     path = Path(spec).expanduser()
