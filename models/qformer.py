@@ -212,14 +212,11 @@ class MemoryQFormer(nn.Module):
         self.num_query_tokens = num_query_tokens
         self.embeddings = QFormerEmbeddings(config)
         self.encoder = QFormerEncoder(config)
+        self.cross_layers = [i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
 
     def embed(self, query_tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, Q, H] query tokens + [B, L] instruction ids -> [B, Q + L, H]; constant per stream."""
         return self.embeddings(query_tokens, input_ids)
-
-    @property
-    def cross_layers(self) -> list[int]:
-        return [i for i, layer in enumerate(self.encoder.layer) if layer.has_cross_attention]
 
     def new_memory(self, capacity: int, cache_projections: bool = True) -> QFormerMemory:
         return QFormerMemory.empty(
