@@ -190,9 +190,11 @@ def models_download(name: Annotated[str, typer.Argument(help="Preset name or hub
     raise typer.Exit(download_model(name))
 
 
-@models_app.command("path", epilog="Example: malmm models path tiny-random")
-def models_path(name: Annotated[str, typer.Argument(help="Preset name or hub id.", show_default=False)]):
-    """Print where a downloaded model lives."""
+@models_app.command("path", epilog="Examples: malmm models path | malmm models path tiny-random")
+def models_path(name: Annotated[Optional[str], typer.Argument(
+        help="Preset name or hub id; without it, where malmm and Hugging Face keep things.",
+        show_default=False)] = None):
+    """Print where a downloaded model lives, or where everything is cached."""
     from .modelcmds import model_path
 
     raise typer.Exit(model_path(name))

@@ -119,7 +119,9 @@ def _download_hub(repo_id: str) -> int:
     return 0
 
 
-def model_path(name: str) -> int:
+def model_path(name: str | None) -> int:
+    if name is None:
+        return _cache_locations()
     choice = _resolve(name)
     if isinstance(choice, int):
         return choice
@@ -129,6 +131,19 @@ def model_path(name: str) -> int:
               file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+def _cache_locations() -> int:
+    from huggingface_hub import constants
+
+    from .inputs import cache_root
+
+    root = cache_root()
+    for label, path in (("malmm cache", root), ("vision features", root / "features"),
+                        ("downloaded videos", root / "downloads"), ("quantized models", root / "quantized"),
+                        ("Hugging Face models", Path(constants.HF_HUB_CACHE))):
+        print(f"{label + ':':21s}{path}")
     return 0
 
 

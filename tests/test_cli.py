@@ -348,6 +348,9 @@ def test_models_commands(tmp_path):
     assert by_name["instructblip-vicuna-7b"]["source"] == "Salesforce/instructblip-vicuna-7b"
     missing = malmm("models", "path", "instructblip-vicuna-7b")
     assert missing.exit_code == 1 and "malmm models download instructblip-vicuna-7b" in missing.stderr
+    where = malmm("models", "path")
+    assert where.exit_code == 0 and "vision features:" in where.stdout and "Hugging Face models:" in where.stdout
+    assert os.environ["MALMM_CACHE_DIR"] in where.stdout
 
 
 def test_doctor_runs_tiny_random_end_to_end():

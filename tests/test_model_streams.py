@@ -158,3 +158,17 @@ def test_generate_and_score_need_frames_and_sane_arguments(tiny_model, pixels):
         tiny_model.new_stream("x", memory_bank_length=-1)
     texts = tiny_model.generate(stream, max_new_tokens=5, num_beams=2)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_a_bf16_qformer_stays_close_to_fp32_over_a_stream(tiny_dir):
+    """The default for bf16 models: same weights, outputs within bf16 tolerance of fp32."""
+    fp32 = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    bf16 = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, qformer_dtype=torch.bfloat16, device="cpu")
+    feats = torch.randn(30, 257, 32, generator=torch.Generator().manual_seed(2)).cumsum(dim=0) / 5
+    streams = [m.new_stream(INSTRUCTIONS, memory_bank_length=4) for m in (fp32, bf16)]
+    for t in range(30):
+        for stream in streams:
+            stream.add_features(feats[t : t + 1])
+        a, b = (s.query_output().float() for s in streams)
+        assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.999, f"frame {t}"
+    assert streams[1].query_output().dtype == torch.bfloat16
