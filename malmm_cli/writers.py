@@ -89,6 +89,12 @@ class MarkdownWriter(ResultWriter):
             out.write(f"## {short_clock(seg.start)} - {short_clock(seg.end)}\n\n{seg.text}\n\n")
 
 
+def _cue_text(text: str) -> str:
+    """Subtitle-safe text: a blank line would end the cue early, and '-->' marks a timing line."""
+    lines = [line.strip() for line in text.replace("-->", "->").splitlines() if line.strip()]
+    return "\n".join(lines) or "..."
+
+
 class SrtWriter(ResultWriter):
     """SubRip: numbered cues. SRT has no comments, so the overall summary is left out."""
 
@@ -98,8 +104,7 @@ class SrtWriter(ResultWriter):
 
     def write(self, result, out, *, header=False):
         for i, seg in enumerate(result.segments or (), 1):
-            text = seg.text.strip() or "..."  # an empty cue would end the block early
-            out.write(f"{i}\n{clock(seg.start, ',')} --> {clock(seg.end, ',')}\n{text}\n\n")
+            out.write(f"{i}\n{clock(seg.start, ',')} --> {clock(seg.end, ',')}\n{_cue_text(seg.text)}\n\n")
 
 
 class VttWriter(ResultWriter):
@@ -115,8 +120,7 @@ class VttWriter(ResultWriter):
             # A NOTE may not contain "-->"; keep it on one line.
             out.write("NOTE Summary: " + result.summary.replace("-->", "->").replace("\n", " ") + "\n\n")
         for seg in result.segments or ():
-            text = (seg.text.strip() or "...").replace("-->", "->")
-            out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{text}\n\n")
+            out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{_cue_text(seg.text)}\n\n")
 
 
 WRITERS: dict[str, ResultWriter] = {w.name: w for w in (TextWriter(), JsonWriter(), MarkdownWriter(), SrtWriter(), VttWriter())}
