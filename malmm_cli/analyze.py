@@ -165,18 +165,19 @@ class Analyzer:
 
     # ---- tasks ----------------------------------------------------------------------------
 
-    def _caption(self, run: _Run):
+    def _answer(self, run: _Run, stage: str) -> tuple[list[str], VideoStream]:
+        """One stream row per prompt, one pass over the video, the answers in one batch."""
         stream = self._new_stream(run, run.job.prompts, run.planned)
         self._feed(run, [stream])
-        self.events.stage("writing the caption")
-        return {"text": self._generate(run, stream, run.job.prompts)[0]}, stream
+        self.events.stage(stage)
+        return self._generate(run, stream, run.job.prompts), stream
+
+    def _caption(self, run: _Run):
+        texts, stream = self._answer(run, "writing the caption")
+        return {"text": texts[0]}, stream
 
     def _ask(self, run: _Run):
-        # All questions in one pass: one stream row per question, answered in one batch.
-        stream = self._new_stream(run, run.job.prompts, run.planned)
-        self._feed(run, [stream])
-        self.events.stage(f"answering {len(run.job.questions)} question(s)")
-        texts = self._generate(run, stream, run.job.prompts)
+        texts, stream = self._answer(run, f"answering {len(run.job.questions)} question(s)")
         return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
 
     def _classify(self, run: _Run):

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from models import MALMM
-from models.loading import default_dtype
+from models import MALMM, ModelNotAvailableError
+from models.loading import default_dtype, resolve_device
 
 from .errors import UsageError
 
@@ -63,11 +63,10 @@ def resolve_quantization(quant: str, choice, device: torch.device, dtype: torch.
 
 
 def _device(value: str) -> torch.device:
-    if value == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was given but PyTorch sees no CUDA GPU (use --device cpu or auto).")
-    if value == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(value)
+    try:
+        return resolve_device(value)
+    except ModelNotAvailableError as err:  # a usage error here: the user named the device
+        raise UsageError("--device cuda was given but PyTorch sees no CUDA GPU (use --device cpu or auto).") from err
 
 
 def _quiet_libraries() -> None:

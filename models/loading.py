@@ -23,7 +23,7 @@ from .qformer import MemoryQFormer
 from .quantize import quantization_config, quantized_copy_dir, save_quantized
 from .tiny import TINY_RANDOM, ensure_tiny_checkpoint
 
-__all__ = ["load_malmm", "default_dtype", "qformer_dtype_for", "OverlayReport", "convert_lavis_state_dict", "apply_overlay"]
+__all__ = ["load_malmm", "default_dtype", "resolve_device", "qformer_dtype_for", "OverlayReport", "convert_lavis_state_dict", "apply_overlay"]
 
 log = logging.getLogger("malmm")
 
@@ -56,7 +56,8 @@ def qformer_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None/"auto": CUDA when PyTorch sees a GPU, else the CPU; a named device must exist."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -152,7 +153,7 @@ def load_malmm(
     """
     from transformers.utils import logging as hf_logging
 
-    device = _resolve_device(device)
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     if src == TINY_RANDOM:
         src = str(ensure_tiny_checkpoint())
