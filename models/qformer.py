@@ -23,7 +23,7 @@ only its own tokens instead of re-projecting the whole bank in every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,7 +46,11 @@ class QFormerMemory:
     visual: MemoryBank
     query: MemoryBank
     cache_projections: bool = True
-    frames: int = field(default=0)
+
+    @property
+    def frames(self) -> int:
+        """Frames seen so far (every frame is pushed to the visual bank, whatever M)."""
+        return self.visual.frames_seen
 
     @classmethod
     def empty(cls, capacity: int, num_layers: int, num_heads: int, cache_projections: bool = True) -> QFormerMemory:
@@ -269,5 +273,4 @@ class MemoryQFormer(nn.Module):
         memory.query.commit()
         memory.query.settle()
         memory.visual.settle()
-        memory.frames += 1
         return hidden
