@@ -1,33 +1,39 @@
-"""Loading MALMM: InstructBLIP weights in the Hugging Face layout, MA-LMM LAVIS overlays, quantization.
+"""Loading MALMM: InstructBLIP weights in the Hugging Face layout, MA-LMM overlays, quantization.
 
 ``src`` is a hub id (default ``Salesforce/instructblip-vicuna-7b``), a local directory in the
-Hugging Face layout (model files, LLM tokenizer, ``qformer_tokenizer/``), or ``tiny-random``.
-transformers reads the checkpoint (sharding, safetensors, the HF cache, ``HF_HUB_OFFLINE``,
-bitsandbytes); the Q-Former weights then move into :class:`MemoryQFormer` with strict=True.
+Hugging Face layout (model files, LLM tokenizer, ``qformer_tokenizer/``, the processor config),
+or ``tiny-random``. transformers reads the checkpoint (sharding, safetensors, the HF cache,
+``HF_HUB_OFFLINE``, bitsandbytes); the Q-Former weights then move into :class:`MemoryQFormer`
+with strict=True. MA-LMM checkpoints as the official runner saves them overlay the result
+(models/overlay.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
 from .errors import CheckpointError, ModelNotAvailableError
-from .malmm import DEFAULT_MODEL, MALMM
+from .malmm import DEFAULT_MODEL, MALMM, ImageSpec
+from .overlay import (OverlayReport, apply_overlay, convert_lavis_state_dict, lavis_to_hf_key,
+                      load_overlay)
 from .qformer import MemoryQFormer
 from .quantize import quantization_config, quantized_copy_dir, save_quantized
 from .tiny import TINY_RANDOM, ensure_tiny_checkpoint
 
-__all__ = ["load_malmm", "default_dtype", "resolve_device", "qformer_dtype_for", "OverlayReport", "convert_lavis_state_dict", "apply_overlay"]
+__all__ = ["load_malmm", "default_dtype", "resolve_device", "qformer_dtype_for", "OverlayReport",
+           "convert_lavis_state_dict", "apply_overlay", "lavis_to_hf_key", "load_overlay", "DEFAULT_MEMORY_BANK_LENGTH"]
 
 log = logging.getLogger("malmm")
 
 FULL_PRECISION_MODULES = ["query_tokens", "qformer", "language_projection"]
+DEFAULT_MEMORY_BANK_LENGTH = 20  # M when neither the caller nor the checkpoint's config says
 
 
 class _InstructBlipWeights(InstructBlipForConditionalGeneration):
@@ -48,12 +54,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else torch.float32
 
 
-def qformer_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """The Q-Former runs in bf16 when the model does: 2.1x faster per frame than fp32 on this
-    project's AVX512-BF16 CPU, with outputs at cosine >= 0.9997 to fp32 after 200 frames
-    (BENCHMARKS.md). Under fp16 it stays fp32, as in the reference, for range. Bank merges
-    and similarities are computed in float32 either way."""
-    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+def qformer_dtype_for(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
+    """The Q-Former, projection and temporal embedding run in fp32 as in the official code
+    (outside autocast), except on a CPU with a bf16 model: there bf16 is 2.1x faster per frame
+    with outputs at cosine >= 0.9997 to fp32 after 200 frames (BENCHMARKS.md; tested). On a
+    GPU the step is small next to the ViT, so fp32 costs little. Bank merges and
+    similarities are computed in float32 either way."""
+    on_cpu = torch.device(device).type == "cpu"
+    return torch.bfloat16 if dtype == torch.bfloat16 and on_cpu else torch.float32
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -91,19 +99,44 @@ def _load_weights(src: str, common: dict, quantization: str | None, quantized_ca
     return hf
 
 
+def _check_local_dir(path: Path) -> None:
+    """A local model folder gets a precise sentence before transformers gives a vague one."""
+    if not any(path.iterdir()):
+        raise ModelNotAvailableError(f"'{path}' is an empty folder, not a model.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelNotAvailableError(f"'{path}' is not an InstructBLIP model folder: it has no config.json.")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, OSError, AttributeError) as err:
+        raise ModelNotAvailableError(f"'{config}' is not a valid model config (not a JSON object).") from err
+    if model_type != "instructblip":
+        raise ModelNotAvailableError(f"'{path}' holds a {model_type or 'untyped'!s} model, not InstructBLIP.")
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    if not any((path / name).is_file() for name in weights):
+        raise ModelNotAvailableError(f"'{path}' has no model weights (model.safetensors or pytorch_model.bin).")
+
+
 def _load_hf(src: str, revision: str | None, quantization: str | None, quantized_cache: Path | None,
              dtype: torch.dtype, device: torch.device):
     """Model + both tokenizers, with one clear error when the weights cannot be had."""
+    from safetensors import SafetensorError
+
     local = Path(src).is_dir()
+    if local:
+        _check_local_dir(Path(src))
     offline_ok = local or _is_cached(src, revision)
     common = {"revision": revision, "local_files_only": offline_ok}
     try:
         hf = _load_weights(src, common, quantization, quantized_cache, revision, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(src, **common)
         qformer_tokenizer = AutoTokenizer.from_pretrained(src, subfolder="qformer_tokenizer", **common)
+    except SafetensorError as err:
+        raise CheckpointError(f"the weights of '{src}' are corrupt or truncated ({_first_line(err)}); "
+                              "download or copy them again.") from err
     except OSError as err:
         if local:
-            raise ModelNotAvailableError(f"'{src}' is not a complete InstructBLIP checkpoint: {err}") from err
+            raise ModelNotAvailableError(f"'{src}' is not a complete InstructBLIP checkpoint: {_first_line(err)}") from err
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         why = "HF_HUB_OFFLINE is set" if offline else "it could not be downloaded"
         raise ModelNotAvailableError(
@@ -113,22 +146,54 @@ def _load_hf(src: str, revision: str | None, quantization: str | None, quantized
     return hf, tokenizer, qformer_tokenizer
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__
+
+
 def _check_special_tokens(tokenizer, vocab_size: int) -> None:
-    """Prompts start with BOS and answers stop at EOS; InstructBLIP-Vicuna uses "</s>" (id 2)
-    for both, as LAVIS does. Fail loudly rather than generate with wrong ids."""
+    """Prompts start with BOS and answers stop at EOS. InstructBLIP-Vicuna uses "</s>" (id 2)
+    for both, as LAVIS does (the hub tokenizer has bos_token="</s>"); a tokenizer whose BOS is
+    LLaMA's "<s>" would start every prompt with a token the model was never trained on."""
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is None or eos is None:
         raise CheckpointError(f"the LLM tokenizer defines no {'BOS' if bos is None else 'EOS'} token")
     for name, tid in (("BOS", bos), ("EOS", eos)):
         if not 0 <= tid < vocab_size:
             raise CheckpointError(f"the LLM tokenizer's {name} id {tid} is outside the model's vocabulary")
+    if tokenizer.bos_token != "</s>":
+        raise CheckpointError(f"the LLM tokenizer's BOS token is {tokenizer.bos_token!r}, but InstructBLIP-Vicuna "
+                              "starts prompts with '</s>' (as the hub checkpoint's tokenizer does)")
     log.debug("LLM tokenizer: BOS %r (id %d), EOS %r (id %d)", tokenizer.bos_token, bos, tokenizer.eos_token, eos)
+
+
+def _image_spec(src: str, revision: str | None, local_only: bool, vision_config) -> ImageSpec:
+    """Frame preprocessing from the model's own processor config (preprocessor_config.json, or
+    the image_processor part of processor_config.json), which must agree with the ViT's input
+    size; the CLIP constants of method.md when a checkpoint ships no processor config."""
+    from transformers.image_processing_base import ImageProcessingMixin
+
+    size = vision_config.image_size
+    fallback = ImageSpec((size, size))
+    try:
+        config, _ = ImageProcessingMixin.get_image_processor_dict(src, revision=revision, local_files_only=local_only)
+    except (OSError, ValueError) as err:
+        log.debug("no image processor config for %s (%s); using %s", src, _first_line(err), fallback)
+        return fallback
+    raw = config.get("size") or {}
+    hw = (raw.get("height", size), raw.get("width", size)) if isinstance(raw, dict) else (int(raw), int(raw))
+    spec = ImageSpec((int(hw[0]), int(hw[1])), tuple(config.get("image_mean", fallback.mean)),
+                     tuple(config.get("image_std", fallback.std)))
+    if spec.size != (size, size):
+        raise CheckpointError(f"the processor config of '{src}' resizes frames to {spec.size[0]}x{spec.size[1]}, "
+                              f"but its vision encoder takes {size}x{size}")
+    return spec
 
 
 def load_malmm(
     src: str = DEFAULT_MODEL,
     *,
-    memory_bank_length: int = 20,
+    memory_bank_length: int | None = None,
     checkpoint: str | Path | None = None,
     quantization: str | None = None,
     dtype: torch.dtype | None = None,
@@ -140,8 +205,11 @@ def load_malmm(
 ) -> MALMM:
     """Build a :class:`MALMM` from InstructBLIP weights.
 
-    memory_bank_length: M, the bank capacity; 0 = no memory (each frame on its own).
-    checkpoint: optional MA-LMM LAVIS ``.pth`` whose weights overlay the loaded ones.
+    memory_bank_length: M, the bank capacity; 0 = no memory (each frame on its own). Default:
+        the checkpoint's ``config.model.memory_bank_length``, else 20.
+    checkpoint: optional MA-LMM ``.pth`` (as the official runner saves it, or a bare state
+        dict) whose weights overlay the loaded ones; its config is kept as
+        ``model.trained_config`` and its trained frame count sets the temporal positions.
     quantization: None, "8bit" or "4bit": bitsandbytes on the LLM only.
     dtype: of the ViT and LLM (default: bf16 where fast, else fp32).
     qformer_dtype: of the Q-Former, query tokens, projection and temporal embedding
@@ -162,6 +230,7 @@ def load_malmm(
         src, revision, quantization, Path(quantized_cache) if quantized_cache else None, dtype, device
     )
     _check_special_tokens(tokenizer, hf.config.text_config.vocab_size)
+    image_spec = _image_spec(src, revision, Path(src).is_dir() or _is_cached(src, revision), hf.config.vision_config)
 
     qformer = MemoryQFormer(hf.config.qformer_config, num_query_tokens=hf.config.num_query_tokens)
     qformer.to(device=device, dtype=torch.float32)
@@ -175,149 +244,18 @@ def load_malmm(
         language_model=hf.language_model,
         tokenizer=tokenizer,
         qformer_tokenizer=qformer_tokenizer,
-        memory_bank_length=memory_bank_length,
+        memory_bank_length=DEFAULT_MEMORY_BANK_LENGTH if memory_bank_length is None else memory_bank_length,
         name=src,
+        image_spec=image_spec,
     )
     model.quantization = quantization
     model.overlay_report = None
     if checkpoint is not None:
-        model.overlay_report = load_overlay(model, checkpoint, strict=strict_checkpoint)
-    model.set_qformer_dtype(qformer_dtype or qformer_dtype_for(dtype))
+        report = load_overlay(model, checkpoint, strict=strict_checkpoint)
+        model.overlay_report = report
+        model.trained_config = report.config
+        model.trained_frames = report.trained_frames
+        if memory_bank_length is None and report.config.memory_bank_length is not None:
+            model.memory_bank_length = report.config.memory_bank_length
+    model.set_qformer_dtype(qformer_dtype or qformer_dtype_for(dtype, device))
     return model
-
-
-# ---- MA-LMM LAVIS overlays ------------------------------------------------------------
-
-_QFORMER_RENAMES = [
-    ("Qformer.bert.", "qformer."),
-    ("embeddings.LayerNorm.", "embeddings.layernorm."),
-    (".attention.self.", ".attention.attention."),
-    (".crossattention.self.", ".crossattention.attention."),
-]
-_VISION_RENAMES = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.weight$", r"vision_model.encoder.layers.\1.self_attn.qkv.weight"),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-]
-_QKV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.(q|v)_bias$")
-_DROPPED = {"Qformer.bert.embeddings.position_ids"}
-
-
-def lavis_to_hf_key(key: str) -> str | None:
-    """The MALMM parameter name of a LAVIS MA-LMM key, or None if it has no counterpart."""
-    if key.startswith("Qformer.bert."):
-        for old, new in _QFORMER_RENAMES:
-            key = key.replace(old, new)
-        return key
-    if key == "query_tokens":
-        return key
-    if key == "image_pe.weight":
-        return "temporal_embedding.weight"
-    for prefix, new in (("llm_proj.", "language_projection."), ("ln_vision.", "vision_model.post_layernorm.")):
-        if key.startswith(prefix):
-            return new + key[len(prefix) :]
-    for pattern, repl in _VISION_RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return None
-
-
-def convert_lavis_state_dict(lavis: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """LAVIS keys -> MALMM names. Returns (converted, keys with no counterpart)."""
-    converted, unexpected, qkv = {}, [], {}
-    for key, value in lavis.items():
-        if key in _DROPPED:
-            continue
-        bias = _QKV_BIAS.match(key)
-        if bias:
-            qkv.setdefault(int(bias.group(1)), {})[bias.group(2)] = value
-            continue
-        name = lavis_to_hf_key(key)
-        if name is None:
-            unexpected.append(key)
-        else:
-            converted[name] = value
-    for layer, parts in qkv.items():
-        if set(parts) != {"q", "v"}:
-            unexpected.extend(f"visual_encoder.blocks.{layer}.attn.{p}_bias" for p in parts)
-            continue
-        # EVA-CLIP has q and v biases but no k bias; HF stores the concatenation.
-        q, v = parts["q"], parts["v"]
-        converted[f"vision_model.encoder.layers.{layer}.self_attn.qkv.bias"] = torch.cat([q, torch.zeros_like(q), v])
-    return converted, unexpected
-
-
-@dataclass
-class OverlayReport:
-    """What an overlay changed: every key is accounted for."""
-
-    path: str
-    loaded: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)  # no counterpart, or a shape that does not fit
-    not_in_checkpoint: list[str] = field(default_factory=list)  # MA-LMM-trained groups left as loaded
-
-    def summary(self) -> str:
-        text = f"{len(self.loaded)} tensors loaded from {self.path}"
-        if self.not_in_checkpoint:
-            text += f"; not in the checkpoint (kept): {', '.join(self.not_in_checkpoint)}"
-        if self.unexpected:
-            text += f"; unexpected: {', '.join(self.unexpected[:5])}" + (" ..." if len(self.unexpected) > 5 else "")
-        return text
-
-
-def read_lavis_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A LAVIS ``.pth`` (``{"model": state_dict, ...}`` or a bare state dict), never unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file '{path}' does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for non-checkpoint files; all mean the same here
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
-    state = obj.get("model", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"'{path}' holds no state dict (expected a dict of tensors under 'model')")
-    return state
-
-
-@torch.no_grad()
-def apply_overlay(model: MALMM, converted: dict[str, torch.Tensor], report: OverlayReport) -> OverlayReport:
-    params = dict(model.named_parameters())
-    for name, value in sorted(converted.items()):
-        target = params.get(name)
-        if target is None or tuple(target.shape) != tuple(value.shape):
-            shape = "missing" if target is None else f"shape {tuple(value.shape)} != {tuple(target.shape)}"
-            report.unexpected.append(f"{name} ({shape})")
-            continue
-        target.copy_(value.to(target.dtype))
-        report.loaded.append(name)
-    groups = {"Q-Former": "qformer.", "query tokens": "query_tokens", "projection": "language_projection.",
-              "temporal position embedding": "temporal_embedding."}
-    report.not_in_checkpoint = [g for g, prefix in groups.items() if not any(k.startswith(prefix) for k in report.loaded)]
-    return report
-
-
-def load_overlay(model: MALMM, path: str | Path, *, strict: bool = True) -> OverlayReport:
-    """Overlay a MA-LMM LAVIS checkpoint; unexpected keys raise (strict) or are reported."""
-    converted, unexpected = convert_lavis_state_dict(read_lavis_checkpoint(path))
-    report = OverlayReport(str(path), unexpected=list(unexpected))
-    if strict:
-        # Check everything before changing anything, so a bad file leaves the model as it was.
-        params = dict(model.named_parameters())
-        bad = report.unexpected + [
-            k for k, v in converted.items() if k not in params or tuple(params[k].shape) != tuple(v.shape)
-        ]
-        if bad:
-            raise CheckpointError(
-                f"checkpoint '{path}' has {len(bad)} key(s) that do not fit the model, e.g. {', '.join(bad[:3])}"
-            )
-    apply_overlay(model, converted, report)
-    log.info("overlay: %s", report.summary())
-    if report.unexpected:
-        log.warning("overlay %s: %d unexpected key(s): %s", path, len(report.unexpected), ", ".join(report.unexpected[:5]))
-    return report

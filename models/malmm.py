@@ -18,6 +18,7 @@ import copy
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -25,11 +26,22 @@ from torch import nn
 from .memory_bank import BankStatus
 from .qformer import MemoryQFormer, QFormerMemory
 
-__all__ = ["MALMM", "VideoStream", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
+__all__ = ["MALMM", "VideoStream", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "Salesforce/instructblip-vicuna-7b"
 TEMPORAL_SLOTS = 120  # MA-LMM's learned temporal position embedding: nn.Embedding(120, 1408)
 QFORMER_MAX_TEXT = 128  # instruction tokens kept for the Q-Former (LAVIS max_txt_len), from the left
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How frames must be prepared for this model's ViT (from its processor config)."""
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
 
 
 @contextlib.contextmanager
@@ -47,18 +59,19 @@ def _expected_llm_warnings() -> Iterator[None]:
         bnb_log.setLevel(level)
 
 
-def temporal_slot(t: int, total_frames: int | None) -> int:
-    """Which of the 120 temporal position slots frame t (0-based) uses.
+def temporal_slot(t: int, total_frames: int | None, trained_frames: int | None = None) -> int:
+    """Which row of the temporal position embedding frame t (0-based) uses.
 
-    The paper trains with at most 120 frames, slot t for frame t. Past that, when the stream
-    knows how many frames it will see, frames map proportionally onto the slots
-    (slot = floor(t * 120 / total)), so the whole video spans the learned range in order;
-    when the total is unknown, frames past the last slot share it. With zero-shot weights the
-    embedding is all zeros and the choice has no effect.
+    A finetuned checkpoint trained rows 0..T_train-1 only (slot t for frame t; later rows stay
+    at their zero init). A longer video maps its frames onto the trained rows in order,
+    slot = floor(t * T_train / total), when the stream knows its total; when it does not,
+    frames past the last trained row share it. Without a checkpoint (zero-shot) the embedding
+    is all zeros and the same rule runs over all 120 rows, with no effect.
     """
-    if total_frames is not None and total_frames > TEMPORAL_SLOTS:
-        return min(t * TEMPORAL_SLOTS // total_frames, TEMPORAL_SLOTS - 1)
-    return min(t, TEMPORAL_SLOTS - 1)
+    slots = min(trained_frames, TEMPORAL_SLOTS) if trained_frames else TEMPORAL_SLOTS
+    if total_frames is not None and total_frames > slots:
+        return min(t * slots // total_frames, slots - 1)
+    return min(t, slots - 1)
 
 
 class VideoStream:
@@ -106,7 +119,7 @@ class VideoStream:
         model = self.model
         features = features.to(model.device, model.qformer_dtype)
         for i in range(features.shape[0]):
-            slot = temporal_slot(self.state.frames, self.total_frames)
+            slot = temporal_slot(self.state.frames, self.total_frames, model.trained_frames)
             frame = features[i : i + 1] + model.temporal_embedding.weight[slot]  # [1, P, C]
             hidden = model.qformer.step(self.embeddings, self.key_mask, frame, self.state)
             self._output = hidden[:, : model.num_query_tokens]
@@ -143,6 +156,7 @@ class MALMM(nn.Module):
         qformer_tokenizer,
         memory_bank_length: int = 20,
         name: str = "",
+        image_spec: ImageSpec | None = None,
     ):
         super().__init__()
         if memory_bank_length < 0:
@@ -161,6 +175,10 @@ class MALMM(nn.Module):
         self.memory_bank_length = memory_bank_length
         self.num_query_tokens = query_tokens.shape[1]
         self.name = name
+        size = vision_model.config.image_size
+        self.image_spec = image_spec or ImageSpec((size, size))
+        self.trained_config = None  # models.overlay.TrainedConfig of an overlaid checkpoint
+        self.trained_frames: int | None = None  # T_train of an overlaid checkpoint (temporal rows trained)
         self.eval()
 
     @classmethod
@@ -323,10 +341,20 @@ class MALMM(nn.Module):
         with _expected_llm_warnings():
             return self._score(inputs_embeds, attention_mask, candidates, batch_size)
 
+    def _fp32_log_probs(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Log-probabilities from the LLM's last hidden states with the output layer in fp32: the
+        scores of different labels are compared with each other, and a bf16 logit carries only
+        about 3 significant digits."""
+        weight, bias = head
+        return torch.nn.functional.linear(hidden.float(), weight, bias).log_softmax(-1)
+
     def _score(self, inputs_embeds, attention_mask, candidates: Sequence[str], batch_size: int) -> torch.Tensor:
         B = inputs_embeds.shape[0]
-        prefix = self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
-        first_logp = prefix.logits[:, -1].float().log_softmax(-1)  # [B, V]
+        lm_head = self.language_model.get_output_embeddings()
+        head = (lm_head.weight.float(), None if lm_head.bias is None else lm_head.bias.float())
+        decoder = self.language_model.get_decoder()
+        prefix = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+        first_logp = self._fp32_log_probs(prefix.last_hidden_state[:, -1], head)  # [B, V]
         eos = self.tokenizer.eos_token_id
         cand_ids = [ids + [eos] for ids in self.tokenizer(list(candidates), add_special_tokens=False).input_ids]
         scores = torch.empty(B, len(candidates))
@@ -334,11 +362,11 @@ class MALMM(nn.Module):
         for start in range(0, len(cand_ids), per_chunk):
             chunk = cand_ids[start : start + per_chunk]
             scores[:, start : start + len(chunk)] = self._score_chunk(
-                prefix.past_key_values, attention_mask, first_logp, chunk
+                decoder, head, prefix.past_key_values, attention_mask, first_logp, chunk
             )
         return scores
 
-    def _score_chunk(self, prefix_cache, prefix_mask, first_logp, chunk: list[list[int]]) -> torch.Tensor:
+    def _score_chunk(self, decoder, head, prefix_cache, prefix_mask, first_logp, chunk: list[list[int]]) -> torch.Tensor:
         B, c = prefix_mask.shape[0], len(chunk)
         L = max(len(ids) for ids in chunk)
         tokens = torch.zeros(c, L, dtype=torch.long, device=self.device)
@@ -352,8 +380,8 @@ class MALMM(nn.Module):
             cache.batch_repeat_interleave(c)  # rows: b0c0 .. b0c(c-1), b1c0, ...
             rows_tokens = tokens.repeat(B, 1)  # [B*c, L]
             mask = torch.cat([prefix_mask.repeat_interleave(c, dim=0), valid.repeat(B, 1).long()], dim=1)
-            out = self.language_model(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
-            logp = out.logits.float().log_softmax(-1)  # [B*c, L-1, V]
+            out = decoder(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            logp = self._fp32_log_probs(out.last_hidden_state, head)  # [B*c, L-1, V]
             picked = logp.gather(-1, rows_tokens[:, 1:, None]).squeeze(-1)  # [B*c, L-1]
             picked = picked.masked_fill(~valid[:, 1:].repeat(B, 1), 0.0)
             total = total + picked.sum(-1).view(B, c)

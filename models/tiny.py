@@ -7,9 +7,12 @@ a LLaMA language model) and both tokenizers, and it loads through exactly the sa
 random: text it produces is meaningless by design. Tests, ``malmm doctor`` and the
 ``tiny-random`` preset use it to exercise every code path in seconds.
 
-The LLM tokenizer mimics the Vicuna one of InstructBLIP (``</s>`` is both BOS and EOS, a
-SentencePiece-style metaspace vocabulary; printable ASCII round-trips, other characters
-become ``<unk>``); the Q-Former tokenizer is a small uncased BERT WordPiece vocabulary.
+The tokenizers have the special-token layout of the hub checkpoint (transformers'
+``convert_instructblip_original_to_pytorch.py``): the LLM tokenizer keeps LLaMA's ``<unk>``,
+``<s>``, ``</s>`` at ids 0-2, uses ``</s>`` as BOS, EOS and UNK, and has ``[PAD]`` appended
+after the vocabulary; it is a SentencePiece-style metaspace vocabulary where printable ASCII
+round-trips. The Q-Former tokenizer is an uncased BERT WordPiece vocabulary with ``[DEC]``
+appended as BOS, truncating from the left.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 __all__ = ["TINY_RANDOM", "TINY_VERSION", "write_tiny_checkpoint", "tiny_random_dir"]
 
 TINY_RANDOM = "tiny-random"
-TINY_VERSION = 2  # bump when the layout or sizes change, so cached copies are rebuilt
+TINY_VERSION = 3  # bump when the layout or sizes change, so cached copies are rebuilt
 _MARKER = "malmm_tiny.json"
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,13 +55,29 @@ def tiny_random_dir() -> Path:
     return Path(root) / "models" / f"{TINY_RANDOM}-v{TINY_VERSION}"
 
 
+def _is_complete(path: Path) -> bool:
+    try:
+        return json.loads((path / _MARKER).read_text()).get("version") == TINY_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_tiny_checkpoint(path: Path | None = None) -> Path:
-    """Return a directory holding the tiny checkpoint, writing it first if missing or stale."""
+    """Return a directory holding the tiny checkpoint, writing it first if missing or stale.
+
+    Several processes may start at once on a fresh cache (a batch, the test suite): a lock
+    file makes one of them write while the others wait and then find it complete. The
+    marker is written last, so a directory that has it is whole.
+    """
+    from filelock import FileLock
+
     path = Path(path) if path is not None else tiny_random_dir()
-    marker = path / _MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
+    if _is_complete(path):
         return path
-    write_tiny_checkpoint(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        if not _is_complete(path):
+            write_tiny_checkpoint(path)
     return path
 
 
@@ -66,16 +85,17 @@ def _llm_tokenizer():
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>"]
+    specials = ["<unk>", "<s>", "</s>"]  # LLaMA's ids 0, 1, 2
     chars = [chr(c) for c in range(33, 127)]
     pieces = specials + ["\u2581"] + chars + ["\u2581" + c for c in chars]
     pieces += ["\u2581" + w for w in dict.fromkeys(_WORDS)]
     # Unigram scores: longer pieces are preferred, so known words encode as one token.
     vocab = [(p, 0.0) for p in specials] + [(p, -10.0 + 0.5 * len(p)) for p in pieces[3:]]
+    vocab.append(("[PAD]", 0.0))  # appended after the vocabulary, as on the hub (id 32000 there)
     # No byte fallback: characters outside printable ASCII become <unk>, so whatever the
     # random model generates decodes to printable text.
     tok = Tokenizer(models.Unigram(vocab, unk_id=0))
-    tok.add_special_tokens(specials)
+    tok.add_special_tokens(specials + ["[PAD]"])
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     # Like InstructBLIP-Vicuna: "</s>" (id 2) starts every prompt and ends every answer.
@@ -83,7 +103,8 @@ def _llm_tokenizer():
         single="</s> $A", pair="</s> $A $B", special_tokens=[("</s>", 2)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<unk>"
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="[PAD]",
+        truncation_side="left",
     )
 
 
@@ -98,7 +119,7 @@ def _qformer_tokenizer():
     return tok
 
 
-def _config(vocab_size: int, qformer_vocab_size: int, image_token_index: int):
+def _config(vocab_size: int, qformer_vocab_size: int, image_token_index: int, pad_token_id: int):
     from transformers import InstructBlipConfig
 
     vision = dict(
@@ -113,7 +134,7 @@ def _config(vocab_size: int, qformer_vocab_size: int, image_token_index: int):
     text = dict(
         model_type="llama", vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        bos_token_id=2, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, rms_norm_eps=1e-6,
+        bos_token_id=2, eos_token_id=2, pad_token_id=pad_token_id, tie_word_embeddings=False, rms_norm_eps=1e-6,
     )
     return InstructBlipConfig(
         vision_config=vision, qformer_config=qformer, text_config=text,
@@ -174,7 +195,7 @@ def _write_tiny_checkpoint(path: Path, seed: int) -> Path:
         )
         processor = InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=32)
         image_token_index = tokenizer.convert_tokens_to_ids("<image>")  # added by the processor
-        config = _config(len(tokenizer), len(qformer_tokenizer), image_token_index)
+        config = _config(len(tokenizer), len(qformer_tokenizer), image_token_index, tokenizer.pad_token_id)
         model = InstructBlipForConditionalGeneration(config).eval()
         _randomize(model, seed)
         model.save_pretrained(tmp)

@@ -7,13 +7,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from models import MALMM, CheckpointError, ModelNotAvailableError
-from models.loading import lavis_to_hf_key
+from models.overlay import lavis_to_hf_key
 from models.qformer import MemoryQFormer
 
 
@@ -37,8 +38,58 @@ def test_tiny_checkpoint_is_deterministic_and_small(tiny_dir, tmp_path):
 def test_tiny_random_preset_name_loads_through_the_same_path(monkeypatch, tmp_path):
     monkeypatch.setenv("MALMM_CACHE_DIR", str(tmp_path))
     model = MALMM.from_pretrained("tiny-random", dtype=torch.float32, device="cpu")
-    assert (tmp_path / "models" / "tiny-random-v2" / "config.json").exists()
+    from models.tiny import TINY_VERSION
+
+    assert (tmp_path / "models" / f"tiny-random-v{TINY_VERSION}" / "config.json").exists()
     assert model.num_query_tokens == 32 and model.memory_bank_length == 20
+
+
+def test_a_second_first_build_of_tiny_random_waits_and_reuses(tmp_path):
+    """Two processes on a fresh cache at once (a batch, the test suite): the second waits for
+    the first and then uses its checkpoint. Without that, one process's rename or rmtree broke
+    the other's ("Directory not empty", FileNotFoundError, a half-written model)."""
+    from filelock import FileLock
+
+    from models.tiny import write_tiny_checkpoint
+
+    target = tmp_path / "tiny"
+    code = ("import sys; from pathlib import Path; from models.tiny import ensure_tiny_checkpoint; "
+            "ensure_tiny_checkpoint(Path(sys.argv[1])); print('ready')")
+    with FileLock(str(tmp_path / ".tiny.lock")):  # this process is the first builder
+        proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert proc.poll() is None and not target.exists()  # waiting, writing nothing
+        write_tiny_checkpoint(target)
+        built = (target / "model.safetensors").stat().st_mtime_ns
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and out.strip() == "ready", err[-500:]
+    assert (target / "model.safetensors").stat().st_mtime_ns == built  # reused, not rewritten
+    assert sorted(x.name for x in tmp_path.iterdir()) == [".tiny.lock", "tiny"]  # no temp dirs left
+
+
+def test_tiny_tokenizers_have_the_hub_special_token_layout(tiny_model):
+    """As transformers' conversion script builds Salesforce/instructblip-vicuna-7b's tokenizers:
+    LLaMA's <unk>, <s>, </s> at 0-2 with </s> as BOS, EOS and UNK and [PAD] appended; the
+    Q-Former's uncased BERT with [DEC] appended as BOS, truncating from the left."""
+    tok, qtok = tiny_model.tokenizer, tiny_model.qformer_tokenizer
+    assert tok.convert_ids_to_tokens([0, 1, 2]) == ["<unk>", "<s>", "</s>"]
+    assert tok.bos_token == tok.eos_token == tok.unk_token == "</s>"
+    assert tok.pad_token == "[PAD]" and tok.pad_token_id == max(tok.get_vocab().values()) - 1  # then <image>
+    assert tok.truncation_side == "left"
+    assert qtok.bos_token == "[DEC]" and qtok.bos_token_id == len(qtok) - 1
+    assert qtok.truncation_side == "left" and qtok("WHAT Video").input_ids == qtok("what video").input_ids
+
+
+def test_a_tokenizer_whose_bos_is_not_eos_is_refused(tiny_dir, tmp_path):
+    broken = tmp_path / "llama_bos"
+    shutil.copytree(tiny_dir, broken)
+    config_path = broken / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["bos_token"] = "<s>"  # LLaMA's own BOS: InstructBLIP-Vicuna was trained with "</s>"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="BOS token is '<s>'"):
+        _load(broken)
 
 
 def test_qformer_parameter_names_are_instructblips(hf_model):
@@ -253,10 +304,42 @@ def test_missing_model_names_the_repo_and_the_download_command(tmp_path):
     assert "hf download Salesforce/instructblip-vicuna-7b" in out.stdout
 
 
-def test_a_directory_that_is_not_a_checkpoint_is_reported(tmp_path):
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ModelNotAvailableError, match="not a complete InstructBLIP checkpoint"):
-        _load(tmp_path)
+def _broken_model_dir(tiny_dir, root, case: str):
+    """A folder a user might pass as --model by mistake, or a damaged copy of a real one."""
+    path = root / case
+    if case in ("corrupt", "truncated", "no weights", "bad config", "other model"):
+        shutil.copytree(tiny_dir, path)
+    else:
+        path.mkdir()
+    weights = path / "model.safetensors"
+    if case == "notes only":
+        (path / "notes.txt").write_text("hello")
+    elif case == "corrupt":
+        weights.write_bytes(weights.read_bytes()[:1000])  # header cut short
+    elif case == "truncated":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif case == "no weights":
+        weights.unlink()
+    elif case == "bad config":
+        (path / "config.json").write_text("{not json")
+    elif case == "other model":
+        (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    return path
+
+
+@pytest.mark.parametrize("case, error, needle", [
+    ("empty", ModelNotAvailableError, "is an empty folder, not a model"),
+    ("notes only", ModelNotAvailableError, "it has no config.json"),
+    ("bad config", ModelNotAvailableError, "is not a valid model config"),
+    ("other model", ModelNotAvailableError, "holds a bert model, not InstructBLIP"),
+    ("no weights", ModelNotAvailableError, "has no model weights"),
+    ("corrupt", CheckpointError, "are corrupt or truncated"),
+    ("truncated", CheckpointError, "are corrupt or truncated"),
+])
+def test_a_folder_that_is_not_a_usable_model_is_one_sentence(tiny_dir, tmp_path, case, error, needle):
+    with pytest.raises(error, match=needle) as caught:
+        _load(_broken_model_dir(tiny_dir, tmp_path, case))
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
 
 
 def test_tokenizer_without_eos_is_rejected_at_load_time(tiny_dir, tmp_path):
