@@ -33,7 +33,7 @@ def main() -> None:
 
     with stream_frames(args.video, sampling) as frames:  # chunks, decoded in the background
         for chunk in frames:
-            stream.add_frames(preprocess(chunk.frames))  # ViT on the chunk, then the memory, frame by frame
+            stream.add_frames(preprocess(chunk.frames, spec=model.image_spec))  # ViT on the chunk, then the memory, frame by frame
             m = stream.memory
             print(f"t={chunk.timestamps[-1]:5.1f}s  memory {m.length}/{m.capacity} slots, "
                   f"{m.compressions} compressions, frames per slot {[round(f, 1) for f in m.slot_frames]}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from models.memory_bank import BankStatus
 from .errors import VideoError
 from .features import FeatureCache, feature_key, from_storage, storage_dtype, to_storage, video_fingerprint
 from .inputs import VideoSource, cache_root
-from .results import Answer, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+from .results import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
 
@@ -87,6 +87,7 @@ class Analyzer:
             video=VideoMeta(info.duration, info.fps, info.width, info.height),
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
             memory=MemoryMeta(job.memory, stream.memory.compressions),
+            generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
             **fields,
@@ -118,7 +119,7 @@ class Analyzer:
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    pixels = preprocess(chunk.frames, antialias=run.job.antialias)
+                    pixels = preprocess(chunk.frames, spec=self.model.image_spec, antialias=run.job.antialias)
                     t1 = time.perf_counter()
                     feats = self.model.encode_frames(pixels)
                     run.timings["decode"] += t1 - t0
@@ -158,8 +159,7 @@ class Analyzer:
 
     def _generate(self, run: _Run, stream: VideoStream, prompts) -> list[str]:
         t0 = time.perf_counter()
-        texts = self.model.generate(stream, list(prompts), max_new_tokens=run.job.max_new_tokens,
-                                    num_beams=run.job.num_beams)
+        texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation))
         run.timings["llm"] += time.perf_counter() - t0
         return texts
 

@@ -76,6 +76,10 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip inputs already recorded in the --output file.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")]
+BeamsOpt = Annotated[Optional[int], typer.Option(
+    "--beams", help="Beam width for generating text. [default: 5, as in the paper]", show_default=False)]
+MaxTokensOpt = Annotated[Optional[int], typer.Option(
+    "--max-tokens", help="Most new tokens per generated text. [default: the task's paper setting]", show_default=False)]
 
 
 def _common(values: dict):
@@ -84,7 +88,7 @@ def _common(values: dict):
 
     from .runner import CommonOptions
 
-    return CommonOptions(**{f.name: values[f.name] for f in fields(CommonOptions)})
+    return CommonOptions(**{f.name: values[f.name] for f in fields(CommonOptions) if f.name in values})
 
 
 @app.command(epilog="Example: malmm caption movie.mp4 --model tiny-random")
@@ -95,7 +99,7 @@ def caption(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Describe what happens in each video."""
     from .runner import run_command
@@ -114,7 +118,7 @@ def ask(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Answer questions about a video (several questions in one pass)."""
     from .runner import run_command
@@ -161,7 +165,7 @@ def summarize(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Timestamped segments with one caption each, plus a summary of the whole video."""
     from .runner import run_command

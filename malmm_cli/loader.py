@@ -107,7 +107,7 @@ def load_model(choice, opts) -> MALMM:
                          + (f" ({quant})" if quant else "") + " ...\n")
         sys.stderr.flush()
     model = MALMM.from_pretrained(
-        choice.source, memory_bank_length=20, checkpoint=opts.checkpoint, quantization=quant,
+        choice.source, checkpoint=opts.checkpoint, quantization=quant,
         dtype=dtype, device=device, quantized_cache=cache_root() / "quantized",
     )
     if not opts.quiet:
@@ -124,4 +124,5 @@ def _file_id(path: Path) -> str:
 def model_id(choice, opts, model: MALMM) -> str:
     """What determines the vision features: weights (source + overlay), dtype, preprocessing."""
     ckpt = _file_id(Path(opts.checkpoint)) if opts.checkpoint else "-"
-    return f"v1|{choice.source}|{ckpt}|{model.vision_dtype}|antialias"
+    spec = model.image_spec
+    return f"v1|{choice.source}|{ckpt}|{model.vision_dtype}|antialias|{spec.size}|{spec.mean}|{spec.std}"

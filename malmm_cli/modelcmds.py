@@ -210,7 +210,7 @@ def _doctor_end_to_end(check) -> bool:
     from .analyze import Analyzer
     from .inputs import open_source
     from .loader import load_model
-    from .presets import ModelChoice
+    from .presets import Generation, ModelChoice
     from .runner import CommonOptions
     from .tasks import Job
 
@@ -218,7 +218,7 @@ def _doctor_end_to_end(check) -> bool:
     try:
         choice = ModelChoice(TINY, TINY, PRESETS[TINY])
         model = load_model(choice, CommonOptions(quiet=True, device="cpu"))
-        job = Job(task="caption", model_label=TINY, memory=4, max_new_tokens=5, num_beams=1, frames=12,
+        job = Job(task="caption", model_label=TINY, memory=4, generation=Generation(num_beams=1, max_new_tokens=5), frames=12,
                   prompts=("what does the video describe?",))
         result = Analyzer(model, "doctor").run(open_source(str(sample_video())), job)
     except Exception as err:  # doctor reports whatever broke, then exits non-zero

@@ -76,27 +76,45 @@ def resolve_model(value: str | None) -> ModelChoice:
 
 
 @dataclass(frozen=True)
+class Generation:
+    """Decoding settings of one task, as the official configs and LAVIS's generate() use them
+    (beam search, no sampling). ``max_new_tokens`` is LAVIS's max_len/max_length (with
+    embeddings as input it counts only new tokens), ``min_new_tokens`` its min_len."""
+
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.5
+
+
+@dataclass(frozen=True)
 class TaskDefaults:
     """Paper defaults for one task. Sampling is `frames` spread uniformly (paper style) unless
     `fps` is set; the user's --fps / --frames override either."""
 
     prompt: str
     memory: int  # memory bank length M
-    max_new_tokens: int
+    generation: Generation | None  # None: the task scores candidates instead of generating
     frames: int | None = None
     fps: float | None = None
-    num_beams: int = 5
 
+
+# Captions: official cap_msrvtt/cap_msvd configs (max_len 50, min_len 1, 5 beams).
+CAPTION_GENERATION = Generation(max_new_tokens=50)
 
 TASK_DEFAULTS: dict[str, TaskDefaults] = {
     # Captioning: 80 frames, M=40 in the paper.
-    "caption": TaskDefaults(prompt="what does the video describe?", frames=80, memory=40, max_new_tokens=30),
-    # Open-ended QA: 20 frames, M=10, short answers.
-    "ask": TaskDefaults(prompt="Question: {question} Short answer:", frames=20, memory=10, max_new_tokens=10),
-    # LVU / Breakfast / COIN classification: 100 frames, M=20 (prompts come with the label set).
-    "classify": TaskDefaults(prompt="what is shown in the video?", frames=100, memory=20, max_new_tokens=20),
-    # Timestamped summaries need time coverage: sample by rate; captions per segment.
-    "summarize": TaskDefaults(prompt="what does the video describe?", fps=1.0, memory=40, max_new_tokens=30),
+    "caption": TaskDefaults(prompt="what does the video describe?", frames=80, memory=40, generation=CAPTION_GENERATION),
+    # Open-ended QA: 20 frames, M=10; LAVIS predict_answers: max_len 10, length_penalty 0.
+    "ask": TaskDefaults(prompt="Question: {question} Short answer:", frames=20, memory=10,
+                        generation=Generation(max_new_tokens=10, length_penalty=0.0)),
+    # LVU / Breakfast / COIN classification: 100 frames, M=20 (prompts come with the label set);
+    # labels are ranked by likelihood, nothing is generated.
+    "classify": TaskDefaults(prompt="what is shown in the video?", frames=100, memory=20, generation=None),
+    # Timestamped summaries need time coverage: sample by rate; each segment is a caption.
+    "summarize": TaskDefaults(prompt="what does the video describe?", fps=1.0, memory=40,
+                              generation=CAPTION_GENERATION),
 }
 
 SUMMARY_EVERY_SECONDS = 60.0  # default --every window when neither --every nor --scenes is given

@@ -29,6 +29,17 @@ class MemoryMeta:
 
 
 @dataclass(frozen=True)
+class GenerationMeta:
+    """How the text was decoded (beam search; see presets.Generation)."""
+
+    num_beams: int
+    max_new_tokens: int
+    min_new_tokens: int
+    length_penalty: float
+    repetition_penalty: float
+
+
+@dataclass(frozen=True)
 class Answer:
     question: str
     answer: str
@@ -62,11 +73,12 @@ class Result:
     label_set: str | None = None
     segments: tuple[SegmentText, ...] | None = None
     summary: str | None = None
+    generation: GenerationMeta | None = None  # set when text was generated (not for classify)
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("text", "answers", "labels", "label_set", "segments", "summary"):
+        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "generation"):
             if record[key] is None:
                 del record[key]
         if not record["warnings"]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -39,19 +40,44 @@ class CommonOptions:
     resume: bool = False
     quiet: bool = False
     no_cache: bool = False
+    beams: int | None = None  # generation overrides (caption, ask, summarize)
+    max_tokens: int | None = None
+
+
+# Bounds checked before any model loads, each with the reason a user can act on.
+MAX_MEMORY = 256  # slots: at InstructBLIP size each holds ~5 MB of banked keys/values; the paper uses <= 40
+MAX_FPS = 1000.0  # no camera records faster; a typo (or inf) otherwise samples without end
+MAX_FRAMES = 1_000_000  # each frame costs a ViT pass (~1 s on a CPU)
+MAX_BEAMS = 16  # every beam holds its own LLM cache; the paper uses 5
+MAX_NEW_TOKENS = 1024  # Vicuna's context is 2,048 tokens
+MIN_EVERY_SECONDS = 0.5  # summary segments: shorter ones hold at most a frame or two
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, not {value}.")
 
 
 def validate(opts: CommonOptions) -> None:
+    for name, value in (("--fps", opts.fps), ("--start", opts.start), ("--end", opts.end)):
+        _finite(name, value)
     if opts.fps is not None and opts.frames is not None:
         raise UsageError("Use either --fps or --frames, not both.")
-    if opts.fps is not None and not opts.fps > 0:
-        raise UsageError("--fps must be a positive number.")
-    if opts.frames is not None and opts.frames < 1:
-        raise UsageError("--frames must be at least 1.")
-    if opts.memory is not None and opts.memory < 0:
-        raise UsageError("--memory must be 0 (no memory) or more.")
+    if opts.fps is not None and not 0 < opts.fps <= MAX_FPS:
+        raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g} frames per second.")
+    if opts.frames is not None and not 1 <= opts.frames <= MAX_FRAMES:
+        raise UsageError(f"--frames must be from 1 to {MAX_FRAMES:,} (each frame costs a pass of the vision encoder).")
+    if opts.memory is not None and not 0 <= opts.memory <= MAX_MEMORY:
+        raise UsageError(f"--memory must be from 0 (no memory) to {MAX_MEMORY}: each slot holds the keys and values "
+                         "of a frame, about 5 MB at InstructBLIP size (the paper uses 10 to 40).")
+    if opts.beams is not None and not 1 <= opts.beams <= MAX_BEAMS:
+        raise UsageError(f"--beams must be from 1 to {MAX_BEAMS} (each beam keeps its own LLM cache; the paper uses 5).")
+    if opts.max_tokens is not None and not 1 <= opts.max_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-tokens must be from 1 to {MAX_NEW_TOKENS} (the LLM's context is 2,048 tokens).")
     if opts.start is not None and opts.start < 0:
         raise UsageError("--start must be 0 or more seconds.")
+    if opts.end is not None and opts.end <= 0:
+        raise UsageError("--end must be after 0 seconds.")
     if opts.start is not None and opts.end is not None and opts.end <= opts.start:
         raise UsageError(f"--end ({opts.end:g} s) must be after --start ({opts.start:g} s).")
     if opts.resume and opts.output is None:
@@ -67,9 +93,14 @@ def build_job(task: str, opts: CommonOptions, model_label: str, **args):
         fps, frames = defaults.fps, defaults.frames
     else:
         fps, frames = opts.fps, opts.frames
+    generation = defaults.generation
+    if generation is not None:
+        overrides = {"num_beams": opts.beams, "max_new_tokens": opts.max_tokens}
+        generation = replace(generation, **{k: v for k, v in overrides.items() if v is not None})
+    elif opts.beams is not None or opts.max_tokens is not None:
+        raise UsageError(f"--beams and --max-tokens set how text is generated; {task} scores labels instead.")
     common = dict(task=task, model_label=model_label, memory=defaults.memory if opts.memory is None else opts.memory,
-                  max_new_tokens=defaults.max_new_tokens, num_beams=defaults.num_beams, fps=fps, frames=frames,
-                  start=opts.start, end=opts.end)
+                  generation=generation, fps=fps, frames=frames, start=opts.start, end=opts.end)
     if task in ("caption", "summarize"):
         prompt = (args.get("prompt") or defaults.prompt).strip()
         if not prompt:
@@ -79,8 +110,9 @@ def build_job(task: str, opts: CommonOptions, model_label: str, **args):
             if args.get("scenes") and args.get("every") is not None:
                 raise UsageError("Use either --every or --scenes, not both.")
             every = args.get("every") if args.get("every") is not None else SUMMARY_EVERY_SECONDS
-            if every <= 0:
-                raise UsageError("--every must be a positive number of seconds.")
+            if not (math.isfinite(every) and every >= MIN_EVERY_SECONDS):
+                raise UsageError(f"--every must be at least {MIN_EVERY_SECONDS:g} s: each segment gets its own "
+                                 "caption from the LLM.")
             extra = dict(every=every, scenes=bool(args.get("scenes")))
         return Job(prompts=(prompt,), **common, **extra)
     if task == "ask":
@@ -232,6 +264,10 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
     except ModelError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return 1
+    from .tasks import with_trained_defaults
+
+    job = with_trained_defaults(job, analyzer.model.trained_config, memory_set=opts.memory is not None,
+                                frames_set=opts.fps is not None or opts.frames is not None)
     return _run_batch(analyzer, job, todo, output, opts)
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UsageError
-from .presets import TASK_DEFAULTS
+from .presets import TASK_DEFAULTS, Generation
 
 LVU_TASKS = ("relationship", "way_speaking", "scene", "director", "genre", "writer", "year")
 LABEL_SET_NAMES = tuple(f"lvu_{t}" for t in LVU_TASKS) + ("coin", "breakfast")
@@ -79,8 +80,7 @@ class Job:
     task: str  # caption | ask | classify | summarize
     model_label: str
     memory: int
-    max_new_tokens: int
-    num_beams: int
+    generation: Generation | None = None  # None for classify (labels are scored, not generated)
     fps: float | None = None
     frames: int | None = None
     start: float | None = None
@@ -94,11 +94,38 @@ class Job:
     antialias: bool = True
 
 
+_QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+QUESTION_MAX_WORDS = 50
+
+
+def normalize_question(question: str) -> str:
+    """The question as the official QA data saw it (LAVIS ``pre_question``): lowercased, the
+    characters .!"()*#:; and ~ removed, trailing spaces dropped, at most 50 words."""
+    text = _QUESTION_PUNCTUATION.sub("", question.lower()).rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:QUESTION_MAX_WORDS]) if len(words) > QUESTION_MAX_WORDS else text
+
+
 def question_prompt(question: str) -> str:
+    """The prompt (Q-Former instruction and LLM prompt) for a question; records keep the
+    user's own text."""
     question = question.strip()
-    if not question:
-        raise UsageError("A question is empty.")
-    return TASK_DEFAULTS["ask"].prompt.format(question=question)
+    if not normalize_question(question).strip():
+        raise UsageError("A question is empty." if not question else f"The question {question!r} has no words.")
+    return TASK_DEFAULTS["ask"].prompt.format(question=normalize_question(question))
+
+
+def with_trained_defaults(job: Job, trained, *, frames_set: bool, memory_set: bool) -> Job:
+    """A finetuned checkpoint's own settings where the user set none: its frame count (for the
+    tasks sampled by frame count; summaries keep their rate) and its memory bank length."""
+    if trained is None:
+        return job
+    changes = {}
+    if not memory_set and trained.memory_bank_length is not None:
+        changes["memory"] = trained.memory_bank_length
+    if not frames_set and trained.num_frames and job.frames is not None:
+        changes["frames"] = trained.num_frames
+    return replace(job, **changes) if changes else job
 
 
 def probabilities(log_likelihoods: np.ndarray) -> np.ndarray:
@@ -129,9 +156,12 @@ def _assign(bounds: list[float], timestamps: np.ndarray) -> list[Segment]:
     bounds = [float(b) for b in bounds]
     n_windows = len(bounds) - 1
     window = np.clip(np.searchsorted(bounds, timestamps, side="right") - 1, 0, n_windows - 1)
+    # Timestamps are sorted, so each window's frames are one run: split once, O(frames + windows).
+    cuts = np.searchsorted(window, np.arange(1, n_windows), side="left")
+    per_window = np.split(np.arange(len(window)), cuts)
     segments: list[Segment] = []
     for w in range(n_windows):
-        frames = tuple(int(i) for i in np.nonzero(window == w)[0])
+        frames = tuple(int(i) for i in per_window[w])
         if frames and segments and not segments[-1].frames:  # an empty first window
             segments[-1] = Segment(segments[-1].start, bounds[w + 1], frames)
         elif frames or not segments:

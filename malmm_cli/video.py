@@ -277,10 +277,12 @@ def plan_sampling(
     """Sample at `fps` over [start, end), or `num_frames` spread uniformly over it (paper style).
 
     Passing num_frames alone replaces the default fps; passing both is an error.
-    At each sample time t the frame on screen is taken: the last frame whose presentation
-    time is <= t. Uniform sampling uses t_k = start + k * (end - start) / T, the time-based
-    form of MA-LMM's `np.arange(0, vlen, vlen / T)`. A frame picked twice (fps above the
-    video's own) is kept once, so the plan may hold fewer frames than sample times.
+    By rate, at each sample time t the frame on screen is taken: the last frame whose
+    presentation time is <= t. By count, as the official eval datasets do, the frame indices
+    are rint(linspace(first, last, T)) between the first and the last frame of the range, both
+    included. A frame picked twice (a rate above the video's own, or more frames asked than
+    the range has) is kept once, so the plan may hold fewer frames than asked; the official
+    code would feed such a frame twice.
     """
     if num_frames is not None and fps is DEFAULT_FPS:
         fps = None
@@ -292,18 +294,20 @@ def plan_sampling(
     if num_frames is not None and (int(num_frames) != num_frames or num_frames < 1):
         raise UsageError(f"The number of frames must be a positive integer, not {num_frames}.")
     t0, t1 = _check_range(info, start, end)
+    frame_times = info.times()
     if fps is not None:
         # the 1e-9 keeps a sample exactly at `end` out of the half-open range despite rounding
         n = max(1, math.ceil((t1 - t0) * fps - 1e-9))
         if n > _MAX_SAMPLES:
             raise UsageError(f"Sampling {t1 - t0:g} s at {fps:g} fps would take {n} frames; lower the rate.")
         times = t0 + np.arange(n, dtype=np.float64) / fps
+        idx = np.clip(np.searchsorted(frame_times, times, side="right") - 1, 0, len(frame_times) - 1)
     elif num_frames > _MAX_SAMPLES:
         raise UsageError(f"{num_frames} frames is more than this tool samples ({_MAX_SAMPLES}).")
     else:
-        times = t0 + np.arange(int(num_frames), dtype=np.float64) * ((t1 - t0) / int(num_frames))
-    frame_times = info.times()
-    idx = np.clip(np.searchsorted(frame_times, times, side="right") - 1, 0, len(frame_times) - 1)
+        first = max(0, int(np.searchsorted(frame_times, t0, side="right")) - 1)  # on screen at start
+        last = max(first, int(np.searchsorted(frame_times, t1, side="left")) - 1)  # last shown before end
+        idx = np.rint(np.linspace(first, last, int(num_frames)))
     keep = np.concatenate([[True], idx[1:] != idx[:-1]])
     idx = idx[keep].astype(np.int64)
     return Sampling(idx, frame_times[idx].astype(np.float64), t0, t1, fps, len(idx))
@@ -334,15 +338,20 @@ _PREPROCESS_BYTES = 256 * 2**20  # float32 working set per resize call
 def preprocess(
     frames: np.ndarray | torch.Tensor,
     *,
-    size: int = 224,
+    spec: Any = None,
+    size: int | tuple[int, int] | None = None,
     antialias: bool = True,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """uint8 RGB frames [n, H, W, 3] -> model input [n, 3, size, size] (default dtype float32).
+    """uint8 RGB frames [n, H, W, 3] -> model input [n, 3, h, w] (default dtype float32).
 
-    Bicubic resize to size x size (no crop: the aspect ratio is not kept, as in MA-LMM), scale
-    to [0, 1], normalise with CLIP mean/std. Two resize conventions:
+    ``spec`` is the model's ``ImageSpec`` (``model.image_spec``: size, mean and std from its
+    processor config); without it, 224x224 and the CLIP mean/std of method.md. ``size``
+    overrides the spec's size.
+
+    Bicubic resize to h x w (no crop: the aspect ratio is not kept, as in MA-LMM), scale to
+    [0, 1], normalise with the mean/std. Two resize conventions:
 
     - antialias=True (default): matches Hugging Face's BlipImageProcessor, i.e. PIL bicubic,
       whose kernel widens when shrinking so a 720p frame is averaged down instead of aliased;
@@ -363,17 +372,20 @@ def preprocess(
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames [n, H, W, 3], got {x.dtype} {tuple(x.shape)}")
+    size = size if size is not None else (spec.size if spec is not None else 224)
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    mean_values, std_values = (spec.mean, spec.std) if spec is not None else (CLIP_MEAN, CLIP_STD)
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else x.device
     n, h, w, _ = x.shape
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1) * 255.0
-    out = torch.empty((n, 3, size, size), dtype=dtype, device=device)
+    mean = torch.tensor(mean_values, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(std_values, device=device).view(1, 3, 1, 1) * 255.0
+    out = torch.empty((n, 3, out_h, out_w), dtype=dtype, device=device)
     step = max(1, _PREPROCESS_BYTES // (h * w * 3 * 4))
     for i in range(0, n, step):
         # uint8 travels to the device (4x less transfer than float); the maths happen there
         part = x[i : i + step].to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-        part = F.interpolate(part, size=(size, size), mode="bicubic", align_corners=False, antialias=antialias)
+        part = F.interpolate(part, size=(out_h, out_w), mode="bicubic", align_corners=False, antialias=antialias)
         part = part.clamp_(0.0, 255.0)
         part = part.round_() if antialias else part.floor_()
         out[i : i + step] = ((part - mean) / std).to(dtype)

@@ -131,14 +131,26 @@ def _mlp_block(mode: str, h: int, f: int, dtype: torch.dtype, device: torch.devi
 
 
 def measure_precisions(h: int, f: int, device: torch.device, dtype: torch.dtype, rows: int = 5,
-                       modes=MODES, repeat: int = 3) -> dict[str, float]:
+                       modes=MODES, repeat: int = 3) -> tuple[dict[str, float], dict[str, str]]:
     """Seconds for one LLaMA MLP block on `rows` tokens (one decoding step of a 5-beam search)
-    in each precision, on this device: the part of a generation step that quantization changes."""
+    in each precision, on this device: the part of a generation step that quantization changes.
+
+    Returns (seconds per mode, why each failed mode failed): a mode whose kernel cannot run at
+    these sizes (bitsandbytes' 4-bit blocks are 64 values; a hidden size of 32 cannot be
+    packed) is left out rather than crashing the choice.
+    """
     from .malmm import _expected_llm_warnings
 
     x = torch.randn(rows, h, device=device).to(dtype)
+    seconds, failed = {}, {}
     with torch.inference_mode(), _expected_llm_warnings():
-        return {mode: _time_block(_mlp_block(mode, h, f, dtype, device), x, repeat) for mode in modes}
+        for mode in modes:
+            try:
+                seconds[mode] = _time_block(_mlp_block(mode, h, f, dtype, device), x, repeat)
+            except (RuntimeError, ValueError, AssertionError, TypeError) as err:
+                failed[mode] = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                log.debug("precision %s cannot run at %dx%d: %s", mode, h, f, failed[mode])
+    return seconds, failed
 
 
 def _time_block(layers: list[torch.nn.Module], x: torch.Tensor, repeat: int) -> float:
@@ -160,12 +172,16 @@ class PrecisionChoice:
     mode: str | None  # None (the model dtype), "8bit" or "4bit": what load_malmm takes
     seconds: dict[str, float] = field(default_factory=dict)
     fits: dict[str, bool] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # modes whose measurement failed, and why
 
     def reason(self) -> str:
         timed = ", ".join(f"{m} {s * 1000:.1f} ms" for m, s in self.seconds.items())
         left_out = [m for m, ok in self.fits.items() if not ok]
         text = f"fastest per generation step measured on this device ({timed} per MLP block)"
-        return text + (f"; {', '.join(left_out)} would not fit in memory" if left_out else "")
+        text += f"; {', '.join(left_out)} would not fit in memory" if left_out else ""
+        if self.failed:
+            text += f"; left out, as they cannot run at this model's sizes: {', '.join(self.failed)}"
+        return text
 
 
 def choose_precision(text_config, device: torch.device, dtype: torch.dtype, other_bytes: int,
@@ -173,7 +189,7 @@ def choose_precision(text_config, device: torch.device, dtype: torch.dtype, othe
     """The fastest LLM precision whose weights fit next to the rest of the model.
 
     The measurement takes a few seconds and is remembered in `cache_file` per device,
-    layer size and library versions.
+    layer size and library versions. A mode that fails its measurement is never chosen.
     """
     h, f = text_config.hidden_size, text_config.intermediate_size
     budget = available_memory(device) - other_bytes - (2 << 30)  # activations, banks, generation
@@ -182,16 +198,32 @@ def choose_precision(text_config, device: torch.device, dtype: torch.dtype, othe
         fits["4bit"] = True  # nothing fits: the smallest is the best chance
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     key = f"{device_name}|{h}x{f}|{dtype}|{_versions()}"
-    stored = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
-    seconds = stored.get(key)
-    if seconds is None:
-        seconds = measure_precisions(h, f, device, dtype)
+    stored = _read_json(cache_file)
+    entry = stored.get(key)
+    if not isinstance(entry, dict) or "seconds" not in entry:
+        seconds, failed = measure_precisions(h, f, device, dtype)
+        entry = {"seconds": seconds, "failed": failed}
         if cache_file is not None:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
-            stored[key] = seconds
+            stored[key] = entry
             cache_file.write_text(json.dumps(stored, indent=1))
-    best = min((m for m in MODES if fits[m]), key=lambda m: seconds[m])
-    return PrecisionChoice(None if best == "bf16" else best, seconds, fits)
+    seconds, failed = entry["seconds"], entry.get("failed", {})
+    usable = [m for m in MODES if fits[m] and m in seconds]
+    if not usable:  # nothing both fits and runs: the unquantized model, which always runs
+        usable = ["bf16"]
+    best = min(usable, key=lambda m: seconds.get(m, 0.0))
+    return PrecisionChoice(None if best == "bf16" else best, seconds, fits, failed)
+
+
+def _read_json(path: Path | None) -> dict:
+    """The remembered measurements; an unreadable file is measured again, not an error."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _cpu_name() -> str:

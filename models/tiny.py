@@ -119,12 +119,12 @@ def _qformer_tokenizer():
     return tok
 
 
-def _config(vocab_size: int, qformer_vocab_size: int, image_token_index: int, pad_token_id: int):
+def _config(vocab_size: int, qformer_vocab_size: int, image_token_index: int, pad_token_id: int, image_size: int):
     from transformers import InstructBlipConfig
 
     vision = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02,
+        image_size=image_size, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True, initializer_range=0.02,
     )
     qformer = dict(
         vocab_size=qformer_vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
@@ -175,13 +175,13 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def write_tiny_checkpoint(path: Path | str, seed: int = 0) -> Path:
+def write_tiny_checkpoint(path: Path | str, seed: int = 0, image_size: int = 224) -> Path:
     """Write the tiny checkpoint to ``path`` atomically (built in a temp dir, then renamed)."""
     with _quiet_transformers():
-        return _write_tiny_checkpoint(Path(path), seed)
+        return _write_tiny_checkpoint(Path(path), seed, image_size)
 
 
-def _write_tiny_checkpoint(path: Path, seed: int) -> Path:
+def _write_tiny_checkpoint(path: Path, seed: int, image_size: int) -> Path:
     from transformers import BlipImageProcessor, InstructBlipForConditionalGeneration, InstructBlipProcessor
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,12 +190,12 @@ def _write_tiny_checkpoint(path: Path, seed: int) -> Path:
         tokenizer = _llm_tokenizer()
         qformer_tokenizer = _qformer_tokenizer()
         image_processor = BlipImageProcessor(
-            size={"height": 224, "width": 224}, resample=3, image_mean=list(CLIP_MEAN),
+            size={"height": image_size, "width": image_size}, resample=3, image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD), do_convert_rgb=True,
         )
         processor = InstructBlipProcessor(image_processor, tokenizer, qformer_tokenizer, num_query_tokens=32)
         image_token_index = tokenizer.convert_tokens_to_ids("<image>")  # added by the processor
-        config = _config(len(tokenizer), len(qformer_tokenizer), image_token_index, tokenizer.pad_token_id)
+        config = _config(len(tokenizer), len(qformer_tokenizer), image_token_index, tokenizer.pad_token_id, image_size)
         model = InstructBlipForConditionalGeneration(config).eval()
         _randomize(model, seed)
         model.save_pretrained(tmp)

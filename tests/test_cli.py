@@ -50,6 +50,10 @@ def check_record(record: dict, task: str) -> None:
     assert all(v >= 0 for v in timings.values())
     expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
                 "summarize": {"segments", "summary"}}[task]
+    if task != "classify":  # generated text says how it was decoded
+        expected = expected | {"generation"}
+        assert set(record["generation"]) == {"num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
+                                             "repetition_penalty"}
     optional = {"warnings"}
     base = {"input", "task", "model", "video", "sampling", "memory", "timings"}
     assert set(record) - optional == base | expected
@@ -254,7 +258,16 @@ def test_bad_inputs_are_one_sentence_and_nonzero(tmp_path):
         (["caption", tmp_path / "missing.mp4"], 1, "does not exist"),
         (["caption", tmp_path], 1, "no video"),
         (["caption", SAMPLE, "--start", 10], 1, "after the end"),
-        (["caption", SAMPLE, "--fps", 0], 2, "--fps must be a positive number"),
+        (["caption", SAMPLE, "--fps", 0], 2, "--fps must be above 0"),
+        (["caption", SAMPLE, "--fps", "inf"], 2, "--fps must be a finite number"),
+        (["caption", SAMPLE, "--start", "nan"], 2, "--start must be a finite number"),
+        (["caption", SAMPLE, "--memory", 1000000], 2, "--memory must be from 0 (no memory) to 256"),
+        (["caption", SAMPLE, "--frames", 10**7], 2, "--frames must be from 1 to 1,000,000"),
+        (["caption", SAMPLE, "--beams", 0], 2, "--beams must be from 1 to 16"),
+        (["ask", SAMPLE, "why?", "--max-tokens", 5000], 2, "--max-tokens must be from 1 to 1024"),
+        (["summarize", SAMPLE, "--every", 1e-9], 2, "--every must be at least 0.5 s"),
+        (["summarize", SAMPLE, "--every", "inf"], 2, "--every must be at least 0.5 s"),
+        (["ask", SAMPLE, "...!!!"], 2, "has no words"),
         (["caption", SAMPLE, "--fps", 1, "--frames", 3], 2, "either --fps or --frames"),
         (["caption", SAMPLE, "--memory", -1], 2, "--memory"),
         (["classify", SAMPLE], 2, "exactly one of --task"),

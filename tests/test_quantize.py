@@ -24,11 +24,11 @@ def test_llm_weight_sizes_at_vicuna_7b():
 @pytest.fixture
 def fake_device(monkeypatch):
     """A device with `available` bytes free and made-up timings; counts measurements."""
-    state = {"measured": 0, "available": 64 << 30, "seconds": {"bf16": 0.02, "8bit": 0.4, "4bit": 0.1}}
+    state = {"measured": 0, "available": 64 << 30, "seconds": {"bf16": 0.02, "8bit": 0.4, "4bit": 0.1}, "failed": {}}
 
     def measure(h, f, device, dtype, rows=5, **_):
         state["measured"] += 1
-        return dict(state["seconds"])
+        return dict(state["seconds"]), dict(state["failed"])
 
     monkeypatch.setattr(quantize, "measure_precisions", measure)
     monkeypatch.setattr(quantize, "available_memory", lambda device: state["available"])
@@ -61,8 +61,28 @@ def test_the_measurement_is_remembered_per_device_and_size(fake_device, tmp_path
 
 
 def test_real_measurement_runs_every_precision_on_this_cpu():
-    seconds = quantize.measure_precisions(64, 128, torch.device("cpu"), torch.bfloat16, repeat=1)
-    assert set(seconds) == {"bf16", "8bit", "4bit"} and all(s > 0 for s in seconds.values())
+    seconds, failed = quantize.measure_precisions(64, 128, torch.device("cpu"), torch.bfloat16, repeat=1)
+    assert set(seconds) == {"bf16", "8bit", "4bit"} and all(s > 0 for s in seconds.values()) and not failed
+
+
+def test_a_precision_that_cannot_run_at_the_model_size_is_left_out(tmp_path):
+    """A hidden size of 32 is below bitsandbytes' 4-bit block of 64: measuring it raised
+    "shape '[64, 0]' is invalid" and --quant auto crashed with a traceback."""
+    tiny = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, vocab_size=300)
+    picked = choose_precision(tiny, torch.device("cpu"), torch.bfloat16, other_bytes=0,
+                              cache_file=tmp_path / "precision.json")
+    assert "4bit" in picked.failed and picked.mode != "4bit" and "bf16" in picked.seconds
+    assert "cannot run at this model's sizes: " in picked.reason()
+    again = choose_precision(tiny, torch.device("cpu"), torch.bfloat16, other_bytes=0,
+                             cache_file=tmp_path / "precision.json")  # remembered, failures included
+    assert again.failed == picked.failed and again.mode == picked.mode
+
+
+def test_a_failed_mode_is_never_chosen_even_if_it_alone_fits(fake_device):
+    fake_device["available"] = 1 << 30  # nothing fits: 4-bit would be the best chance ...
+    fake_device["seconds"] = {"bf16": 0.02, "8bit": 0.05}
+    fake_device["failed"] = {"4bit": "shape '[64, 0]' is invalid"}  # ... but it cannot run
+    assert choose_precision(VICUNA_7B, torch.device("cpu"), torch.bfloat16, other_bytes=0).mode is None
 
 
 def test_quantized_weights_are_saved_once_then_reloaded(tiny_dir, tmp_path, monkeypatch, pixels):

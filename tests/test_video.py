@@ -179,14 +179,28 @@ def test_vfr_clip_really_is_variable(clips):
 
 
 def test_uniform_num_frames(clips):
+    """--frames T as the official eval datasets: rint(linspace(first, last, T)) over the
+    frames of the range, the first and the last included."""
     path, pts = clips["ntsc"]
     info = probe(path)
     plan = plan_sampling(info, num_frames=8, start=1.0, end=5.0)
-    times = 1.0 + np.arange(8) * 0.5
-    np.testing.assert_array_equal(plan.indices, expected_indices(pts, times))
+    first = np.searchsorted(pts, 1.0, side="right") - 1  # the frame on screen at 1.0 s
+    last = np.searchsorted(pts, 5.0, side="left") - 1  # the last frame shown before 5.0 s
+    np.testing.assert_array_equal(plan.indices, np.rint(np.linspace(first, last, 8)).astype(int))
     assert plan.num_frames == 8 and plan.fps is None and (plan.start, plan.end) == (1.0, 5.0)
     _, idx, _, frames = collect(stream_frames(path, plan, info=info))
     np.testing.assert_array_equal(media.decode_indices(frames), plan.indices)
+
+
+@pytest.mark.parametrize("name", ["cfr25", "ntsc", "vfr"])
+@pytest.mark.parametrize("T", [1, 2, 7, 20])
+def test_whole_video_num_frames_is_the_official_linspace(clips, name, T):
+    path, pts = clips[name]
+    plan = plan_sampling(probe(path), num_frames=T)
+    expected = np.unique(np.rint(np.linspace(0, len(pts) - 1, T)).astype(int))
+    np.testing.assert_array_equal(plan.indices, expected)
+    if T > 1:
+        assert plan.indices[0] == 0 and plan.indices[-1] == len(pts) - 1  # last frame included
 
 
 def test_start_end_window(clips):
