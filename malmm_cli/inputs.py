@@ -2,29 +2,30 @@
 
 `expand_inputs` turns command-line arguments into a flat, stable list of specs (paths or
 URLs); `open_source` turns one spec into a local file, downloading URLs once with yt-dlp
-into a cache keyed by the URL.
+into a cache keyed by the URL (malmm_cli/download.py, whose names are re-exported here).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
-import hashlib
-import json
-import logging
 import os
 import re
-import shutil
-import tempfile
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from malmm_cli.errors import DownloadError, InputError
-
-log = logging.getLogger("malmm")
+from malmm_cli.download import (  # noqa: F401  (re-exported: callers import them from here)
+    DOWNLOAD_OPTIONS,
+    DownloadLimits,
+    cached_download,
+    download,
+    download_limits,
+    url_key,
+)
+from malmm_cli.errors import InputError, UsageError
 
 VIDEO_EXTENSIONS: frozenset[str] = frozenset(
     {
@@ -37,24 +38,6 @@ VIDEO_EXTENSIONS: frozenset[str] = frozenset(
 URL_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
-
-# yt-dlp settings: one video, no playlists, and a format decord can read. decord's bundled
-# FFmpeg (4.1) has no AV1 decoder, so H.264 is preferred; 720p is plenty for 224x224 frames.
-DOWNLOAD_OPTIONS: dict[str, Any] = {
-    "format": "bv*[vcodec!^=av01]/b[vcodec!^=av01]/bv*/b",
-    "format_sort": ["vcodec:h264", "res:720"],
-    "noplaylist": True,
-    "playlist_items": "1",
-    "socket_timeout": 30,
-    "retries": 3,
-    "fragment_retries": 3,
-    "extractor_retries": 1,
-    "quiet": True,
-    "no_warnings": True,
-    "noprogress": True,
-    "color": "never",
-}
-_STALE_TMP_S = 24 * 3600.0
 
 
 # ----------------------------------------------------------------------------- expansion
@@ -72,12 +55,14 @@ def expand_inputs(args: Sequence[str]) -> list[str]:
     Files and URLs pass through unchanged (a missing file too, so a batch can report it as
     that input's error). In "@list.txt" files, one input per line, blank lines and lines
     starting with # are skipped and relative paths are relative to the list file. A path
-    that exists is never treated as a glob. Duplicates are dropped, keeping the first.
+    that exists is never treated as a glob. Duplicates are dropped, keeping the first
+    spelling: the same URL, or the same real file (a symlinked folder can reach it twice).
     """
-    out: list[str] = []
+    out: dict[str, str] = {}
     for arg in args:
-        out.extend(_expand_one(arg, base=None, lists=()))
-    return list(dict.fromkeys(out))
+        for spec in _expand_one(arg, base=None, lists=()):
+            out.setdefault(spec if is_url(spec) else os.path.realpath(spec), spec)
+    return list(out.values())
 
 
 def _expand_one(arg: str, base: Path | None, lists: tuple[Path, ...]) -> list[str]:
@@ -124,7 +109,7 @@ def _expand_list(name: str, base: Path | None, lists: tuple[Path, ...]) -> list[
 
 
 def _expand_glob(pattern: str) -> list[str]:
-    matches = sorted(glob.glob(pattern, recursive=True))
+    matches = sorted(_glob(pattern))
     if not matches:
         raise InputError(f"The pattern {pattern} matches no files.")
     out: list[str] = []
@@ -139,14 +124,52 @@ def _expand_glob(pattern: str) -> list[str]:
     return out
 
 
+def _glob(pattern: str) -> Iterator[str]:
+    """glob.glob(pattern, recursive=True), except that `**` does not descend into symlinked
+    folders, as os.walk does not: glob follows a link to an ancestor round and round until the
+    OS refuses, so one such link turned 8 videos into hundreds of inputs."""
+    parts = Path(pattern).parts
+    if "**" not in parts:
+        yield from glob.glob(pattern)
+        return
+    i = parts.index("**")
+    head, tail = (os.path.join(*parts[:i]) if i else ""), parts[i:]
+    hidden_ok = any(p.startswith(".") for p in tail)
+    for base in glob.glob(head) if _GLOB_CHARS.search(head) else [head]:
+        top = base or "."
+        if not os.path.isdir(top):
+            continue
+        if base and _glob_match(tail, ()):
+            yield os.path.join(base, "")  # as glob does: "videos/**" matches "videos/" itself
+        for root, dirs, files in os.walk(top, followlinks=False):
+            rel = () if root == top else Path(os.path.relpath(root, top)).parts
+            for name in dirs + files:
+                if _glob_match(tail, rel + (name,)):
+                    yield os.path.join(base, *rel, name)
+            dirs[:] = [d for d in dirs if hidden_ok or not d.startswith(".")]
+
+
+def _glob_match(pattern: tuple[str, ...], parts: tuple[str, ...]) -> bool:
+    """Path components against glob components, `**` standing for any number of folders; as in
+    glob, a hidden name matches only a component that starts with a dot, and never `**`."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], parts[k:]) for k in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:k]))
+    return (bool(parts) and (pattern[0].startswith(".") or not parts[0].startswith("."))
+            and fnmatch.fnmatch(parts[0], pattern[0]) and _glob_match(pattern[1:], parts[1:]))
+
+
 def _videos_under(folder: Path) -> list[str]:
     """Video files below `folder`, recursively, in path order; hidden files and folders skipped.
 
     Hidden entries are skipped because macOS writes `._name.mp4` resource forks next to real
-    videos on external drives, which have a video extension but are not videos.
+    videos on external drives, which have a video extension but are not videos. Symlinked
+    folders are not followed (os.walk's default): a link to an ancestor would loop.
     """
     found: list[tuple[tuple[str, ...], str]] = []
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for f in files:
             p = Path(root) / f
@@ -193,29 +216,60 @@ class VideoSource:
 
 
 def cache_root() -> Path:
-    """MALMM_CACHE_DIR if set, else the user cache dir (e.g. ~/.cache/malmm)."""
+    """MALMM_CACHE_DIR if set, else the user cache dir (e.g. ~/.cache/malmm).
+
+    A UsageError if it cannot be a folder malmm writes to (it is created on first use): one
+    sentence now rather than a traceback from the first cache write, possibly after a model load.
+    """
     env = os.environ.get("MALMM_CACHE_DIR")
     if env:
-        return Path(env).expanduser()
+        root = Path(env).expanduser()
+        problem = _folder_problem(root)
+        if problem:
+            raise UsageError(f"MALMM_CACHE_DIR is {env}, {problem}; point it at a folder malmm can write to.")
+        return root
     from platformdirs import user_cache_dir
 
-    return Path(user_cache_dir("malmm"))
+    root = Path(user_cache_dir("malmm"))
+    problem = _folder_problem(root)
+    if problem:
+        raise UsageError(f"The cache folder {root} cannot be used: it {problem.removeprefix('which ')}; "
+                         "set MALMM_CACHE_DIR to a folder malmm can write to.")
+    return root
+
+
+def _folder_problem(path: Path) -> str | None:
+    """Why `path` cannot be used as a writable folder, created if missing ("which ..."), or None."""
+    if os.path.islink(path) and not path.exists():
+        return "which is a broken symbolic link"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if existing == path and not path.is_dir():
+        return "which is a file, not a folder"
+    if not existing.is_dir():
+        return f"which cannot be created because {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return "which is not writable" if existing == path else f"which cannot be created in {existing} (not writable)"
+    return None
 
 
 def open_source(
-    spec: str, *, cache_dir: Path | None = None, download_options: Mapping[str, Any] | None = None
+    spec: str, *, cache_dir: Path | None = None, download_options: Mapping[str, Any] | None = None,
+    stall_s: float | None = None, deadline_s: float | None = None,
 ) -> VideoSource:
     """Resolve one spec: check a local file, or download a URL (cached in `<cache>/downloads`).
 
     `cache_dir` is the cache root (default `cache_root()`); `download_options` are merged
-    over DOWNLOAD_OPTIONS for yt-dlp (e.g. a shorter socket_timeout).
+    over DOWNLOAD_OPTIONS for yt-dlp (e.g. a shorter socket_timeout); `stall_s` and
+    `deadline_s` end a download that stalls or takes too long (defaults: download_limits).
     """
     spec = spec.strip()
     if _SCHEME_RE.match(spec):
         if not is_url(spec):
             raise _bad_scheme(spec)
         root = Path(cache_dir) if cache_dir is not None else cache_root()
-        path = download(spec, root / "downloads", download_options or {})
+        path = download(spec, root / "downloads", download_options or {}, stall_s=stall_s, deadline_s=deadline_s)
         return VideoSource(input=spec, path=path, url=spec)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -227,140 +281,3 @@ def open_source(
     if not os.access(path, os.R_OK):
         raise InputError(f"{spec} cannot be read (permission denied).")
     return VideoSource(input=spec, path=path, url=None)
-
-
-# ----------------------------------------------------------------------------- downloads
-
-
-def url_key(url: str) -> str:
-    """Cache key of a URL: the first 24 hex digits of its SHA-256."""
-    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:24]
-
-
-def cached_download(url: str, downloads: Path) -> Path | None:
-    """The finished download of `url` in `downloads`, if any (temp dirs are never matched)."""
-    key = url_key(url)
-    if not downloads.is_dir():
-        return None
-    for p in sorted(downloads.glob(f"{key}.*")):
-        if p.suffix != ".json" and p.is_file():
-            return p
-    return None
-
-
-def download(url: str, downloads: Path, options: Mapping[str, Any]) -> Path:
-    """Download `url` with yt-dlp unless cached; the result appears atomically or not at all.
-
-    yt-dlp writes into a private temp folder next to the cache; only a download yt-dlp
-    reports complete is renamed into place (os.replace, same filesystem), so an interrupted
-    or failed download can never be mistaken for a video.
-    """
-    hit = cached_download(url, downloads)
-    if hit is not None:
-        log.debug("using cached download %s for %s", hit, url)
-        return hit
-    downloads.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(downloads)
-    key = url_key(url)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=downloads))
-    try:
-        info, fetched = _run_yt_dlp(url, tmp, options)
-        final = downloads / f"{key}{fetched.suffix or '.video'}"
-        meta = {"url": url, "title": info.get("title"), "id": info.get("id"),
-                "extractor": info.get("extractor_key"), "downloaded_at": time.time()}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        os.replace(tmp / "meta.json", downloads / f"{key}.json")
-        os.replace(fetched, final)
-        log.info("downloaded %s to %s", url, final)
-        return final
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _run_yt_dlp(url: str, folder: Path, options: Mapping[str, Any]) -> tuple[dict, Path]:
-    import yt_dlp
-
-    opts = {**DOWNLOAD_OPTIONS, **options, "paths": {"home": str(folder)},
-            "outtmpl": "%(id).64B.%(ext)s", "logger": _YtdlLogger()}
-    try:
-        with yt_dlp.YoutubeDL(opts) as ydl:
-            info = ydl.extract_info(url, download=True)
-    except yt_dlp.utils.DownloadError as e:
-        raise DownloadError(f"Could not download {url}: {_download_reason(e)}.") from None
-    except yt_dlp.utils.YoutubeDLError as e:  # e.g. a post-processing error
-        raise DownloadError(f"Could not download {url}: {_clean(str(e))}.") from None
-    if info is None or info.get("_type") in ("playlist", "multi_video"):
-        raise DownloadError(f"Could not download {url}: it is a playlist, not a single video (list its videos in an @list file).")
-    files = [Path(d["filepath"]) for d in info.get("requested_downloads") or [] if d.get("filepath")]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise DownloadError(f"Could not download {url}: yt-dlp finished without producing a file.")
-    return info, files[0]
-
-
-class _YtdlLogger:
-    """Routes yt-dlp's console output to our logger: errors become our exception's sentence."""
-
-    def debug(self, msg: str) -> None:
-        log.debug("yt-dlp: %s", msg)
-
-    info = debug
-
-    def warning(self, msg: str) -> None:
-        log.debug("yt-dlp warning: %s", msg)
-
-    def error(self, msg: str) -> None:
-        log.debug("yt-dlp error: %s", msg)
-
-
-def _download_reason(e: Exception) -> str:
-    """One clause saying why yt-dlp failed, from its original exception where it kept one."""
-    from yt_dlp.networking.exceptions import HTTPError, TransportError
-    from yt_dlp.utils import UnsupportedError
-
-    orig = e.exc_info[1] if getattr(e, "exc_info", None) else None
-    msg = str(e)
-    if isinstance(orig, UnsupportedError):
-        return "no video was found there (unsupported site, or a page without a video)"
-    if isinstance(orig, HTTPError):
-        return f"the server answered HTTP {orig.status} ({orig.reason or 'error'})"
-    if isinstance(orig, TransportError):
-        return _transport_reason(orig)
-    short = re.search(r"Downloaded (\d+) bytes, expected (\d+) bytes", msg)
-    if short:
-        return f"the connection broke off before the download finished ({short[1]} of {short[2]} bytes)"
-    return _clean(msg)
-
-
-def _transport_reason(err: BaseException) -> str:
-    import socket
-
-    cause = err.__cause__ or err.__context__ or getattr(err, "cause", None)
-    if isinstance(cause, socket.gaierror):
-        return "its host name could not be resolved (no network connection?)"
-    if isinstance(cause, ConnectionRefusedError):
-        return "the connection was refused (server down, or no network connection?)"
-    if isinstance(cause, (TimeoutError, socket.timeout)) or "timed out" in str(err):
-        return "the connection timed out"
-    return f"a network error occurred ({_clean(str(err))})"
-
-
-def _clean(msg: str) -> str:
-    """yt-dlp's message without its 'ERROR: [extractor] id:' prefix and '(caused by ...)' tail."""
-    msg = msg.replace("\r", "").strip()
-    msg = re.sub(r"^ERROR:\s*", "", msg)
-    msg = re.sub(r"^\[[^\]]+\]\s*(\S+:\s*)?", "", msg)
-    msg = re.sub(r"\s*\(caused by .*\)\s*$", "", msg, flags=re.S)
-    msg = re.sub(r";\s*please report this issue.*$", "", msg, flags=re.S | re.I)
-    return msg.rstrip(". ") or "yt-dlp failed"
-
-
-def _remove_stale_temps(downloads: Path) -> None:
-    """Delete temp folders left by killed runs (older than a day, so never a live download)."""
-    now = time.time()
-    for p in downloads.glob(".tmp-*"):
-        try:
-            if p.is_dir() and now - p.stat().st_mtime > _STALE_TMP_S:
-                shutil.rmtree(p, ignore_errors=True)
-        except OSError:
-            continue

@@ -185,15 +185,18 @@ def run_doctor() -> int:
     else:
         dtype = default_dtype(torch.device("cpu"))
         check("device", True, f"CPU only, {os.cpu_count()} cores, model dtype {str(dtype).replace('torch.', '')}")
+    from .errors import UsageError
     from .inputs import cache_root
 
-    root = cache_root()
     try:
+        root = cache_root()
         root.mkdir(parents=True, exist_ok=True)
         probe = root / ".doctor"
         probe.write_text("ok")
         probe.unlink()
         check("cache", True, str(root))
+    except UsageError as err:  # MALMM_CACHE_DIR names something that cannot be a folder
+        check("cache", False, str(err))
     except OSError as err:
         check("cache", False, f"{root} is not writable ({err.strerror})")
     default = PRESETS["instructblip-vicuna-7b"]

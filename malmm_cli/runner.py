@@ -241,6 +241,7 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         validate(opts)
         choice = resolve_model(opts.model)
         job = build_job(task, opts, choice.label, **args)
+        _check_environment()
         from .inputs import expand_inputs
 
         specs = expand_inputs(inputs)
@@ -269,6 +270,15 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
     job = with_trained_defaults(job, analyzer.model.trained_config, memory_set=opts.memory is not None,
                                 frames_set=opts.fps is not None or opts.frames is not None)
     return _run_batch(analyzer, job, todo, output, opts)
+
+
+def _check_environment() -> None:
+    """Bad environment values are usage errors before any model loads, not failures later."""
+    from .download import download_limits
+    from .inputs import cache_root
+
+    cache_root()  # MALMM_CACHE_DIR
+    download_limits()  # MALMM_DOWNLOAD_STALL_S, MALMM_DOWNLOAD_DEADLINE_S
 
 
 def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
