@@ -9,7 +9,6 @@ written to the cache as they go.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -21,8 +20,8 @@ from models import MALMM, VideoStream
 from models.memory_bank import BankStatus
 
 from .errors import VideoError
-from .features import FeatureCache, feature_key, from_storage, storage_dtype, to_storage, video_fingerprint
-from .inputs import VideoSource, cache_root
+from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
+from .inputs import VideoSource
 from .results import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
@@ -98,19 +97,33 @@ class Analyzer:
     # ---- features ---------------------------------------------------------------------
 
     def _features(self, run: _Run) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(timestamps [k], features [k, P, C]) chunk by chunk, from the cache or the video."""
-        key = None
-        if self.cache is not None:
-            key = feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id)
-            hit = self.cache.get(key)
-            if hit is not None and hit.count == run.planned:
-                t0 = time.perf_counter()
-                for start, feats in hit.chunks(self.chunk_size):
-                    run.timings["decode"] += time.perf_counter() - t0
-                    yield run.sampling.timestamps[start : start + feats.shape[0]], feats
-                    t0 = time.perf_counter()
-                return
+        """(timestamps [k], features [k, P, C]) chunk by chunk, from the cache or the video.
+
+        A cache entry is verified whole before its first chunk goes out (one sequential read,
+        cheap next to the ViT): features fed to the streams cannot be taken back, so a damaged
+        entry must be caught before any is used. It is then discarded and rebuilt from the video.
+        """
         writer = None
+        if self.cache is not None:
+            vision = self.model.vision_model.config
+            # What this model computes, [n, P, C] with P = CLS + patches: an entry holding
+            # anything else is damaged.
+            entry = dict(
+                key=feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id),
+                count=run.planned, torch_dtype=str(self.model.vision_dtype),
+                shape=((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size))
+            t0 = time.perf_counter()
+            hit = self.cache.get(**entry)
+            run.timings["decode"] += time.perf_counter() - t0
+            if hit is not None:
+                with hit:
+                    t0 = time.perf_counter()
+                    for start, feats in hit.chunks(self.chunk_size):
+                        run.timings["decode"] += time.perf_counter() - t0
+                        yield run.sampling.timestamps[start : start + feats.shape[0]], feats
+                        t0 = time.perf_counter()
+                return
+            writer = self.cache.writer(**entry)
         try:
             with stream_frames(run.source.path, run.sampling, info=run.info, chunk_size=self.chunk_size) as frames:
                 chunks = iter(frames)
@@ -124,9 +137,7 @@ class Analyzer:
                     feats = self.model.encode_frames(pixels)
                     run.timings["decode"] += t1 - t0
                     run.timings["vision"] += time.perf_counter() - t1
-                    if key is not None and writer is None:
-                        writer = self.cache.writer(key, run.planned, tuple(feats.shape[1:]), str(feats.dtype))
-                    if writer is not None:
+                    if writer is not None:  # on a write error it drops the entry and goes quiet
                         writer.append(feats)
                     yield chunk.timestamps, feats
                 run.warnings.extend(frames.warnings)
@@ -236,18 +247,15 @@ class Analyzer:
     def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[str]]:
         """Boundaries depend on the whole video, so: one pass over the video feeds the
         whole-video stream, measures frame-to-frame change and keeps the features in a
-        temporary memory map; segments are then read back from it. The ViT runs once."""
+        temporary file; segments are then read back from it. The ViT runs once. The file goes
+        in the cache directory when the cache is on (where the user keeps room for features),
+        else in the system temp dir: --no-cache writes nothing under the cache."""
         change: list[float] = []
         last: list = [None]
-        with tempfile.TemporaryDirectory(prefix=".scenes-", dir=cache_root()) as tmp:
-            store: list = [None]
+        with FrameStore(self.cache.scratch_dir() if self.cache is not None else None) as store:
 
             def per_frame(pos: int, feats: torch.Tensor) -> None:
-                if store[0] is None:
-                    store[0] = np.lib.format.open_memmap(
-                        f"{tmp}/features.npy", mode="w+", dtype=storage_dtype(str(feats.dtype)),
-                        shape=(run.planned, *feats.shape[1:]))
-                store[0][pos] = to_storage(feats[0])
+                store.append(feats)  # positions come in order from 0, so a frame's row is its position
                 pooled = feats[0].float().mean(dim=0)
                 change.append(0.0 if last[0] is None else float(1 - torch.cosine_similarity(pooled, last[0], dim=0)))
                 last[0] = pooled
@@ -255,15 +263,13 @@ class Analyzer:
             self._feed(run, [whole], per_frame)
             timestamps = run.sampling.timestamps[: run.frames_done]
             segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
-            dtype = str(self.model.vision_dtype)
             texts = []
             for i, seg in enumerate(segments):
                 stream = self._new_stream(run, [prompt], len(seg.frames))
                 t0 = time.perf_counter()
                 for a in range(0, len(seg.frames), self.chunk_size):
                     block = seg.frames[a : a + self.chunk_size]
-                    stream.add_features(from_storage(store[0][block[0] : block[-1] + 1], dtype))
+                    stream.add_features(store.read(block[0], block[-1] + 1))
                 run.timings["qformer"] += time.perf_counter() - t0
                 texts.append(self._caption_segment(run, stream, prompt, i, len(segments)))
-            store[0] = None  # close the memory map before the directory goes
         return segments, texts

@@ -241,7 +241,7 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         validate(opts)
         choice = resolve_model(opts.model)
         job = build_job(task, opts, choice.label, **args)
-        _check_environment()
+        _check_environment(opts)
         from .inputs import expand_inputs
 
         specs = expand_inputs(inputs)
@@ -272,13 +272,17 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
     return _run_batch(analyzer, job, todo, output, opts)
 
 
-def _check_environment() -> None:
+def _check_environment(opts: CommonOptions) -> None:
     """Bad environment values are usage errors before any model loads, not failures later."""
     from .download import download_limits
     from .inputs import cache_root
 
     cache_root()  # MALMM_CACHE_DIR
     download_limits()  # MALMM_DOWNLOAD_STALL_S, MALMM_DOWNLOAD_DEADLINE_S
+    if not opts.no_cache:
+        from .features import cache_limit_from_env
+
+        cache_limit_from_env()  # MALMM_FEATURE_CACHE_GB
 
 
 def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
