@@ -74,6 +74,9 @@ OutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", help="Write results to FILE (format from --format/--json or the extension) or, for "
     "per-video formats with several inputs, into a directory.", show_default=False)]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip inputs already recorded in the --output file.")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the results already in the --output file or directory (without this or "
+    "--resume, existing results are never touched).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(
@@ -99,6 +102,7 @@ def caption(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Describe what happens in each video."""
@@ -118,6 +122,7 @@ def ask(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Answer questions about a video (several questions in one pass)."""
@@ -142,6 +147,7 @@ def classify(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
 ):
     """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
@@ -165,6 +171,7 @@ def summarize(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Timestamped segments with one caption each, plus a summary of the whole video."""

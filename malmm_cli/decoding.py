@@ -110,9 +110,9 @@ class FrameStream:
 
     def _iterate(self) -> Iterator[FrameChunk]:
         d = self._decoder
-        d.start()
         delivered = 0
         try:
+            d.start()  # inside the try: an interrupt while threads start still stops those started
             for unit in range(len(d.units)):
                 worker = unit % d.workers
                 while (item := d.get(worker)) is not _UNIT_END:
@@ -178,9 +178,9 @@ class _Decoder:
         self.lock = threading.Lock()
 
     def start(self) -> None:
-        for w in range(self.workers):
-            t = threading.Thread(target=self.run, args=(w,), name=f"malmm-decode-{w}", daemon=True)
-            self.threads.append(t)
+        self.threads = [threading.Thread(target=self.run, args=(w,), name=f"malmm-decode-{w}", daemon=True)
+                        for w in range(self.workers)]
+        for t in self.threads:
             t.start()
 
     def shutdown(self) -> None:
@@ -188,7 +188,10 @@ class _Decoder:
         for q in self.queues:
             _drain(q)
         for t in self.threads:
-            if t is not threading.current_thread():
+            # Only running threads: an interrupt can land between creating a thread and the end
+            # of its start(), and joining it then raises RuntimeError. One that never got going
+            # sees `stop` when it does, and ends by itself.
+            if t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=_JOIN_TIMEOUT_S)
                 if t.is_alive():  # stuck inside decord; it is a daemon and exits with the process
                     log.debug("decoder thread %s did not stop within %.0f s", t.name, _JOIN_TIMEOUT_S)

@@ -1,25 +1,27 @@
 """Running one command over many inputs: options -> job, model, outputs, errors, resume, Ctrl-C.
 
 A batch goes on past a bad input (an error record, exit code 1 at the end); every record is
-written and flushed as soon as its input finishes, so an interrupted run keeps everything
-done so far and `--resume` picks up where it stopped.
+written and flushed as soon as its input finishes, so an interrupted run (Ctrl-C, or SIGTERM,
+taken the same way) keeps everything done so far and `--resume` picks up where it stopped.
+What may be written where, and how, is outputs.py's business.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import signal
 import sys
+import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TextIO
 
 from .errors import MalmmError, UsageError
 from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
-from .results import ErrorResult, Result
-from .writers import EXTENSIONS, get_writer
+from .outputs import Output
+from .results import ErrorResult
 
 log = logging.getLogger("malmm")
 
@@ -38,6 +40,7 @@ class CommonOptions:
     json_: bool = False
     output: Path | None = None
     resume: bool = False
+    overwrite: bool = False
     quiet: bool = False
     no_cache: bool = False
     beams: int | None = None  # generation overrides (caption, ask, summarize)
@@ -82,6 +85,10 @@ def validate(opts: CommonOptions) -> None:
         raise UsageError(f"--end ({opts.end:g} s) must be after --start ({opts.start:g} s).")
     if opts.resume and opts.output is None:
         raise UsageError("--resume needs --output (the file whose recorded inputs to skip).")
+    if opts.overwrite and opts.output is None:
+        raise UsageError("--overwrite needs --output (the file or directory whose results to replace).")
+    if opts.resume and opts.overwrite:
+        raise UsageError("Use either --resume (add to the output) or --overwrite (replace it), not both.")
 
 
 def build_job(task: str, opts: CommonOptions, model_label: str, **args):
@@ -130,90 +137,6 @@ def build_job(task: str, opts: CommonOptions, model_label: str, **args):
     return Job(label_set=label_set, top_k=args.get("top_k") or 5, **common)
 
 
-# ---- outputs -------------------------------------------------------------------------------
-
-
-class Output:
-    """Where results go: stdout, one file (records appended as they finish), or a directory
-    with one file per input for per-video formats (srt, vtt, md)."""
-
-    def __init__(self, task: str, opts: CommonOptions, fmt: str | None, n_inputs: int):
-        path = opts.output
-        if fmt is None:
-            fmt = "json" if opts.json_ else (EXTENSIONS.get(path.suffix.lower(), "text") if path else "text")
-        elif opts.json_ and fmt != "json":
-            raise UsageError(f"--json and --format {fmt} disagree; use one.")
-        self.writer = get_writer(fmt, task)
-        self.fmt, self.path, self.n_inputs = fmt, path, n_inputs
-        self.per_file = path is not None and not self.writer.many_per_file and (n_inputs > 1 or path.is_dir())
-        if path is None and not self.writer.many_per_file and n_inputs > 1:
-            raise UsageError(f"--format {fmt} makes one file per video: with several inputs, give -o DIRECTORY.")
-        self.stream: TextIO | None = None
-        self.names: dict[str, Path] = {}
-
-    def open(self, resume: bool) -> None:
-        if self.path is None:
-            self.stream = sys.stdout
-        elif self.per_file:
-            self.path.mkdir(parents=True, exist_ok=True)
-        else:
-            if self.path.is_dir():
-                raise UsageError(f"--output '{self.path}' is a directory; give a file name.")
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.stream = open(self.path, "a" if resume else "w", encoding="utf-8")
-            if resume and self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
-                self.stream.write("\n")  # a line cut short by a crash stays alone on its line
-
-    def file_for(self, spec: str) -> Path:
-        """DIR/<video name>.<format>, unique within this run."""
-        if spec not in self.names:
-            stem = Path(spec.rstrip("/").split("?")[0]).stem or "video"
-            candidate, k = self.path / f"{stem}.{self.fmt}", 1
-            while candidate in self.names.values():
-                k += 1
-                candidate = self.path / f"{stem}-{k}.{self.fmt}"
-            self.names[spec] = candidate
-        return self.names[spec]
-
-    def done(self, specs: list[str]) -> set[str]:
-        """Inputs already recorded successfully (for --resume); failed ones are tried again."""
-        if self.per_file:
-            return {s for s in specs if self.file_for(s).exists()}
-        if self.path is None or not self.path.exists():
-            return set()
-        if self.fmt != "json":
-            raise UsageError("--resume reads JSON records: use --json or an .jsonl/.json output file.")
-        done = set()
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run
-            if isinstance(record, dict) and "input" in record and "error" not in record:
-                done.add(record["input"])
-        return done
-
-    def write(self, result: Result) -> None:
-        if self.per_file:
-            target = self.file_for(result.input)
-            tmp = target.with_name(target.name + ".partial")
-            with open(tmp, "w", encoding="utf-8") as f:
-                self.writer.write(result, f)
-            tmp.replace(target)
-            return
-        self.writer.write(result, self.stream, header=self.n_inputs > 1)
-        self.stream.flush()
-
-    def write_error(self, error: ErrorResult) -> None:
-        if self.stream is not None:
-            self.writer.write_error(error, self.stream)
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.stream is not None and self.stream is not sys.stdout:
-            self.stream.close()
-
-
 # ---- the batch ---------------------------------------------------------------------------------
 
 
@@ -235,7 +158,8 @@ def _error(spec: str, message: str) -> None:
 
 
 def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> int:
-    """Run `task` over `inputs`; returns the exit code (0 ok, 1 some input failed, 2 usage)."""
+    """Run `task` over `inputs`; returns the exit code (0 ok, 1 some input failed, 2 usage,
+    130 interrupted by Ctrl-C, 143 by SIGTERM)."""
     _setup_logging(opts.quiet)
     try:
         validate(opts)
@@ -245,31 +169,22 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         from .inputs import expand_inputs
 
         specs = expand_inputs(inputs)
-        output = Output(task, opts, args.get("fmt"), len(specs))
-        skip = output.done(specs) if opts.resume else set()
+        output = Output(task, opts.output, args.get("fmt"), opts.json_, specs)
     except MalmmError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return err.exit_code
-    todo = [s for s in specs if s not in skip]
-    if skip and not opts.quiet:
-        sys.stderr.write(f"malmm: --resume: {len(skip)} input(s) already done, {len(todo)} to go\n")
-    if not todo:
-        return 0
-    from models import ModelError
-
-    try:
-        analyzer = _analyzer(choice, opts, len(todo))
-    except MalmmError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
-        return err.exit_code
-    except ModelError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
-        return 1
-    from .tasks import with_trained_defaults
-
-    job = with_trained_defaults(job, analyzer.model.trained_config, memory_set=opts.memory is not None,
-                                frames_set=opts.fps is not None or opts.frames is not None)
-    return _run_batch(analyzer, job, todo, output, opts)
+    with _sigterm_as_interrupt():
+        try:
+            return _claim_and_run(choice, job, specs, output, opts)
+        except MalmmError as err:
+            sys.stderr.write(f"malmm: error: {err}\n")
+            return err.exit_code
+        except KeyboardInterrupt as stop:
+            where = f" in {output.path}" if output.path else ""
+            sys.stderr.write(f"malmm: interrupted; {output.written} result(s) kept{where}\n")
+            return 143 if isinstance(stop, Terminated) else 130
+        finally:
+            output.close()  # releases the output's lock
 
 
 def _check_environment(opts: CommonOptions) -> None:
@@ -285,47 +200,105 @@ def _check_environment(opts: CommonOptions) -> None:
         cache_limit_from_env()  # MALMM_FEATURE_CACHE_GB
 
 
+def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOptions) -> int:
+    """Check and lock the output (before the model loads: a refusal costs nothing), then run."""
+    mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
+    skip = output.claim(mode)
+    todo = [s for s in specs if s not in skip]
+    if skip and not opts.quiet:
+        sys.stderr.write(f"malmm: --resume: {len(skip)} input(s) already done, {len(todo)} to go\n")
+    if not todo:
+        return 0
+    from models import ModelError
+
+    try:
+        analyzer = _analyzer(choice, opts, len(todo))
+    except ModelError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return 1
+    from .tasks import with_trained_defaults
+
+    job = with_trained_defaults(job, analyzer.model.trained_config, memory_set=opts.memory is not None,
+                                frames_set=opts.fps is not None or opts.frames is not None)
+    return _run_batch(analyzer, job, todo, output, opts)
+
+
 def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
     from models import ModelError
 
     from .inputs import open_source
 
-    failures = written = 0
-    output.open(opts.resume)
+    failures = 0
+    output.open()
     try:
         for spec in todo:
             try:
-                source = open_source(spec)
-                result = analyzer.run(source, job)
-            except (MalmmError, ModelError) as err:
+                result = analyzer.run(open_source(spec), job)
+            except (MalmmError, ModelError, RuntimeError, ValueError, OSError) as err:
+                _reraise_interrupt(err)
                 failures += 1
                 analyzer.events.close()
-                _error(spec, str(err))
-                output.write_error(ErrorResult(spec, str(err)))
-                continue
-            except (RuntimeError, ValueError, OSError) as err:  # a bug or a resource problem: report, go on
-                failures += 1
-                analyzer.events.close()
-                log.debug("%s", traceback.format_exc())
-                message = f"unexpected {type(err).__name__}: {err}"
+                message = _failure(err)
                 _error(spec, message)
                 output.write_error(ErrorResult(spec, message))
                 continue
             for warning in result.warnings:
                 log.warning("%s: %s", spec, warning)
             output.write(result)
-            written += 1
     except KeyboardInterrupt:
         analyzer.events.close()
-        where = f" in {output.path}" if output.path else ""
-        sys.stderr.write(f"malmm: interrupted; {written} result(s) kept{where}\n")
-        return 130
-    finally:
-        output.close()
+        raise
     if output.path is not None and not opts.quiet:
-        sys.stderr.write(f"malmm: wrote {written} result(s) to {output.path}"
+        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {output.path}"
                          + (f"; {failures} input(s) failed" if failures else "") + "\n")
     return 1 if failures else 0
+
+
+def _failure(err: Exception) -> str:
+    """The sentence for a failed input."""
+    from models import ModelError
+
+    if isinstance(err, (MalmmError, ModelError)):
+        return str(err)
+    log.debug("%s", traceback.format_exc())  # a bug or a resource problem: reported, the batch goes on
+    return f"unexpected {type(err).__name__}: {err}"
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """An error raised while an interrupt was being handled (cleanup that could not finish) is
+    the interrupt's doing, not the input's: the batch stops as the interrupt asked."""
+    seen: set[int] = set()
+    cause = err.__context__
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt):
+            raise cause
+        seen.add(id(cause))
+        cause = cause.__context__
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken down the same path as Ctrl-C: records kept, lock released, exit 143."""
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """While a command runs, SIGTERM raises Terminated; the previous handler comes back after.
+    A second SIGTERM during the clean-up is ignored, so it is not cut short (SIGKILL still works)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers can only be set from the main thread
+        return
+    fired = []
+
+    def on_sigterm(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _analyzer(choice, opts: CommonOptions, n_inputs: int):

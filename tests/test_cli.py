@@ -212,7 +212,8 @@ def test_srt_with_several_inputs_needs_an_output_directory(tmp_path):
     target.mkdir()
     out = malmm("summarize", SAMPLE, bigbuckbunny_path(), *TINY, "-q", "--format", "srt", "--every", 2, "-o", target)
     assert out.exit_code == 0
-    assert sorted(p.name for p in target.iterdir()) == ["bigbuckbunny.srt", "sample.srt"]
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == ["bigbuckbunny.srt", "sample.srt"]
+    assert (target / ".malmm-outputs.json").is_file()  # which input each file was written for (--resume)
     assert len(list(srt.parse((target / "bigbuckbunny.srt").read_text()))) == 3
 
 
@@ -286,23 +287,46 @@ def test_bad_inputs_are_one_sentence_and_nonzero(tmp_path):
     assert unknown_model.exit_code == 2 and "Unknown model" in unknown_model.stderr
 
 
-def test_ctrl_c_stops_cleanly_and_keeps_finished_records(tmp_path):
+def _start_batch_and_wait_for_second_input(tmp_path):
+    """A real process captioning the sample clip, then a 60 s one. Returns once the first record
+    is in the output and the second input has started, so a signal sent then lands mid-batch."""
     longer = tmp_path / "long.mp4"
     make_video(longer, fps=25, n_frames=25 * 60, size=(96, 64))
     output = tmp_path / "partial.jsonl"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "malmm_cli", "caption", str(SAMPLE), str(longer), str(longer), *TINY,
+    cmd = [sys.executable, "-m", "malmm_cli", "caption", str(SAMPLE), str(longer), *TINY,
            "--fps", "25", "--no-cache", "-o", str(output)]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     deadline = time.time() + 120
-    while time.time() < deadline and not (output.exists() and output.read_text().count("\n") >= 1):
-        time.sleep(0.1)
+    while time.time() < deadline and proc.poll() is None and not (
+            output.exists() and output.read_text().count("\n") >= 1 and any("[2/2]" in x for x in lines)):
+        time.sleep(0.05)
+    assert proc.poll() is None, "".join(lines)
+
+    def stopped() -> str:
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        return "".join(lines)
+
+    return proc, output, stopped
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_finished_records(tmp_path):
+    proc, output, stopped = _start_batch_and_wait_for_second_input(tmp_path)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    err = stopped()
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "interrupted; 1 result(s) kept" in err
     (row,) = records(output.read_text())
-    assert row["input"] == str(SAMPLE) and "text" in row
+    assert row["input"] == str(SAMPLE) and "text" in row and output.read_text().endswith("\n")
 
 
 # ---- URLs ---------------------------------------------------------------------------------------
@@ -410,3 +434,62 @@ def test_a_corrupt_file_gives_exactly_one_line_on_stderr(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr.splitlines() == [f"malmm: error: {broken} cannot be opened as a video: the file is truncated or corrupt."]
+
+
+# ---- signals and locks at unlucky moments -------------------------------------------------------
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_output_is_locked_until_then(tmp_path):
+    proc, output, stopped = _start_batch_and_wait_for_second_input(tmp_path)
+    busy = malmm("caption", SAMPLE, *TINY, "-q", "-o", output, "--resume")  # a second process, same output
+    assert busy.exit_code == 2 and "another malmm process" in busy.stderr, busy.stderr
+    proc.send_signal(signal.SIGTERM)
+    err = stopped()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "interrupted; 1 result(s) kept" in err
+    (row,) = records(output.read_text())
+    assert row["input"] == str(SAMPLE) and "text" in row
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    again = malmm("caption", SAMPLE, *TINY, "-o", output, "--resume")  # the lock went with the process
+    assert again.exit_code == 0 and "1 input(s) already done, 0 to go" in again.stderr
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers put back
+
+
+def _interrupt_decoder_start(monkeypatch, when: str) -> None:
+    """Ctrl-C inside the decoder's thread start-up: before the first thread runs, or while it starts."""
+    real_start = threading.Thread.start
+
+    def start(self):
+        if self.name == "malmm-decode-0":
+            if when == "while starting":
+                real_start(self)
+            raise KeyboardInterrupt
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+
+
+@pytest.mark.parametrize("when", ["before starting", "while starting"])
+def test_ctrl_c_while_decoder_threads_start_is_a_clean_interrupt(monkeypatch, when):
+    """It used to join a thread that had not started: RuntimeError, exit 1 instead of 130."""
+    from malmm_cli.video import plan_sampling, probe, stream_frames
+
+    info = probe(SAMPLE)
+    _interrupt_decoder_start(monkeypatch, when)
+    with pytest.raises(KeyboardInterrupt):
+        with stream_frames(SAMPLE, plan_sampling(info, fps=5), info=info, workers=2) as frames:
+            for _ in frames:
+                pass
+    monkeypatch.undo()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(t.name.startswith("malmm-decode") for t in threading.enumerate()):
+        time.sleep(0.05)
+    assert not any(t.name.startswith("malmm-decode") for t in threading.enumerate())
+
+
+def test_ctrl_c_while_decoding_starts_exits_130(tmp_path, monkeypatch):
+    _interrupt_decoder_start(monkeypatch, "before starting")
+    output = tmp_path / "out.jsonl"
+    out = malmm("caption", SAMPLE, *TINY, "-q", "--frames", 4, "--no-cache", "-o", output)
+    assert out.exit_code == 130, out.stderr
+    assert out.stderr.splitlines() == [f"malmm: interrupted; 0 result(s) kept in {output}"]

@@ -1,0 +1,360 @@
+"""Outputs never destroy data: -o refuses inputs and files that are not ours, results are
+replaced only with --overwrite, one process per output, whole records, stable per-video names."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from malmm_cli import outputs, runner
+from malmm_cli.app import app
+from malmm_cli.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
+from tests.media import make_video
+
+TINY = ["--model", "tiny-random", "-q"]
+SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps
+FAST = ["--frames", "4"]
+SUMMARY = ["--every", "2", "--fps", "2"]
+
+
+def malmm(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def one_error(out, code: int, *words: str) -> str:
+    """The run failed with `code` and exactly one `malmm: error:` sentence holding `words`."""
+    lines = out.stderr.strip().splitlines()
+    assert out.exit_code == code, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("malmm: error: "), out.stderr
+    assert all(w in lines[0] for w in words), (words, lines[0])
+    return lines[0]
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Refusals come before any model loads: loading one fails the test."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(runner, "_analyzer", refuse)
+
+
+@pytest.fixture
+def videos(tmp_path) -> dict[str, Path]:
+    """Two different clips named x.mp4 in two folders, plus a.mp4 and b.mp4."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    shutil.copy(SAMPLE, tmp_path / "one" / "x.mp4")
+    make_video(tmp_path / "two" / "x.mp4", fps=10, n_frames=30)  # 3 s: its subtitles differ
+    shutil.copy(SAMPLE, tmp_path / "a.mp4")
+    make_video(tmp_path / "b.mp4", fps=10, n_frames=30)
+    return {"x1": tmp_path / "one" / "x.mp4", "x2": tmp_path / "two" / "x.mp4",
+            "a": tmp_path / "a.mp4", "b": tmp_path / "b.mp4"}
+
+
+# ---- 1. -o never names an input or a file that is not ours ----------------------------------
+
+
+def test_output_naming_an_input_is_refused_and_the_video_is_untouched(videos, no_model, tmp_path):
+    video = videos["a"]
+    before = video.read_bytes()
+    link = tmp_path / "link.mp4"
+    link.symlink_to(video)
+    for extra in ([], ["--overwrite"], ["--json"], ["--format", "srt"]):
+        one_error(malmm("summarize", video, "-o", video, *TINY, *extra), 2, str(video), "is one of the inputs")
+    one_error(malmm("summarize", link, "-o", video, *TINY), 2, "is one of the inputs")  # same file, other name
+    assert video.read_bytes() == before
+
+
+def test_a_video_caught_by_a_shell_glob_is_never_overwritten(videos, no_model):
+    """`malmm caption -o *.mp4` expands to `-o a.mp4 b.mp4`: a.mp4 is not an input, but a video."""
+    before = videos["a"].read_bytes()
+    for extra in ([], ["--overwrite"], ["--json"], ["--json", "--resume"]):
+        one_error(malmm("caption", videos["b"], "-o", videos["a"], *TINY, *extra), 2,
+                  "is not a results file written by malmm")
+    assert videos["a"].read_bytes() == before
+
+
+@pytest.mark.parametrize("name, content, extra", [
+    ("notes.txt", "my own notes\n", ["--json"]),         # text, but not JSON records
+    ("data.jsonl", '{"id": 1, "input": "x"}\n', []),    # JSON, but not ours
+    ("notes.md", "just some text\n", ["--format", "md"]),  # not markdown we write
+    ("summary.srt", "hello\n", ["--format", "srt"]),     # not a subtitle file
+    ("captions", "no extension\n", []),                   # text results are recognised by .txt
+])
+def test_existing_files_that_are_not_ours_are_refused_even_with_overwrite(tmp_path, no_model, name, content, extra):
+    target = tmp_path / name
+    target.write_text(content)
+    command = "summarize" if "--format" in extra else "caption"
+    for mode in ([], ["--overwrite"]):
+        one_error(malmm(command, SAMPLE, "-o", target, *TINY, *extra, *mode), 2, "is not a results file")
+    assert target.read_text() == content
+
+
+def test_what_counts_as_ours():
+    record = b'{"input": "a.mp4", "task": "caption", "text": "caf\xc3\xa9"}\n'
+    assert looks_like_ours(b"", "json", Path("r.jsonl"))
+    assert looks_like_ours(record + b'{"input": "b.mp4", "error": "x."}\n', "json", Path("r.jsonl"))
+    assert looks_like_ours(record + record[:30], "json", Path("r.jsonl"))  # cut short by an interrupt
+    assert looks_like_ours(record + b'{"in', "json", Path("r.jsonl"))
+    assert not looks_like_ours(b'{"id": 1}\n', "json", Path("r.jsonl"))
+    assert not looks_like_ours(b"\x00\x00\x00\x18ftypmp42", "json", Path("r.jsonl"))
+    assert not looks_like_ours(b"\x00\x00\x00\x18ftypmp42", "text", Path("r.txt"))
+    assert looks_like_ours(b"WEBVTT\n\n00:00:00.000 --> 00:00:02.000\nhi\n", "vtt", Path("s.vtt"))
+    assert not looks_like_ours(b"WEBVTT\n", "vtt", Path("s.srt"))
+    assert looks_like_ours(b"1\n00:00:00,000 --> 00:00:02,000\nhi\n", "srt", Path("s.srt"))
+    assert not looks_like_ours(b"\xff\xfe1\n", "srt", Path("s.srt"))  # not UTF-8
+    assert looks_like_ours(b"caption text\n", "text", Path("c.txt"))
+
+
+# ---- 2. existing results: --resume appends, --overwrite replaces, neither refuses ------------
+
+
+def test_existing_results_need_resume_or_overwrite(tmp_path, videos):
+    output = tmp_path / "results.jsonl"
+    assert malmm("caption", videos["a"], "-o", output, *TINY, *FAST).exit_code == 0
+    before = output.read_bytes()
+    one_error(malmm("caption", videos["b"], "-o", output, *TINY, *FAST), 2, "--resume", "--overwrite")
+    assert output.read_bytes() == before
+    assert malmm("caption", videos["b"], "-o", output, *TINY, *FAST, "--overwrite").exit_code == 0
+    assert [r["input"] for r in records(output)] == [str(videos["b"])]
+    assert malmm("caption", videos["a"], videos["b"], "-o", output, *TINY, *FAST, "--resume").exit_code == 0
+    assert [r["input"] for r in records(output)] == [str(videos["b"]), str(videos["a"])]
+    one_error(malmm("caption", videos["a"], "-o", output, *TINY, "--resume", "--overwrite"), 2, "not both")
+    one_error(malmm("caption", videos["a"], *TINY, "--overwrite"), 2, "--overwrite needs --output")
+
+
+def test_text_results_are_replaced_only_with_overwrite(tmp_path):
+    output = tmp_path / "caption.txt"
+    assert malmm("caption", SAMPLE, "-o", output, *TINY, *FAST).exit_code == 0
+    before = output.read_text()
+    assert before.strip()
+    one_error(malmm("caption", SAMPLE, "-o", output, *TINY, *FAST), 2, "--overwrite", "--resume")
+    assert output.read_text() == before
+    assert malmm("caption", SAMPLE, "-o", output, *TINY, *FAST, "--overwrite").exit_code == 0
+    assert output.read_text() == before  # replaced by the same caption, not appended to
+
+
+def test_an_empty_output_file_is_simply_used(tmp_path):
+    output = tmp_path / "empty.jsonl"
+    output.touch()
+    assert malmm("caption", SAMPLE, "-o", output, *TINY, *FAST).exit_code == 0
+    assert len(records(output)) == 1
+
+
+def test_a_run_that_cannot_start_leaves_no_empty_file(tmp_path, monkeypatch):
+    from malmm_cli.errors import UsageError
+
+    def fail(*a, **k):
+        raise UsageError("Unknown model 'x'.")
+
+    monkeypatch.setattr(runner, "_analyzer", fail)
+    output = tmp_path / "new.jsonl"
+    one_error(malmm("caption", SAMPLE, "-o", output, *TINY), 2, "Unknown model")
+    assert not output.exists()
+
+
+# ---- 3. one process per output --------------------------------------------------------------
+
+
+def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path, no_model):
+    output = tmp_path / "busy.jsonl"
+    output.write_text('{"input": "other.mp4", "text": "kept"}\n')
+    before = output.read_bytes()
+    with open(output, "rb") as held:  # what a running malmm holds on its output
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for mode in (["--resume"], ["--overwrite"]):
+            one_error(malmm("caption", SAMPLE, "-o", output, *TINY, *mode), 2, "another malmm process")
+    assert output.read_bytes() == before
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    fd = os.open(subs, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        one_error(malmm("summarize", SAMPLE, "--format", "srt", "-o", subs, *TINY), 2, "another malmm process")
+    finally:
+        os.close(fd)
+
+
+# ---- 4. whole records, torn lines, full disks -------------------------------------------------
+
+
+def test_each_record_is_one_write(tmp_path, videos, monkeypatch):
+    calls = []
+    real_write = os.write
+
+    def counting(fd, data):
+        calls.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outputs.os, "write", counting)
+    output = tmp_path / "r.jsonl"
+    out = malmm("caption", videos["a"], videos["b"], tmp_path / "missing.mp4", "-o", output, *TINY, *FAST)
+    assert out.exit_code == 1  # the missing input is an error record
+    assert len(calls) == 3 and all(c.endswith(b"\n") and c.count(b"\n") == 1 for c in calls)
+    assert output.read_bytes() == b"".join(calls)
+
+
+def test_resume_after_a_line_cut_inside_a_character(tmp_path, videos):
+    output = tmp_path / "torn.jsonl"
+    assert malmm("caption", videos["a"], "-o", output, *TINY, *FAST).exit_code == 0
+    whole = output.read_bytes()
+    torn = json.dumps({"input": str(videos["b"]), "text": "caf\u00e9 \u2014 cr\u00e8me"}, ensure_ascii=False).encode()
+    cut = torn[: torn.index("\u2014".encode()) + 1]  # the first byte of a 3-byte character
+    output.write_bytes(whole + cut)
+    out = malmm("caption", videos["a"], videos["b"], "-o", output, "--model", "tiny-random", *FAST, "--resume")
+    assert out.exit_code == 0, out.stderr
+    assert "1 input(s) already done, 1 to go" in out.stderr  # the torn line does not count as done
+    data = output.read_bytes()
+    assert data.startswith(whole + cut + b"\n")  # nothing lost; the new record starts on a fresh line
+    rows = [json.loads(line) for line in data.splitlines()[:1] + data.splitlines()[2:]]
+    assert [r["input"] for r in rows] == [str(videos["a"]), str(videos["b"])] and "text" in rows[1]
+    assert recorded_inputs(data) == {str(videos["a"]), str(videos["b"])}
+
+
+def test_a_full_disk_is_one_sentence_and_earlier_records_stay_whole(tmp_path, videos, monkeypatch):
+    real_write = os.write
+    marker = str(videos["b"]).encode()
+
+    def disk_fills_up(fd, data):
+        if marker in bytes(data):
+            real_write(fd, bytes(data)[: len(data) // 2])  # part of the record gets out first
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(outputs.os, "write", disk_fills_up)
+    output = tmp_path / "full.jsonl"
+    out = malmm("caption", videos["a"], videos["b"], "-o", output, *TINY, *FAST)
+    line = one_error(out, 1, str(output), "no space left on device", "1 result(s)")
+    assert line.endswith("kept.")
+    (row,) = records(output)  # the half-written record was cut off again
+    assert row["input"] == str(videos["a"]) and output.read_bytes().endswith(b"}\n")
+
+
+def test_ctrl_c_in_the_middle_of_a_write_waits_for_the_whole_record(tmp_path, monkeypatch):
+    from malmm_cli.outputs import Output
+    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, VideoMeta
+
+    result = Result(input="a.mp4", task="caption", model="m", video=VideoMeta(1.0, 10.0, 8, 8),
+                    sampling=SamplingMeta(None, 4, 0.0, 1.0), memory=MemoryMeta(4, 0), timings={},
+                    text="caf\u00e9 " * 200)
+    output = Output("caption", tmp_path / "r.jsonl", None, False, ["a.mp4"])
+    output.claim("new")
+    output.open()
+    real_write = os.write
+
+    def interrupted(fd, data):
+        n = real_write(fd, bytes(data)[: len(data) // 2])  # the OS takes half the record...
+        monkeypatch.setattr(outputs.os, "write", real_write)
+        os.kill(os.getpid(), signal.SIGINT)  # ...and Ctrl-C comes
+        return n
+
+    monkeypatch.setattr(outputs.os, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # it comes through, once the record is whole
+        output.write(result)
+    output.close()
+    assert output.written == 1
+    (row,) = records(tmp_path / "r.jsonl")
+    assert row["text"] == result.text
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_dev_full_gives_one_sentence():
+    one_error(malmm("caption", SAMPLE, "-o", "/dev/full", "--json", *TINY, *FAST), 1, "no space left on device")
+
+
+# ---- 5. per-video files: stable, unique names, owned by their input ------------------------
+
+
+def test_names_are_plain_when_unambiguous_and_hashed_otherwise():
+    def names(specs, index=None):
+        return plan_names(specs, {s: input_key(s) for s in specs}, "srt", index or {})
+
+    assert names(["/v/a.mp4", "/v/b.mp4"]) == {"/v/a.mp4": "a.srt", "/v/b.mp4": "b.srt"}
+    both = names(["/one/x.mp4", "/two/x.mp4"])
+    assert names(["/two/x.mp4", "/one/x.mp4"]) == both  # the order of the inputs does not matter
+    assert len(set(both.values())) == 2 and all(n.startswith("x.") and len(n) == len("x.12345678.srt")
+                                                for n in both.values())
+    # A stem shaped like a hashed name is always hashed, so it cannot take another input's name.
+    hashed_x = both["/one/x.mp4"]
+    lookalike = "/v/" + hashed_x.replace(".srt", ".mp4")
+    assert names([lookalike])[lookalike] != hashed_x
+    assert names(["/v/X.mp4", "/w/x.mp4"])["/v/X.mp4"] != "X.srt"  # one file on case-insensitive disks
+    # A name once given stays; a plain name owned by another input is not taken.
+    index = {"x.srt": input_key("/one/x.mp4")}
+    assert names(["/one/x.mp4", "/two/x.mp4"], index)["/one/x.mp4"] == "x.srt"
+    assert names(["/two/x.mp4"], index)["/two/x.mp4"] == both["/two/x.mp4"]
+
+
+def _summarize_srt(*inputs, out_dir, mode=()):
+    return malmm("summarize", *inputs, *SUMMARY, "--format", "srt", "-o", out_dir, "--model", "tiny-random",
+                 *mode)
+
+
+def test_same_named_videos_keep_their_own_files_across_runs(tmp_path, videos):
+    subs = tmp_path / "subs"
+    assert _summarize_srt(videos["x1"], videos["x2"], out_dir=subs).exit_code == 0
+    index = json.loads((subs / INDEX_NAME).read_text())["files"]
+    files = {Path(key): name for name, key in index.items()}
+    assert set(files) == {videos["x1"].resolve(), videos["x2"].resolve()}
+    content = {name: (subs / name).read_text() for name in files.values()}
+    assert content[files[videos["x1"].resolve()]].count("-->") == 3  # 6 s in 2 s cues
+    assert content[files[videos["x2"].resolve()]].count("-->") == 2  # 3 s
+    # Other order, one more input: nothing is taken for done that is not that input's own file.
+    out = _summarize_srt(videos["x2"], videos["a"], videos["x1"], out_dir=subs, mode=["--resume"])
+    assert out.exit_code == 0 and "2 input(s) already done, 1 to go" in out.stderr
+    assert {n: (subs / n).read_text() for n in files.values()} == content
+    # Alone in a later run, an input still finds its own file.
+    again = _summarize_srt(videos["x2"], out_dir=subs, mode=["--resume"])
+    assert again.exit_code == 0 and "1 input(s) already done, 0 to go" in again.stderr
+
+
+def test_a_file_named_like_another_inputs_old_name_is_not_taken_for_done(tmp_path, videos):
+    """Names used to be x.srt, x-2.srt by order: x-2.srt of two/x.mp4 blocked x-2.mp4."""
+    subs = tmp_path / "subs"
+    assert _summarize_srt(videos["x1"], videos["x2"], out_dir=subs).exit_code == 0
+    literally = tmp_path / "x-2.mp4"
+    shutil.copy(videos["b"], literally)
+    out = _summarize_srt(literally, videos["x1"], out_dir=subs, mode=["--resume"])
+    assert out.exit_code == 0 and "1 input(s) already done, 1 to go" in out.stderr
+    assert (subs / "x-2.srt").read_text().count("-->") == 2
+
+
+def test_per_video_files_not_written_for_that_input_are_kept(tmp_path, videos):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    hand_made = "1\n00:00:00,000 --> 00:00:01,000\nmy own subtitle\n\n"
+    (subs / "a.srt").write_text(hand_made)
+    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs), 2, "a.srt", "--resume", "--overwrite")
+    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--resume"]), 2,
+              "not written by malmm for", "--overwrite")
+    assert (subs / "a.srt").read_text() == hand_made and not (subs / "b.srt").exists()
+    assert _summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--overwrite"]).exit_code == 0
+    assert (subs / "a.srt").read_text().count("-->") == 3
+    (subs / "b.srt").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # a video that got an .srt name
+    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--overwrite"]), 2,
+              "b.srt", "is not a srt file written by malmm")
+    assert (subs / "b.srt").read_bytes() == b"\x00\x00\x00\x18ftypmp42"
+
+
+def test_per_video_output_over_an_existing_file_is_refused(tmp_path, videos, no_model):
+    target = tmp_path / "subs"
+    target.write_text("a file, not a folder")
+    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=target), 2, "needs -o DIRECTORY")
+    assert target.read_text() == "a file, not a folder"
