@@ -231,13 +231,42 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Understand long videos with MA-LMM."""
 
 
+def _click_error(err: Exception) -> int | None:
+    """Report what Click stopped on and return the exit code, or None if it is not Click's.
+
+    Typer bundles its own Click, whose exception classes are private, so they are recognised
+    by their Click class names: a command-line mistake (an unknown option, a value that is not
+    a number) is one sentence, exit 2; `malmm` alone shows the help; Abort is Click's form of
+    a Ctrl-C outside a batch."""
+    names = {c.__name__ for c in type(err).__mro__}
+    if "Abort" in names:
+        typer.echo("malmm: interrupted", err=True)
+        return 130
+    if "NoArgsIsHelpError" in names:
+        typer.echo(err.ctx.get_help(), err=True)
+        return 2
+    if "ClickException" not in names:
+        return None
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if "UsageError" in names and ctx is not None:
+        message += f" (see: {ctx.command_path} --help)"
+    typer.echo(f"malmm: error: {message}", err=True)
+    return getattr(err, "exit_code", 2)
+
+
 def main() -> None:
     """Console entry point: user errors become one sentence on stderr and a non-zero exit."""
     try:
-        app()
+        code = app(standalone_mode=False)
     except MalmmError as err:
         typer.echo(f"malmm: error: {err}", err=True)
-        sys.exit(err.exit_code)
+        code = err.exit_code
     except KeyboardInterrupt:
         typer.echo("malmm: interrupted", err=True)
-        sys.exit(130)
+        code = 130
+    except Exception as err:
+        code = _click_error(err)
+        if code is None:
+            raise
+    sys.exit(code or 0)

@@ -26,7 +26,7 @@ def _model_config(source: str):
         source = str(ensure_tiny_checkpoint())
     try:
         return AutoConfig.from_pretrained(source, local_files_only=True)
-    except OSError:
+    except (OSError, ValueError):  # not downloaded, or not a model: loading says which, in one sentence
         return None
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import sys
@@ -15,6 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .presets import PRESETS, resolve_model
+
+log = logging.getLogger("malmm")
 
 TINY = "tiny-random"
 
@@ -105,15 +108,27 @@ def download_model(name: str) -> int:
 
 def _download_hub(repo_id: str) -> int:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.utils import httpx
+    from huggingface_hub.utils import logging as hub_logging
 
+    hub_logging.set_verbosity_error()  # its retry notices would bury the one sentence below
+    print(f"malmm: downloading {repo_id} into the Hugging Face cache (resumable) ...", file=sys.stderr)
     try:
         files = HfApi().list_repo_files(repo_id)
         # One copy of the weights: safetensors when the repo has them.
         weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
         path = snapshot_download(repo_id, allow_patterns=["*.json", "*.model", "*.txt", *weights])
-    except (HfHubHTTPError, OSError) as err:
-        print(f"malmm: error: could not download '{repo_id}': {str(err).splitlines()[0]}", file=sys.stderr)
+    except OfflineModeIsEnabled:
+        print(f"malmm: error: could not download '{repo_id}': HF_HUB_OFFLINE is set.", file=sys.stderr)
+        return 1
+    except (httpx.TransportError, ConnectionError) as err:  # before OSError: ConnectionError is one
+        log.debug("download of %s failed: %r", repo_id, err)
+        print(f"malmm: error: could not download '{repo_id}': the Hugging Face hub could not be reached "
+              "(no network connection?); the download can be resumed later with the same command.", file=sys.stderr)
+        return 1
+    except (HfHubHTTPError, httpx.HTTPError, OSError) as err:
+        print(f"malmm: error: could not download '{repo_id}': {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     print(path)
     return 0

@@ -46,7 +46,10 @@ PRESETS: dict[str, ModelPreset] = {
 }
 DEFAULT_MODEL = "instructblip-vicuna-7b"
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# The hub's rule for a repo id: owner/name, each of letters, digits, "-", "_", "."; neither
+# starting nor ending with "-" or "."; no ".." or "--"; at most 96 characters.
+_HUB_PART = r"(?![.-])(?!.*(?:\.\.|--))[\w.-]{1,96}(?<![.-])"
+_HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$")
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,13 @@ def resolve_model(value: str | None) -> ModelChoice:
     path = Path(value).expanduser()
     if path.is_dir():
         return ModelChoice(str(path), str(path), None)
-    if _HUB_ID.match(value) and not path.exists():
+    if path.exists():
+        raise UsageError(f"--model '{value}' is a file; give a model folder (the Hugging Face layout), a preset "
+                         "or a hub id.")
+    if _HUB_ID.match(value):
         return ModelChoice(value, value, None)
+    if value.startswith((".", "/", "~")) or value.count("/") > 1:  # a path: no hub id looks like it
+        raise UsageError(f"The model folder '{value}' does not exist.")
     raise UsageError(
         f"Unknown model '{value}': use a preset ({', '.join(PRESETS)}), "
         "a local directory in the Hugging Face layout, or a hub id like org/name."

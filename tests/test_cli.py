@@ -493,3 +493,70 @@ def test_ctrl_c_while_decoding_starts_exits_130(tmp_path, monkeypatch):
     out = malmm("caption", SAMPLE, *TINY, "-q", "--frames", 4, "--no-cache", "-o", output)
     assert out.exit_code == 130, out.stderr
     assert out.stderr.splitlines() == [f"malmm: interrupted; 0 result(s) kept in {output}"]
+
+
+# ---- mistakes a person makes on the command line: one sentence each ---------------------------
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["caption", str(SAMPLE), "--memory", "1e23"], "Invalid value for '--memory'"),  # a TypeError traceback once
+    (["caption", str(SAMPLE), "--nope"], "No such option: --nope"),
+    (["caption"], "Missing argument"),
+])
+def test_command_line_mistakes_are_one_sentence_from_the_console_script(args, needle):
+    out = subprocess.run([sys.executable, "-m", "malmm_cli", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "╭" not in out.stderr, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("malmm: error: ") and needle in line
+
+
+@pytest.mark.parametrize("case, code, needle", [
+    ("./nope", 2, "The model folder './nope' does not exist."),
+    ("empty", 1, "is an empty folder, not a model"),
+    ("notes", 1, "it has no config.json"),
+    ("corrupt", 1, "are corrupt or truncated"),
+    ("file", 2, "is a file; give a model folder"),
+])
+def test_models_that_cannot_be_used_are_one_sentence(tmp_path, monkeypatch, case, code, needle):
+    from models.tiny import ensure_tiny_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    if case == "empty":
+        (tmp_path / case).mkdir()
+    elif case == "notes":
+        (tmp_path / case).mkdir()
+        (tmp_path / case / "README.txt").write_text("my notes")
+    elif case == "corrupt":
+        shutil.copytree(ensure_tiny_checkpoint(), tmp_path / case)
+        weights = tmp_path / case / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    elif case == "file":
+        (tmp_path / case).write_text("not a model")
+    out = malmm("caption", SAMPLE, "--model", case, "-q")
+    assert out.exit_code == code, out.stderr
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("malmm: error: ") and needle in line
+
+
+def test_models_download_without_network_is_one_sentence(monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import httpx
+
+    def unreachable(self, repo_id, **kwargs):
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(HfApi, "list_repo_files", unreachable)
+    out = malmm("models", "download", "instructblip-vicuna-7b")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "malmm: error: could not download 'Salesforce/instructblip-vicuna-7b': the Hugging Face hub could not be "
+        "reached (no network connection?); the download can be resumed later with the same command.")
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    def offline(self, repo_id, **kwargs):
+        raise OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode is enabled.")
+
+    monkeypatch.setattr(HfApi, "list_repo_files", offline)
+    out = malmm("models", "download", "instructblip-vicuna-7b")
+    assert out.exit_code == 1 and out.stderr.strip().splitlines()[-1] == (
+        "malmm: error: could not download 'Salesforce/instructblip-vicuna-7b': HF_HUB_OFFLINE is set.")
