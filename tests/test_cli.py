@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.server
-import json
 import os
 import shutil
 import signal
@@ -18,24 +17,10 @@ import numpy as np
 import pytest
 import srt
 import webvtt
-from typer.testing import CliRunner
 
-from malmm_cli.app import app
+from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import bigbuckbunny_path, ffmpeg_exe, make_video
 
-TINY = ["--model", "tiny-random"]
-SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps, 160x120
-
-
-def malmm(*args: str):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def check_record(record: dict, task: str) -> None:

@@ -20,33 +20,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from malmm_cli.analyze import Analyzer
-from malmm_cli.app import app
 from malmm_cli.errors import UsageError
 from malmm_cli.features import CACHE_LIMIT_ENV, FeatureCache, FrameStore
 from malmm_cli.inputs import VideoSource
 from malmm_cli.presets import TASK_DEFAULTS
 from malmm_cli.tasks import Job
 from models import MALMM
+from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import make_video
 
-SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps
-TINY = ["--model", "tiny-random"]
 FRAMES = 12
 F32 = "torch.float32"
-
-
-def malmm(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
-
-
-def records(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def hidden(root: Path) -> list[str]:

@@ -8,23 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from malmm_cli.app import app
 from malmm_cli.tasks import load_label_set, normalize_question
 from models import MALMM
 from models.loading import qformer_dtype_for
+from tests.cli import SAMPLE, malmm
 from tests.official_checkpoint import write_official_checkpoint
 
-SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps: 60 frames
 T_TRAIN, M_TRAIN = 4, 3
-
-
-def malmm(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def record(*args) -> dict:

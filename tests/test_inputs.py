@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -315,16 +316,23 @@ def test_download_failures_are_one_fast_sentence(site, tmp_path, case, needle):
 # ----------------------------------------------------------------------------- download safety
 
 
+@contextlib.contextmanager
+def never_connected():
+    """A listening socket standing in for a non-http server: a test asserts nothing connected."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        server.setblocking(False)
+        yield server
+
+
 @pytest.mark.parametrize("code, target", [
     (301, "ftp://127.0.0.1:{port}/clip.mp4"),
     (302, "file:///etc/passwd"),
     (307, "data:video/mp4;base64,AAAAIGZ0eXBpc29t"),
 ])
 def test_redirect_away_from_http_is_refused_before_connecting(site, tmp_path, code, target):
-    with socket.socket() as ftp:  # stands in for an FTP server: it must never be connected to
-        ftp.bind(("127.0.0.1", 0))
-        ftp.listen()
-        ftp.setblocking(False)
+    with never_connected() as ftp:
         target = target.format(port=ftp.getsockname()[1])
         # a first hop within http, then one away from it: every hop is checked, not only the first
         url = f"{site.base}/redirect?to={quote('/redirect?to=' + quote(target, safe='') + f'&code={code}', safe='')}"
@@ -341,10 +349,7 @@ def test_redirect_away_from_http_is_refused_before_connecting(site, tmp_path, co
 
 
 def test_a_page_whose_video_is_not_on_http_is_refused_before_connecting(site, tmp_path):
-    with socket.socket() as ftp:
-        ftp.bind(("127.0.0.1", 0))
-        ftp.listen()
-        ftp.setblocking(False)
+    with never_connected() as ftp:
         target = f"ftp://127.0.0.1:{ftp.getsockname()[1]}/clip.mp4"
         (site.folder / "embed.html").write_text(f'<html><body><video src="{target}" controls></video></body></html>')
         url, cache = f"{site.base}/embed.html", tmp_path / "cache"

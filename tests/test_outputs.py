@@ -12,24 +12,17 @@ import signal
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from malmm_cli import outputs, runner
-from malmm_cli.app import app
 from malmm_cli.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
+from tests.cli import SAMPLE, malmm
+from tests.cli import TINY as CLI_TINY
+from tests.cli import records as text_records
 from tests.media import make_video
 
-TINY = ["--model", "tiny-random", "-q"]
-SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps
+TINY = [*CLI_TINY, "-q"]
 FAST = ["--frames", "4"]
 SUMMARY = ["--every", "2", "--fps", "2"]
-
-
-def malmm(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def one_error(out, code: int, *words: str) -> str:
@@ -42,7 +35,7 @@ def one_error(out, code: int, *words: str) -> str:
 
 
 def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return text_records(path.read_text())
 
 
 @pytest.fixture
