@@ -40,8 +40,6 @@ def __getattr__(name: str):
         return getattr(decoding, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 
@@ -347,8 +345,8 @@ def preprocess(
     """uint8 RGB frames [n, H, W, 3] -> model input [n, 3, h, w] (default dtype float32).
 
     ``spec`` is the model's ``ImageSpec`` (``model.image_spec``: size, mean and std from its
-    processor config); without it, 224x224 and the CLIP mean/std of method.md. ``size``
-    overrides the spec's size.
+    processor config); without it, ImageSpec's defaults: 224x224 and the CLIP mean/std of
+    method.md. ``size`` overrides the spec's size.
 
     Bicubic resize to h x w (no crop: the aspect ratio is not kept, as in MA-LMM), scale to
     [0, 1], normalise with the mean/std. Two resize conventions:
@@ -372,14 +370,16 @@ def preprocess(
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames [n, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-    size = size if size is not None else (spec.size if spec is not None else 224)
+    from models.malmm import ImageSpec
+
+    spec = spec if spec is not None else ImageSpec((224, 224))
+    size = size if size is not None else spec.size
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    mean_values, std_values = (spec.mean, spec.std) if spec is not None else (CLIP_MEAN, CLIP_STD)
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else x.device
     n, h, w, _ = x.shape
-    mean = torch.tensor(mean_values, device=device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(std_values, device=device).view(1, 3, 1, 1) * 255.0
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255.0
     out = torch.empty((n, 3, out_h, out_w), dtype=dtype, device=device)
     step = max(1, _PREPROCESS_BYTES // (h * w * 3 * 4))
     for i in range(0, n, step):

@@ -117,16 +117,15 @@ def _check_local_dir(path: Path) -> None:
         raise ModelNotAvailableError(f"'{path}' has no model weights (model.safetensors or pytorch_model.bin).")
 
 
-def _load_hf(src: str, revision: str | None, quantization: str | None, quantized_cache: Path | None,
-             dtype: torch.dtype, device: torch.device):
+def _load_hf(src: str, revision: str | None, local_only: bool, quantization: str | None,
+             quantized_cache: Path | None, dtype: torch.dtype, device: torch.device):
     """Model + both tokenizers, with one clear error when the weights cannot be had."""
     from safetensors import SafetensorError
 
     local = Path(src).is_dir()
     if local:
         _check_local_dir(Path(src))
-    offline_ok = local or _is_cached(src, revision)
-    common = {"revision": revision, "local_files_only": offline_ok}
+    common = {"revision": revision, "local_files_only": local_only}
     try:
         hf = _load_weights(src, common, quantization, quantized_cache, revision, dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(src, **common)
@@ -226,11 +225,12 @@ def load_malmm(
     if src == TINY_RANDOM:
         src = str(ensure_tiny_checkpoint())
     hf_logging.disable_progress_bar()
+    local_only = Path(src).is_dir() or _is_cached(src, revision)  # then never touch the network
     hf, tokenizer, qformer_tokenizer = _load_hf(
-        src, revision, quantization, Path(quantized_cache) if quantized_cache else None, dtype, device
+        src, revision, local_only, quantization, Path(quantized_cache) if quantized_cache else None, dtype, device
     )
     _check_special_tokens(tokenizer, hf.config.text_config.vocab_size)
-    image_spec = _image_spec(src, revision, Path(src).is_dir() or _is_cached(src, revision), hf.config.vision_config)
+    image_spec = _image_spec(src, revision, local_only, hf.config.vision_config)
 
     qformer = MemoryQFormer(hf.config.qformer_config, num_query_tokens=hf.config.num_query_tokens)
     qformer.to(device=device, dtype=torch.float32)
@@ -249,11 +249,9 @@ def load_malmm(
         image_spec=image_spec,
     )
     model.quantization = quantization
-    model.overlay_report = None
     if checkpoint is not None:
         report = load_overlay(model, checkpoint, strict=strict_checkpoint)
         model.overlay_report = report
-        model.trained_config = report.config
         model.trained_frames = report.trained_frames
         if memory_bank_length is None and report.config.memory_bank_length is not None:
             model.memory_bank_length = report.config.memory_bank_length

@@ -177,9 +177,15 @@ class MALMM(nn.Module):
         self.name = name
         size = vision_model.config.image_size
         self.image_spec = image_spec or ImageSpec((size, size))
-        self.trained_config = None  # models.overlay.TrainedConfig of an overlaid checkpoint
-        self.trained_frames: int | None = None  # T_train of an overlaid checkpoint (temporal rows trained)
+        self.quantization: str | None = None  # as loaded: None, "8bit" or "4bit"
+        self.overlay_report = None  # models.overlay.OverlayReport of an overlaid MA-LMM checkpoint
+        self.trained_frames: int | None = None  # T_train of that checkpoint: temporal rows it trained
         self.eval()
+
+    @property
+    def trained_config(self):
+        """What an overlaid checkpoint's config says of its training (TrainedConfig), or None."""
+        return self.overlay_report.config if self.overlay_report is not None else None
 
     @classmethod
     def from_pretrained(cls, src: str = DEFAULT_MODEL, **kwargs) -> MALMM:

@@ -27,14 +27,14 @@ from pathlib import Path
 
 import torch
 
+from .malmm import CLIP_MEAN, CLIP_STD
+
 __all__ = ["TINY_RANDOM", "TINY_VERSION", "write_tiny_checkpoint", "tiny_random_dir"]
 
 TINY_RANDOM = "tiny-random"
 TINY_VERSION = 3  # bump when the layout or sizes change, so cached copies are rebuilt
 _MARKER = "malmm_tiny.json"
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Words the tiny vocabularies know whole (everything else falls back to characters).
 _WORDS = (

@@ -18,7 +18,8 @@ import torch
 
 from malmm_cli import decoding
 from malmm_cli.errors import UsageError, VideoError
-from malmm_cli.video import CLIP_MEAN, CLIP_STD, plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.video import plan_sampling, preprocess, probe, stream_frames
+from models.malmm import CLIP_MEAN, CLIP_STD
 from tests import media
 
 REPO = Path(__file__).resolve().parents[1]
