@@ -3,18 +3,24 @@
 The live view shows, per input, a progress bar (frames, frames/s, time left) and the memory
 bank filling and compressing: slots used of capacity, compressions so far, frames each slot
 stands for (as a bar chart, oldest slot first) and the time span the oldest slot covers.
+
+It is laid out afresh for the terminal's width at every refresh. At 80 columns and below,
+what gives way is, in order: the elapsed time, the progress bar, the rate; the frames done
+of total and the time left always stay, and a long input path loses its middle, never its
+file name.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from typing import TextIO
 
-from rich.console import Console, Group
+from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
 from .analyze import Events
@@ -22,6 +28,10 @@ from .results import Result
 from .writers import short_clock
 
 _BARS = " ▁▂▃▄▅▆▇█"
+_MAX_WIDTH = 100  # wider, the panel would be mostly empty bar
+_MIN_BAR = 10  # a bar narrower than this shows nothing the numbers do not
+_PANEL_FRAME = 4  # border and one space of padding on each side
+_CHART_LABEL = "frames per slot: "
 
 
 def memory_line(memory, timestamps) -> str:
@@ -34,12 +44,133 @@ def memory_line(memory, timestamps) -> str:
     return text
 
 
-def slot_chart(slot_frames) -> str:
-    """Frames per slot as a one-line bar chart, scaled to the fullest slot."""
-    if not slot_frames:
+def slot_chart(slot_frames: Sequence[float], width: int | None = None) -> str:
+    """Frames per slot as a one-line bar chart, scaled to the fullest slot. With more slots than
+    `width` columns, each bar is the mean of neighbouring slots, so it still reads oldest to newest."""
+    values = list(slot_frames)
+    if not values or width == 0:
         return ""
-    top = max(slot_frames)
-    return "".join(_BARS[min(8, max(1, round(8 * f / top)))] for f in slot_frames)
+    if width is not None and len(values) > width:
+        n = len(values)
+        values = [sum(values[i * n // width:(i + 1) * n // width]) / ((i + 1) * n // width - i * n // width)
+                  for i in range(width)]
+    top = max(values) or 1
+    return "".join(_BARS[min(8, max(1, round(8 * v / top)))] for v in values)
+
+
+def _fit(chars: Iterable[str], cells: int) -> str:
+    """The longest run of `chars` that fits in `cells` terminal columns (wide characters take two)."""
+    kept, used = [], 0
+    for ch in chars:
+        used += cell_len(ch)
+        if used > cells:
+            break
+        kept.append(ch)
+    return "".join(kept)
+
+
+def shorten_middle(path: str, width: int) -> str:
+    """`path` in at most `width` columns: its start, '…', and its end. The end is whole folders
+    and the file name, up to half the room (the name always, cut at its start only if it alone
+    does not fit)."""
+    # A newline or escape in a file name would break the layout of the lines around it.
+    path = "".join(ch if ch.isprintable() else "?" for ch in path)
+    if cell_len(path) <= width:
+        return path
+    if width < 1:
+        return ""
+    room = width - 1  # the ellipsis
+    slashes = [i for i, ch in enumerate(path[:-1]) if ch == "/"]  # a trailing "/" is the name's (a folder)
+    start = slashes.pop() if slashes else 0
+    while slashes and cell_len(path[slashes[-1]:]) <= room // 2:
+        start = slashes.pop()
+    tail = _fit(reversed(path[start:]), room)[::-1]
+    return _fit(path, room - cell_len(tail)) + "…" + tail
+
+
+def _wrap_parts(parts: Sequence[str], width: int, sep: str = " · ") -> str:
+    """`parts` joined by `sep`, a line broken between parts, never inside one that fits a line."""
+    lines: list[str] = []
+    for part in parts:
+        if lines and cell_len(lines[-1] + sep + part) <= width:
+            lines[-1] += sep + part
+        else:
+            lines.append(part)
+    return "\n".join(lines)
+
+
+def _rate(per_second: float) -> str:
+    # Two decimals below 1/s, so the 7B model on a CPU does not read as 0.0/s.
+    return f"{per_second:.1f}/s" if per_second >= 1 else f"{per_second:.2f}/s"
+
+
+def progress_line(width: int, done: int, total: int, rate: float | None, elapsed: float,
+                  left: float | None) -> Text:
+    """'━━━━━━━━━━━━ 12/80 frames · 3.2/s · 0:04 elapsed · 0:21 left' in `width` columns."""
+    counts = f"{done}/{total} frames"
+    speed = _rate(rate) if rate else "?/s"
+    spent = f"{short_clock(elapsed)} elapsed"
+    remaining = f"{'?' if left is None else short_clock(left)} left"
+    # Tried in order, least useful part dropped first: elapsed time is what a clock tells too, the
+    # bar repeats the counts, and the time left matters more than the rate behind it.
+    layouts = (((counts, speed, spent, remaining), True), ((counts, speed, remaining), True),
+               ((counts, speed, remaining), False), ((counts, remaining), False))
+    for parts, with_bar in layouts:  # the last one is kept when none fits: Rich then wraps it
+        numbers = " · ".join(parts)
+        bar_width = width - cell_len(numbers) - 1  # 1: the space after the bar
+        if bar_width >= (_MIN_BAR if with_bar else -1):
+            break
+    line = Text()
+    if with_bar:
+        filled = round(bar_width * done / total) if total else bar_width
+        line.append("━" * filled, style="bar.finished" if done >= total else "bar.complete")
+        line.append("━" * (bar_width - filled), style="bar.back")
+        line.append(" ")
+    line.append(numbers, style="progress.download")
+    return line
+
+
+class _View:
+    """What the live view draws. Rendered by Live at every refresh, at the width of that moment,
+    so a resized terminal gets a fresh layout."""
+
+    def __init__(self, title: str, total: int, capacity: int, note: str):
+        self.title = title
+        self.total = total
+        self.done = 0
+        self.rate: float | None = None
+        self.left: float | None = None  # seconds, as estimated at the last frames event
+        self.memory = f"memory bank: 0/{capacity} slots"
+        self.slot_frames: Sequence[float] = ()
+        self.note = (note, "dim")  # (text, style): where in the video the run is, or its stage
+        self.t0 = self.t_frames = time.perf_counter()
+
+    def frames(self, done: int, memory_text: str, slot_frames: Sequence[float]) -> None:
+        self.t_frames = time.perf_counter()
+        self.done = done
+        self.rate = done / max(1e-9, self.t_frames - self.t0)
+        self.left = (self.total - done) / self.rate if self.rate else None
+        self.memory = "memory bank: " + memory_text
+        self.slot_frames = slot_frames
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = min(options.max_width, _MAX_WIDTH)
+        inner = width - _PANEL_FRAME
+        now = time.perf_counter()
+        # Counted down between events: with the 7B model on a CPU they come minutes apart.
+        left = None if self.left is None else max(0.0, self.left - (now - self.t_frames))
+        rows = [progress_line(inner, self.done, self.total, self.rate, now - self.t0, left),
+                Text(_wrap_parts(self.memory.split(" · "), inner), style="cyan")]
+        if self.slot_frames:
+            label = _CHART_LABEL if inner - len(_CHART_LABEL) >= _MIN_BAR else ""
+            rows.append(Text(label + slot_chart(self.slot_frames, inner - len(label)), style="cyan"))
+        rows.append(Text(self.note[0], style=self.note[1], no_wrap=True, overflow="ellipsis"))
+        title = Text(shorten_middle(self.title, width - _PANEL_FRAME - 2), style="bold")  # 2: spaces around it
+        yield Panel(Group(*rows), title=title, title_align="left", border_style="blue", width=width)
+        # The cursor rests on this empty line, not after the panel's last column: there the "^C"
+        # the terminal echoes on Ctrl-C would wrap to a new line, and Live, erasing as many lines
+        # as it drew, would leave the panel's top border on the screen.
+        yield Text("")
 
 
 class RichEvents(Events):
@@ -52,44 +183,35 @@ class RichEvents(Events):
         self.live: Live | None = None
 
     def started(self, source, info, sampling, capacity):
+        self.close()  # the previous input's view, if it ended without finished()
         self.index += 1
         self.timestamps = sampling.timestamps
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("frames · {task.fields[rate]:.1f}/s ·"), TimeElapsedColumn(), TextColumn("elapsed ·"),
-            TimeRemainingColumn(), TextColumn("left"), console=self.console,
-        )
-        label = source if len(source) <= 40 else "…" + source[-39:]
         prefix = f"[{self.index}/{self.total_inputs}] " if self.total_inputs > 1 else ""
-        self.task = self.progress.add_task(prefix + label, total=len(sampling.indices), rate=0.0)
-        self.memory_text = Text(f"memory bank: 0/{capacity} slots", style="cyan")
-        self.stage_text = Text(f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to read",
-                               style="dim")
-        self.t0 = time.perf_counter()
-        self.live = Live(self._render(), console=self.console, refresh_per_second=8, transient=True)
+        self.view = _View(prefix + source, len(sampling.indices), capacity,
+                          f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to read")
+        # stdout is for results, even when a stray write there happens while the view is up.
+        self.live = Live(self.view, console=self.console, refresh_per_second=8, transient=True, redirect_stdout=False)
         self.live.start()
 
-    def _render(self):
-        return Panel(Group(self.progress, self.memory_text, self.stage_text), border_style="blue", expand=False)
-
     def frames(self, done, timestamp, memory):
-        rate = done / max(1e-9, time.perf_counter() - self.t0)
-        self.progress.update(self.task, completed=done, rate=rate)
-        chart = slot_chart(memory.slot_frames)
-        self.memory_text = Text("memory bank: " + memory_line(memory, self.timestamps) + (f"  {chart}" if chart else ""),
-                                style="cyan")
-        self.stage_text = Text(f"at {short_clock(timestamp)}", style="dim")
-        self.live.update(self._render())
+        self.view.frames(done, memory_line(memory, self.timestamps), memory.slot_frames)
+        self.view.note = (f"at {short_clock(timestamp)}", "dim")
+        self._refresh()
 
     def stage(self, text):
-        self.stage_text = Text(text + " …", style="yellow")
         if self.live is not None:
-            self.live.update(self._render())
+            self.view.note = (text + " …", "yellow")
+            self._refresh()
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.refresh()
 
     def finished(self, result: Result):
         self.close()
-        self.console.print(f"[green]✓[/] {result.input}: {result.sampling.frames} frames in "
-                           f"{result.timings['total']:.1f} s")
+        rest = f": {result.sampling.frames} frames in {result.timings['total']:.1f} s"
+        name = shorten_middle(result.input, max(20, self.console.width - cell_len(rest) - 2))
+        self.console.print(Text.assemble(("✓", "green"), " ", name, rest), no_wrap=True, overflow="ellipsis")
 
     def close(self):
         if self.live is not None:

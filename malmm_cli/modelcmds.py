@@ -8,12 +8,13 @@ import logging
 import os
 import platform
 import sys
+import textwrap
 import time
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
 from .presets import PRESETS, resolve_model
 
@@ -61,15 +62,31 @@ def list_models(as_json: bool) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
-    table = Table(title="malmm models", show_lines=True)
-    for col in ("name", "downloaded", "size", "what it is"):
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        size = _human(row["size_bytes"]) if row["downloaded"] else row["download"]
-        table.add_row(row["name"], "yes" if row["downloaded"] else "no", size,
-                      f"{row['description']} [dim]({row['source']})[/]")
-    Console().print(table)
+    _print_models(rows, Console())
     return 0
+
+
+def _print_models(rows: list[dict], console: Console) -> None:
+    """One block per model: its name and whether it is here, then what it is, where it comes
+    from and what it runs on, indented. Lines break at spaces only, so a name or hub id is never
+    cut, as a table's narrow columns cut them at 80 columns."""
+    indent = " " * 4
+    for i, row in enumerate(rows):
+        if i:
+            console.print()
+        status = (f"downloaded, {_human(row['size_bytes'])}" if row["downloaded"]
+                  else f"not downloaded ({row['download']})")
+        console.print(Text.assemble((row["name"], "bold"), "  ", (status, "green" if row["downloaded"] else "yellow")))
+        details = [row["description"]]
+        if row["source"] != row["name"]:  # tiny-random is built here, not fetched from anywhere
+            details.append(f"hub: {row['source']}")
+        details.append(f"runs on: {row['hardware']}")
+        for detail in details:
+            # textwrap rather than Rich: Rich would pad an indented block with trailing spaces,
+            # and fold a word longer than the line where textwrap lets it run on.
+            for line in textwrap.wrap(detail, max(20, console.width), initial_indent=indent, subsequent_indent=indent,
+                                      break_long_words=False, break_on_hyphens=False):
+                console.print(Text(line), soft_wrap=True)
 
 
 def _human(n: int) -> str:
