@@ -28,14 +28,19 @@ def main() -> int:
     code = subprocess.run(cmd).returncode  # 0: all fine, 1: some input failed, 2: usage error
     if code == 2 or not Path(args.output).exists():
         return code
-    records = [json.loads(line) for line in Path(args.output).read_text().splitlines() if line.strip()]
-    for r in records:
+    # An input retried after a failure has an error record and then its result: the last one counts.
+    latest = {}
+    for line in Path(args.output).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            latest[record["input"]] = record
+    for r in latest.values():
         if "error" in r:
             print(f"FAILED  {r['input']}: {r['error']}")
         else:
             print(f"{r['video']['duration']:7.1f}s  {r['sampling']['frames']:4d} frames  {r['input']}: {r['text']}")
-    done = sum("error" not in r for r in records)
-    print(f"{done} captioned, {len(records) - done} failed -> {args.output}")
+    done = sum("error" not in r for r in latest.values())
+    print(f"{done} captioned, {len(latest) - done} failed -> {args.output}")
     return code
 
 

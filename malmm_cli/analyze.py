@@ -76,6 +76,9 @@ class Analyzer:
         info = probe(source.path)
         sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
         run = _Run(job, source, info, sampling)
+        if job.end is not None and job.end > sampling.end + 1e-6:
+            run.warnings.append(f"--end {job.end:g} s is past the end of the video ({info.duration:.3f} s); "
+                                "used the video up to its end")
         self.events.started(source.input, info, sampling, job.memory)
         fields, stream = getattr(self, f"_{job.task}")(run)
         run.timings["total"] = time.perf_counter() - started

@@ -12,10 +12,42 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperArgument, TyperCommand
 
 from . import __version__
 from .errors import MalmmError
 from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .times import parse_time
+
+class _HelpInWords(TyperCommand):
+    """Help pages in words rather than Python types: `INPUT...` not `{inputs}...` or
+    `<list[str]>`, and flags without `<bool>`. Typer shows types for arguments whatever their
+    metavar, so here an argument's type column is left empty and the usage line built from
+    metavars."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = _no_type  # the metavar in the name column says it
+            elif getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+def _no_type(ctx) -> None:
+    return None
+
 
 app = typer.Typer(
     name="malmm",
@@ -27,6 +59,11 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Model presets: what exists, what is downloaded, where.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+
+
+def examples(*lines: str) -> str:
+    """An epilog of runnable examples, one per line (a test runs each as printed)."""
+    return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
 
 
 class Quant(str, Enum):
@@ -43,46 +80,65 @@ class Device(str, Enum):
 
 
 class SummaryFormat(str, Enum):
-    text = "text"
+    txt = "txt"
+    text = "text"  # the earlier name of txt (whisper calls it txt)
     md = "md"
     srt = "srt"
     vtt = "vtt"
     json = "json"
 
 
-# ---- options shared by the analysis commands (defaults live in presets.py) -------------------
+def _time(text: str) -> float:
+    try:
+        return parse_time(text)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
-Inputs = Annotated[list[str], typer.Argument(help="Video files, folders, globs, http(s) URLs, or @list.txt.",
-                                             show_default=False)]
+
+# ---- options shared by the analysis commands (defaults live in presets.py) -------------------
+# Help texts say "\\[default: ...]": the backslash keeps Rich from taking the bracket for markup.
+
+Inputs = Annotated[list[str], typer.Argument(
+    metavar="INPUT", help="Video files, folders, globs, http(s) URLs, or @list.txt.", show_default=False)]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", show_default=False,
-    help=f"Preset ({', '.join(PRESETS)}), local directory or hub id. [default: ${MODEL_ENV} or {DEFAULT_MODEL}]")]
+    "--model", "-m", metavar="MODEL", show_default=False,
+    help=f"Preset ({', '.join(PRESETS)}), local directory or hub id. \\[default: ${MODEL_ENV}, else {DEFAULT_MODEL}]")]
 CheckpointOpt = Annotated[Optional[Path], typer.Option(
-    help="MA-LMM finetuned checkpoint (LAVIS .pth) to overlay on the model.", show_default=False)]
+    metavar="FILE", help="MA-LMM finetuned checkpoint (.pth) to overlay on the model.", show_default=False)]
 FpsOpt = Annotated[Optional[float], typer.Option(
-    help="Sample this many frames per second. [default: the task's paper setting]", show_default=False)]
+    metavar="FPS", help="Sample this many frames per second. \\[default: per task]", show_default=False)]
 FramesOpt = Annotated[Optional[int], typer.Option(
-    "--frames", help="Sample T frames spread uniformly, as in the paper. [default: per task]", show_default=False)]
-StartOpt = Annotated[Optional[float], typer.Option(help="Start time in seconds.", show_default=False)]
-EndOpt = Annotated[Optional[float], typer.Option(help="End time in seconds.", show_default=False)]
+    "--frames", metavar="N", help="Sample N frames spread evenly, as in the paper. \\[default: per task]",
+    show_default=False)]
+StartOpt = Annotated[Optional[float], typer.Option(
+    metavar="TIME", parser=_time, help="Start at TIME: seconds, MM:SS or HH:MM:SS. \\[default: 0]", show_default=False)]
+EndOpt = Annotated[Optional[float], typer.Option(
+    metavar="TIME", parser=_time, help="End at TIME (past the end of a video: its end). \\[default: the end]",
+    show_default=False)]
 MemoryOpt = Annotated[Optional[int], typer.Option(
-    "--memory", help="Memory bank length M; 0 = no memory. [default: the task's paper setting]", show_default=False)]
-QuantOpt = Annotated[Quant, typer.Option(help="LLM precision: auto picks what is fastest here and fits.")]
-DeviceOpt = Annotated[Device, typer.Option(help="Where to run the model.")]
+    "--memory", metavar="M", help="Memory bank length; 0 = no memory. \\[default: per task]", show_default=False)]
+QuantOpt = Annotated[Quant, typer.Option(
+    metavar="auto|none|8bit|4bit", help="LLM precision: auto picks what is fastest here and fits. \\[default: auto]",
+    show_default=False)]
+DeviceOpt = Annotated[Device, typer.Option(
+    metavar="auto|cpu|cuda", help="Where to run the model. \\[default: auto]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records (one line per input).")]
 OutputOpt = Annotated[Optional[Path], typer.Option(
-    "--output", "-o", help="Write results to FILE (format from --format/--json or the extension) or, for "
-    "per-video formats with several inputs, into a directory.", show_default=False)]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip inputs already recorded in the --output file.")]
+    "--output", "-o", metavar="PATH", help="Write results to the file PATH (format from --format/--json or the "
+    "extension) or, for per-video formats with several inputs, into the directory PATH.", show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Skip inputs already done in the --output file by the same task and options.")]
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace the results already in the --output file or directory (without this or "
     "--resume, existing results are never touched).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(
-    "--beams", help="Beam width for generating text. [default: 5, as in the paper]", show_default=False)]
+    "--beams", metavar="N", help="Beam width for generating text. \\[default: 5, as in the paper]", show_default=False)]
 MaxTokensOpt = Annotated[Optional[int], typer.Option(
-    "--max-tokens", help="Most new tokens per generated text. [default: the task's paper setting]", show_default=False)]
+    "--max-tokens", metavar="N", help="Most new tokens per generated text. \\[default: per task]", show_default=False)]
+PromptOpt = Annotated[Optional[str], typer.Option(metavar="TEXT", show_default=False, help=(
+    f"Instruction. \\[default: {TASK_DEFAULTS['caption'].prompt!r}]"))]
 
 
 def _common(values: dict):
@@ -94,11 +150,14 @@ def _common(values: dict):
     return CommonOptions(**{f.name: values[f.name] for f in fields(CommonOptions) if f.name in values})
 
 
-@app.command(epilog="Example: malmm caption movie.mp4 --model tiny-random")
+@app.command(cls=_HelpInWords, epilog=examples(
+    "malmm caption movie.mp4",
+    "malmm caption videos/ --json -o results.jsonl --resume",
+    "malmm caption movie.mp4 --start 1:30 --end 2:00 --fps 2",
+))
 def caption(
     inputs: Inputs,
-    prompt: Annotated[Optional[str], typer.Option(help=f"Instruction. [default: {TASK_DEFAULTS['caption'].prompt!r}]",
-                                                  show_default=False)] = None,
+    prompt: PromptOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
@@ -112,38 +171,51 @@ def caption(
     raise typer.Exit(run_command("caption", inputs, opts, prompt=prompt))
 
 
-@app.command(epilog='Example: malmm ask video.mp4 "what is the person cooking?" -q "where are they?"')
+@app.command(cls=_HelpInWords, epilog=examples(
+    'malmm ask video.mp4 "what is the person cooking?"',
+    'malmm ask video.mp4 "what is the person cooking?" -Q "where are they?"',
+    'malmm ask video.mp4 "who wins?" --json',
+))
 def ask(
-    input: Annotated[str, typer.Argument(help="A video file, folder, glob, URL or @list.txt.", show_default=False)],
-    question: Annotated[str, typer.Argument(help="The question.", show_default=False)],
-    more: Annotated[Optional[list[str]], typer.Option("--question", "-Q",
-                                                      help="Another question (repeatable); all are answered in one pass.",
-                                                      show_default=False)] = None,
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="A video file, folder, glob, URL or @list.txt.",
+                                         show_default=False)],
+    question: Annotated[str, typer.Argument(metavar="QUESTION", help="The question.", show_default=False)],
+    more: Annotated[Optional[list[str]], typer.Option(
+        "--question", "-Q", metavar="QUESTION", show_default=False,
+        help="Another question (repeatable); all are answered in one pass.")] = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
-    """Answer questions about a video (several questions in one pass)."""
+    """Answer questions about a video (several questions in one pass). With one question and
+    one input, the answer alone goes to stdout."""
     from .runner import run_command
 
     opts = _common(locals())
     raise typer.Exit(run_command("ask", [input], opts, questions=[question, *(more or [])]))
 
 
-@app.command(epilog="Examples: malmm classify clip.mp4 --task coin --top-k 3 | malmm classify clip.mp4 --labels 'cat,dog,bird'")
+@app.command(cls=_HelpInWords, epilog=examples(
+    "malmm classify clip.mp4 --task coin --top-k 3",
+    "malmm classify clip.mp4 --labels 'cat,dog,bird'",
+    "malmm classify clip.mp4 --task lvu_genre --json",
+))
 def classify(
     inputs: Inputs,
     task: Annotated[Optional[str], typer.Option(
+        metavar="NAME", show_default=False,
         help="Label set: lvu_relationship, lvu_way_speaking, lvu_scene, lvu_director, lvu_genre, lvu_writer, "
-        "lvu_year, coin, breakfast.", show_default=False)] = None,
+        "lvu_year, coin, breakfast.")] = None,
     labels: Annotated[Optional[str], typer.Option(
-        help='Your own labels: a file (one per line, or a JSON list) or "a,b,c".', show_default=False)] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many labels to report.")] = TOP_K,
-    prompt: Annotated[Optional[str], typer.Option(
-        help="Instruction for --labels. [default: " + repr(TASK_DEFAULTS["classify"].prompt) + "]",
+        metavar="FILE|LIST", help='Your own labels: a file (one per line, or a JSON list) or "a,b,c".',
         show_default=False)] = None,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", metavar="K", min=1, show_default=False,
+                                       help=f"How many labels to report. \\[default: {TOP_K}]")] = TOP_K,
+    prompt: Annotated[Optional[str], typer.Option(
+        metavar="TEXT", show_default=False,
+        help=f"Instruction for --labels. \\[default: {TASK_DEFAULTS['classify'].prompt!r}]")] = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
@@ -157,17 +229,24 @@ def classify(
     raise typer.Exit(run_command("classify", inputs, opts, label_task=task, labels=labels, top_k=top_k, prompt=prompt))
 
 
-@app.command(epilog="Example: malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt")
+@app.command(cls=_HelpInWords, epilog=examples(
+    "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
+    "malmm summarize lecture.mp4 --every 2:00",
+    "malmm summarize lecture.mp4 --scenes --format md",
+))
 def summarize(
     inputs: Inputs,
     every: Annotated[Optional[float], typer.Option(
-        help=f"Segment length in seconds. [default: {SUMMARY_EVERY_SECONDS:g}]", show_default=False)] = None,
+        metavar="TIME", parser=_time, show_default=False,
+        help=f"Segment length: seconds, MM:SS or HH:MM:SS. \\[default: {SUMMARY_EVERY_SECONDS:g}]")] = None,
     scenes: Annotated[bool, typer.Option("--scenes", help="Cut where the picture changes most instead of every N s.")]
     = False,
     format: Annotated[Optional[SummaryFormat], typer.Option(
-        "--format", "-f", help="Output format. [default: text, or from the -o extension]", show_default=False)] = None,
+        "--format", "-f", metavar="txt|md|srt|vtt|json", show_default=False,
+        help="Output format. \\[default: txt, or from the -o extension]")] = None,
     prompt: Annotated[Optional[str], typer.Option(
-        help=f"Instruction. [default: {TASK_DEFAULTS['summarize'].prompt!r}]", show_default=False)] = None,
+        metavar="TEXT", show_default=False,
+        help=f"Instruction. \\[default: {TASK_DEFAULTS['summarize'].prompt!r}]")] = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
@@ -178,32 +257,35 @@ def summarize(
     from .runner import run_command
 
     opts = _common(locals())
-    raise typer.Exit(run_command("summarize", inputs, opts, every=every, scenes=scenes,
-                                 fmt=format.value if format else None, prompt=prompt))
+    fmt = None if format is None else "text" if format in (SummaryFormat.txt, SummaryFormat.text) else format.value
+    raise typer.Exit(run_command("summarize", inputs, opts, every=every, scenes=scenes, fmt=fmt, prompt=prompt))
 
 
 # ---- models and doctor -------------------------------------------------------------------
 
 
-@models_app.command("list", epilog="Example: malmm models list --json")
-def models_list(json_: JsonOpt = False):
+@models_app.command("list", cls=_HelpInWords, epilog=examples("malmm models list", "malmm models list --json"))
+def models_list(json_: Annotated[bool, typer.Option("--json", help="Print one JSON object per model (one per line).")]
+                = False):
     """The model presets, and whether each is downloaded."""
     from .modelcmds import list_models
 
     raise typer.Exit(list_models(json_))
 
 
-@models_app.command("download", epilog="Example: malmm models download instructblip-vicuna-7b")
-def models_download(name: Annotated[str, typer.Argument(help="Preset name or hub id.", show_default=False)]):
+@models_app.command("download", cls=_HelpInWords, epilog=examples(
+    "malmm models download instructblip-vicuna-7b", "malmm models download tiny-random"))
+def models_download(name: Annotated[str, typer.Argument(metavar="MODEL", help="Preset name or hub id.",
+                                                        show_default=False)]):
     """Download a model into the Hugging Face cache (resumable)."""
     from .modelcmds import download_model
 
     raise typer.Exit(download_model(name))
 
 
-@models_app.command("path", epilog="Examples: malmm models path | malmm models path tiny-random")
+@models_app.command("path", cls=_HelpInWords, epilog=examples("malmm models path", "malmm models path tiny-random"))
 def models_path(name: Annotated[Optional[str], typer.Argument(
-        help="Preset name or hub id; without it, where malmm and Hugging Face keep things.",
+        metavar="MODEL", help="Preset name or hub id; without it, where malmm and Hugging Face keep things.",
         show_default=False)] = None):
     """Print where a downloaded model lives, or where everything is cached."""
     from .modelcmds import model_path
@@ -211,7 +293,7 @@ def models_path(name: Annotated[Optional[str], typer.Argument(
     raise typer.Exit(model_path(name))
 
 
-@app.command(epilog="Example: malmm doctor")
+@app.command(cls=_HelpInWords, epilog=examples("malmm doctor"))
 def doctor():
     """Check the installation and run tiny-random end to end on a generated video."""
     from .modelcmds import run_doctor

@@ -87,8 +87,8 @@ def _announce_download(choice, quiet: bool) -> None:
         return
     if not isinstance(try_to_load_from_cache(choice.source, "config.json"), str):
         size = f" ({choice.preset.download})" if choice.preset else ""
-        sys.stderr.write(f"malmm: {choice.source} is not downloaded yet; fetching it{size} into the Hugging Face "
-                         f"cache (or run: malmm models download {choice.label}) ...\n")
+        sys.stderr.write(f"malmm: {choice.source} is not downloaded yet; fetching it{size} into "
+                         f"{constants.HF_HUB_CACHE} (Ctrl-C stops; `malmm models download {choice.label}` resumes) ...\n")
 
 
 def load_model(choice, opts) -> MALMM:

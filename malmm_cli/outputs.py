@@ -16,14 +16,18 @@ The rules, checked before any model loads (a refusal is one sentence and exit co
 - Each record is rendered first and appended with one write() while SIGINT/SIGTERM are
   held back, so an interrupt never tears a record; a failed write (disk full) is cut back
   off the file, so what was written before stays intact.
+- Every record (errors too) carries the run's job key (jobkey.py). --resume counts an input
+  as done only if a successful record of that input has the same key: another task or other
+  options are other work, and records without a key (older versions) count as not done.
 
 Per-video files (srt/vtt with several inputs, `-o DIR`) are named `<stem>.<ext>` when no
 other input of the run has the same stem, else `<stem>.<8 hex digits>.<ext>`, the digits
 hashing the input's real path (or URL). A plain name is never given to a stem that itself
 ends in `.<8 hex digits>`, so a hashed name of one input cannot be the plain name of
-another. DIR/.malmm-outputs.json maps each file name to the input it was written for: a
-name once given is kept on later runs, and --resume counts a file as done only if it was
-written for that very input.
+another. DIR/.malmm-outputs.json maps each file name to the input it was written for (a
+name once given is kept on later runs) and to the job key it was written with. --resume
+counts a file as done only if it was written for that very input with the same key; a file
+of that input from other work is written again.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import stat
 import sys
 import threading
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import MalmmError, UsageError
@@ -117,18 +122,21 @@ def looks_like_ours(data: bytes, fmt: str, path: Path) -> bool:
     return len(lines) >= 2 and lines[0].strip().isdigit() and "-->" in lines[1]
 
 
-def recorded_inputs(data: bytes) -> set[str]:
-    """Inputs with a successful record in JSON Lines `data`. Lines are decoded one by one, so
-    a line cut inside a character by an interrupted run is merely not JSON, hence not done."""
-    done = set()
+def recorded_inputs(data: bytes, job: str | None = None) -> set[str]:
+    """Inputs with a successful record in JSON Lines `data` (with job key `job`, if given)."""
+    return {record["input"] for record in _successes(data) if job is None or record.get("job") == job}
+
+
+def _successes(data: bytes):
+    """The successful records in JSON Lines `data`. Lines are decoded one by one, so a line cut
+    inside a character by an interrupted run is merely not JSON, hence not a record."""
     for line in data.split(b"\n"):
         try:
             record = json.loads(line.decode("utf-8", "replace"))
         except json.JSONDecodeError:
             continue
         if isinstance(record, dict) and isinstance(record.get("input"), str) and "error" not in record:
-            done.add(record["input"])
-    return done
+            yield record
 
 
 def _os_reason(err: OSError) -> str:
@@ -171,7 +179,9 @@ def _lock(fd: int, busy: str) -> None:
 
 
 class _Stdout:
-    def claim(self, mode: str) -> set[str]:
+    other_work = frozenset()
+
+    def claim(self, mode: str, job: str | None) -> set[str]:
         return set()
 
     def open(self) -> None:
@@ -194,9 +204,11 @@ class _ResultsFile:
         self.regular = True  # False for devices and pipes (/dev/null, /dev/stdout): no checks, no lock
         self.created = False
         self.mode = "new"
+        self.other_work: set[str] = set()  # inputs whose only results are from other work (--resume)
 
-    def claim(self, mode: str) -> set[str]:
-        """Lock the file and check it may be written in `mode`; the inputs it records as done."""
+    def claim(self, mode: str, job: str | None) -> set[str]:
+        """Lock the file and check it may be written in `mode`; the inputs it records as done
+        by job `job`."""
         p, self.mode = self.path, mode
         if p.is_dir():
             raise UsageError(f"--output {p} is a directory; give a file name.")
@@ -217,7 +229,11 @@ class _ResultsFile:
                 how = "--resume to skip the inputs recorded there" if self.fmt == "json" else \
                     "--resume (JSON output only) to add to it"
                 raise UsageError(f"--output {p} already holds results; add {how} or --overwrite to replace it.")
-        return recorded_inputs(data) if mode == "resume" else set()
+        if mode != "resume":
+            return set()
+        done = recorded_inputs(data, job)
+        self.other_work = recorded_inputs(data) - done
+        return done
 
     def _open(self) -> None:
         p = self.path
@@ -282,11 +298,15 @@ class _PerVideoDir:
         self.fd: int | None = None
         self.created = False
         self.index: dict[str, str] = {}  # file name -> input key it was written for
+        self.jobs: dict[str, str] = {}  # file name -> job key it was written with
         self.names: dict[str, str] = {}  # spec -> file name
+        self.job: str | None = None
+        self.other_work: set[str] = set()  # inputs whose files are from other work (--resume)
 
-    def claim(self, mode: str) -> set[str]:
+    def claim(self, mode: str, job: str | None) -> set[str]:
         self._lock_dir()
-        self.index = self._load_index()
+        self.index, self.jobs = self._load_index()
+        self.job = job
         self.names = plan_names(self.specs, self.keys, self.fmt, self.index)
         done = set()
         for spec in self.specs:
@@ -299,8 +319,10 @@ class _PerVideoDir:
                 raise UsageError(f"{target} exists and is not a {self.fmt} file written by malmm; "
                                  "move it away or choose another -o directory.")
             mine = self.index.get(target.name) == self.keys[spec]
-            if mode == "resume" and mine:
+            if mode == "resume" and mine and (job is None or self.jobs.get(target.name) == job):
                 done.add(spec)
+            elif mode == "resume" and mine:
+                self.other_work.add(spec)
             elif mode == "resume":
                 raise UsageError(f"{target} exists but was not written by malmm for {spec}; move it away, "
                                  "or use --overwrite instead of --resume to replace it.")
@@ -323,20 +345,28 @@ class _PerVideoDir:
                   "wait for it to finish or choose another directory.")
         self.fd = fd
 
-    def _load_index(self) -> dict[str, str]:
+    def _load_index(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(file name -> input key, file name -> job key). "jobs" is a map of its own, so
+        that versions which know only "files" still read the index; an index without it
+        (written by them) leaves every file not done for --resume."""
         index = self.path / INDEX_NAME
         try:
-            files = json.loads(index.read_text(encoding="utf-8"))["files"]
-            return {str(k): str(v) for k, v in files.items()}
+            data = json.loads(index.read_text(encoding="utf-8"))
+            files = {str(k): str(v) for k, v in data["files"].items()}
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("%s cannot be read; files in %s count as not written by malmm.", index, self.path)
-            return {}
+            return {}, {}
+        jobs = data.get("jobs")
+        if not isinstance(jobs, dict):
+            return files, {}
+        return files, {str(k): str(v) for k, v in jobs.items() if k in files}
 
     def _save_index(self) -> None:
         tmp = self.path / f"{INDEX_NAME}.partial"
-        tmp.write_text(json.dumps({"files": self.index}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        text = json.dumps({"files": self.index, "jobs": self.jobs}, ensure_ascii=False, indent=1)
+        tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, self.path / INDEX_NAME)
 
     def open(self) -> None:
@@ -344,10 +374,13 @@ class _PerVideoDir:
 
     def put(self, spec: str, text: str) -> None:
         name = self.names[spec]
-        if self.index.get(name) != self.keys[spec]:
-            # Claimed before the file exists: a crash in between leaves a claim without a file,
-            # which --resume redoes, never a file that no input owns.
+        stale = self.jobs.get(name, self.job) != self.job
+        if self.index.get(name) != self.keys[spec] or stale:
+            # Claimed, and another job's key dropped, before the file is written: a crash in
+            # between leaves a claim without a file or a file without a key, which --resume
+            # redoes; never a file that no input owns, nor one taken for work it is not.
             self.index[name] = self.keys[spec]
+            self.jobs.pop(name, None)
             self._save_index()
         tmp = self.path / f".{name}.partial"
         try:
@@ -356,6 +389,9 @@ class _PerVideoDir:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
+        if self.job is not None and self.jobs.get(name) != self.job:
+            self.jobs[name] = self.job
+            self._save_index()
 
     def close(self) -> None:
         if self.fd is None:
@@ -406,8 +442,9 @@ class Output:
     """Where a run's results go: stdout, one file (records appended as they finish), or a
     directory with one file per input for per-video formats (srt, vtt).
 
-    `claim(mode)` (before the model loads) checks and locks; `open()` starts writing;
-    `write`/`write_error` append whole records; `close()` releases the lock."""
+    `claim(mode, job)` (before the model loads) checks and locks; `open()` starts writing;
+    `write`/`write_error` append whole records, marked with the job key; `close()` releases
+    the lock."""
 
     def __init__(self, task: str, path: Path | None, fmt: str | None, json_: bool, specs: list[str]):
         if fmt is None:
@@ -426,12 +463,25 @@ class Output:
         else:
             self.sink = _ResultsFile(path, fmt, input_ids(specs))
         self.written = 0
+        self.job: str | None = None
 
-    def claim(self, mode: str) -> set[str]:
+    def claim(self, mode: str, job: str | None = None) -> set[str]:
         """Check that `mode` (new, resume, overwrite) destroys nothing and take the lock;
-        returns the inputs already done (resume)."""
+        returns the inputs already done by job `job` (jobkey.py; resume). None: any job."""
         assert mode in MODES
-        return self.sink.claim(mode)
+        self.job = job
+        return self.sink.claim(mode, job)
+
+    def other_work_note(self, todo: list[str]) -> str:
+        """What --resume says of the inputs in `todo` that have results from other work only
+        ("" when none do): why they are done again."""
+        n = sum(spec in self.sink.other_work for spec in todo)
+        if not n:
+            return ""
+        how = "with another task or other options, or by an older malmm"
+        if self.per_file:
+            return f"{n} of them have files in {self.path} written {how}; those are replaced"
+        return f"{n} of them recorded in {self.path} {how}"
 
     def open(self) -> None:
         try:
@@ -440,6 +490,8 @@ class Output:
             raise OutputWriteError(f"Cannot write to {self.path} ({_os_reason(e)}).") from None
 
     def write(self, result: Result) -> None:
+        if self.job is not None:
+            result = replace(result, job=self.job)
         buf = io.StringIO()
         self.writer.write(result, buf, header=self.n_inputs > 1 and not self.per_file)
         with _signals_held():
@@ -447,6 +499,8 @@ class Output:
             self.written += 1
 
     def write_error(self, error: ErrorResult) -> None:
+        if self.job is not None:
+            error = replace(error, job=self.job)
         buf = io.StringIO()
         self.writer.write_error(error, buf)
         if buf.getvalue() and not self.per_file:

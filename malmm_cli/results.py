@@ -75,10 +75,11 @@ class Result:
     summary: str | None = None
     generation: GenerationMeta | None = None  # set when text was generated (not for classify)
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    job: str | None = None  # jobkey.job_key: which work this is, for --resume; last, out of a reader's way
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "generation"):
+        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "generation", "job"):
             if record[key] is None:
                 del record[key]
         if not record["warnings"]:
@@ -90,6 +91,10 @@ class Result:
 class ErrorResult:
     input: str
     error: str  # one clear sentence
+    job: str | None = None  # as in Result: which work failed
 
     def to_record(self) -> dict[str, Any]:
-        return {"input": self.input, "error": self.error}
+        record = {"input": self.input, "error": self.error}
+        if self.job is not None:
+            record["job"] = self.job
+        return record

@@ -202,11 +202,18 @@ def _check_environment(opts: CommonOptions) -> None:
 
 def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOptions) -> int:
     """Check and lock the output (before the model loads: a refusal costs nothing), then run."""
+    from .jobkey import job_key
+
     mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
-    skip = output.claim(mode)
-    todo = [s for s in specs if s not in skip]
-    if skip and not opts.quiet:
-        sys.stderr.write(f"malmm: --resume: {len(skip)} input(s) already done, {len(todo)} to go\n")
+    # Whether the checkpoint's trained frames and memory may replace the task defaults:
+    # part of the job key (taken before the model loads), and applied once it has loaded.
+    given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
+    done = output.claim(mode, job_key(job, choice, opts.checkpoint, **given))
+    todo = [s for s in specs if s not in done]
+    other = output.other_work_note(todo)
+    if (len(todo) < len(specs) or other) and not opts.quiet:
+        sys.stderr.write(f"malmm: --resume: {len(specs) - len(todo)} input(s) already done, {len(todo)} to go"
+                         + (f" ({other})" if other else "") + "\n")
     if not todo:
         return 0
     from models import ModelError
@@ -218,8 +225,7 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
         return 1
     from .tasks import with_trained_defaults
 
-    job = with_trained_defaults(job, analyzer.model.trained_config, memory_set=opts.memory is not None,
-                                frames_set=opts.fps is not None or opts.frames is not None)
+    job = with_trained_defaults(job, analyzer.model.trained_config, **given)
     return _run_batch(analyzer, job, todo, output, opts)
 
 

@@ -65,8 +65,12 @@ class TextWriter(ResultWriter):
             out.write(f"== {result.input}\n")
         if result.text is not None:
             out.write(result.text + "\n")
-        for answer in result.answers or ():
-            out.write(f"Q: {answer.question}\nA: {answer.answer}\n")
+        if result.answers is not None and len(result.answers) == 1 and not header:
+            # One input, one question: the answer alone, so that $(malmm ask ...) is the answer.
+            out.write(result.answers[0].answer + "\n")
+        else:
+            for answer in result.answers or ():
+                out.write(f"Q: {answer.question}\nA: {answer.answer}\n")
         if result.labels:
             width = max(len(s.label) for s in result.labels)
             for rank, s in enumerate(result.labels, 1):

@@ -35,6 +35,7 @@ def test_folder_to_jsonl_example(tmp_path):
     again = run("examples/folder_to_jsonl.py", str(folder), "--output", str(output))
     rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert sum("error" not in r for r in rows) == 1 and again.returncode == 1  # resumed: no duplicate success
+    assert "1 captioned, 1 failed" in again.stdout  # the retried input counts once, not once per record
 
 
 def test_custom_labels_example():

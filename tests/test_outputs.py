@@ -351,3 +351,218 @@ def test_per_video_output_over_an_existing_file_is_refused(tmp_path, videos, no_
     target.write_text("a file, not a folder")
     one_error(_summarize_srt(videos["a"], videos["b"], out_dir=target), 2, "needs -o DIRECTORY")
     assert target.read_text() == "a file, not a folder"
+
+
+# ---- 6. --resume knows work apart: same input, task and options ------------------------------
+
+GEN = ["--beams", "1", "--max-tokens", "2"]
+
+
+def _stderr_run(*args):
+    """Run malmm (not quiet, so --resume reports); the run must succeed."""
+    out = malmm(*args, *CLI_TINY)
+    assert out.exit_code == 0, out.stderr
+    return out.stderr
+
+
+def test_another_task_on_the_same_file_is_not_taken_for_done(tmp_path):
+    """caption, then classify --resume on the same file and -o, used to say "0 to go"."""
+    output = tmp_path / "r.jsonl"
+    _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output)
+    err = _stderr_run("classify", SAMPLE, "--task", "breakfast", *FAST, "-o", output, "--resume")
+    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err
+    caption, classify = records(output)
+    assert caption["task"] == "caption" and classify["task"] == "classify" and classify["label_set"] == "breakfast"
+    assert len({caption["job"], classify["job"]}) == 2 and all(len(r["job"]) == 16 for r in (caption, classify))
+    # Each finds its own record now: nothing more is done, nor loaded.
+    err = _stderr_run("classify", SAMPLE, "--task", "breakfast", *FAST, "-o", output, "--resume")
+    assert "1 input(s) already done, 0 to go\n" in err and "loading" not in err
+    err = _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output, "--resume")
+    assert "1 input(s) already done, 0 to go\n" in err and "loading" not in err
+    assert len(records(output)) == 2
+
+
+@pytest.fixture
+def qformer_checkpoint():
+    """Writes an MA-LMM overlay for the tiny model: one Q-Former tensor, all `value`."""
+    import torch
+
+    def write(path: Path, value: float = 0.0) -> Path:
+        torch.save({"model": {"Qformer.bert.embeddings.LayerNorm.bias": torch.full((32,), value)}}, path)
+        return path
+
+    return write
+
+
+def _fast(task: str, args: list[str]) -> list[str]:
+    """`args` with 4 frames and 2 tokens by beam 1, unless they set those themselves."""
+    sampling = [] if {"--frames", "--fps"} & set(args) else FAST
+    generation = [] if task == "classify" or "--max-tokens" in args else GEN
+    return [*args, *sampling, *generation]
+
+
+@pytest.mark.parametrize("task, first, then", [
+    ("ask", ["what is it?"], ["what is it now?"]),
+    ("ask", ["what is it?"], ["what is it?", "-Q", "where is it?"]),
+    ("caption", ["--frames", "4"], ["--frames", "5"]),
+    ("caption", ["--frames", "4"], ["--fps", "1"]),
+    ("caption", ["--memory", "4"], ["--memory", "5"]),
+    ("caption", ["--prompt", "what is shown?"], ["--prompt", "what happens?"]),
+    ("caption", [], ["--start", "1"]),
+    ("caption", [], ["--end", "5"]),
+    ("caption", ["--beams", "1", "--max-tokens", "2"], ["--beams", "1", "--max-tokens", "3"]),
+    ("caption", [], ["--checkpoint", "CKPT"]),
+    ("classify", ["--labels", "cat,dog"], ["--labels", "cat,bird"]),
+    ("classify", ["--labels", "cat,dog"], ["--labels", "cat,dog", "--prompt", "which animal?"]),
+    ("classify", ["--task", "breakfast"], ["--task", "coin"]),
+    ("classify", ["--task", "breakfast"], ["--task", "breakfast", "--top-k", "2"]),
+    ("summarize", ["--fps", "2", "--every", "2"], ["--fps", "2", "--every", "3"]),
+    ("summarize", ["--fps", "2", "--every", "2"], ["--fps", "2", "--scenes"]),
+])
+def test_options_that_change_the_result_make_resume_redo_the_input(tmp_path, qformer_checkpoint, task, first, then):
+    output = tmp_path / "r.jsonl"
+    then = [str(qformer_checkpoint(tmp_path / "c.pth")) if x == "CKPT" else x for x in then]
+    _stderr_run(task, SAMPLE, *_fast(task, first), "-o", output)
+    err = _stderr_run(task, SAMPLE, *_fast(task, then), "-o", output, "--resume")
+    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err
+    assert len(records(output)) == 2
+    err = _stderr_run(task, SAMPLE, *_fast(task, first), "-o", output, "--resume")  # the first record still counts
+    assert "1 input(s) already done, 0 to go\n" in err
+
+
+def test_another_checkpoint_or_the_same_one_changed_is_other_work(tmp_path, qformer_checkpoint, monkeypatch):
+    output = tmp_path / "r.jsonl"
+    one, two = qformer_checkpoint(tmp_path / "one.pth", 0.0), qformer_checkpoint(tmp_path / "two.pth", 1.0)
+    assert one.stat().st_size == two.stat().st_size
+    run = ("caption", SAMPLE, *FAST, *GEN, "-o", output)
+    _stderr_run(*run, "--checkpoint", one)
+    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--checkpoint", two, "--resume")
+    # The same file by another name, and options that do not change the result: done.
+    monkeypatch.chdir(tmp_path)
+    same = _stderr_run(*run, "--checkpoint", "one.pth", "--no-cache", "--quant", "none", "--device", "cpu", "--resume")
+    assert "1 input(s) already done, 0 to go" in same
+    qformer_checkpoint(one, 2.0)  # retrained in place: same name, same size, a new mtime
+    os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 1_000_000_000))
+    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--checkpoint", one, "--resume")
+    assert len({r["job"] for r in records(output)}) == 3
+
+
+def test_what_a_checkpoint_sets_when_the_options_do_not_is_other_work(tmp_path, tiny_model):
+    """A finetuned checkpoint's memory length applies where --memory is not given: the same
+    options otherwise, but other work than --memory 40 (the caption default)."""
+    from tests.official_checkpoint import write_official_checkpoint
+
+    checkpoint = tmp_path / "finetuned.pth"
+    write_official_checkpoint(tiny_model, checkpoint, num_frames=4, memory_bank_length=3)
+    output = tmp_path / "r.jsonl"
+    run = ("caption", SAMPLE, *FAST, *GEN, "--checkpoint", checkpoint, "-o", output)
+    _stderr_run(*run, "--memory", "40")
+    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--resume")
+    assert "1 input(s) already done, 0 to go" in _stderr_run(*run, "--resume")  # the same command finds its own
+    assert [r["memory"]["length"] for r in records(output)] == [40, 3]
+
+
+def test_a_failed_input_retried_is_counted_once(tmp_path, videos):
+    output, later = tmp_path / "r.jsonl", tmp_path / "later.mp4"
+    first = malmm("caption", videos["a"], later, *FAST, *GEN, "-o", output, *CLI_TINY)
+    assert first.exit_code == 1 and "wrote 1 result(s)" in first.stderr and "1 input(s) failed" in first.stderr
+    shutil.copy(videos["b"], later)
+    err = _stderr_run("caption", videos["a"], later, *FAST, *GEN, "-o", output, "--resume")
+    assert "1 input(s) already done, 1 to go\n" in err and "wrote 1 result(s)" in err and "input(s) failed" not in err
+    rows = records(output)
+    assert [(r["input"], "error" in r) for r in rows] == [(str(videos["a"]), False), (str(later), True),
+                                                          (str(later), False)]
+    assert len({r["job"] for r in rows}) == 1  # error records carry the job too
+    # An error record and a success for one input: one done input, in this run's inputs only.
+    assert "2 input(s) already done, 0 to go\n" in _stderr_run("caption", videos["a"], later, *FAST, *GEN,
+                                                                 "-o", output, "--resume")
+    assert "1 input(s) already done, 0 to go\n" in _stderr_run("caption", later, *FAST, *GEN, "-o", output,
+                                                                 "--resume")
+
+
+def test_a_record_without_a_job_key_is_done_again(tmp_path):
+    """Records written before job keys cannot say which work they are: they are not done."""
+    output = tmp_path / "r.jsonl"
+    _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output)
+    (old,) = records(output)
+    del old["job"]
+    output.write_text(json.dumps(old) + "\n")
+    err = _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output, "--resume")
+    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err and "older malmm" in err
+    assert [("job" in r) for r in records(output)] == [False, True]
+
+
+def test_per_video_files_from_other_options_are_written_again(tmp_path, videos):
+    subs = tmp_path / "subs"
+    run = ("summarize", videos["a"], videos["b"], "--fps", "2", *GEN, "--format", "srt", "-o", subs, *CLI_TINY)
+    assert malmm(*run, "--every", "2").exit_code == 0
+    assert (subs / "a.srt").read_text().count("-->") == 3  # 6 s in 2 s cues
+    again = malmm(*run, "--every", "3", "--resume")
+    assert again.exit_code == 0, again.stderr
+    assert "0 input(s) already done, 2 to go (2 of them have files in" in again.stderr
+    assert (subs / "a.srt").read_text().count("-->") == 2  # 6 s in 3 s cues
+    again = malmm(*run, "--every", "3", "--resume")
+    assert again.exit_code == 0 and "2 input(s) already done, 0 to go\n" in again.stderr
+    # An index from before job keys says whose files they are, not how they were made.
+    index = json.loads((subs / INDEX_NAME).read_text())
+    (subs / INDEX_NAME).write_text(json.dumps({"files": index["files"]}))
+    again = malmm(*run, "--every", "3", "--resume")
+    assert again.exit_code == 0 and "0 input(s) already done, 2 to go" in again.stderr
+    assert json.loads((subs / INDEX_NAME).read_text()) == index
+
+
+def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):
+    """A per-video file written again for other work loses its old job key before it is
+    replaced: if the write fails (or the run dies) in between, --resume redoes it."""
+    from malmm_cli.outputs import Output, OutputWriteError
+    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+
+    specs = ["/v/a.mp4", "/v/b.mp4"]
+
+    def result(spec: str, text: str) -> Result:
+        return Result(input=spec, task="summarize", model="m", video=VideoMeta(2.0, 10.0, 8, 8),
+                      sampling=SamplingMeta(2.0, 4, 0.0, 2.0), memory=MemoryMeta(4, 0), timings={},
+                      segments=(SegmentText(0.0, 2.0, text),), summary=text)
+
+    def done(job: str, mode: str = "resume") -> tuple[Output, set[str]]:
+        out = Output("summarize", tmp_path / "subs", "srt", False, specs)
+        return out, out.claim(mode, job)
+
+    out, _ = done("old", "new")
+    for spec in specs:
+        out.write(result(spec, "old work"))
+    out.close()
+    out, nothing = done("new")
+    assert nothing == set() and out.other_work_note(specs).startswith("2 of them")
+    real_replace = os.replace
+
+    def disk_full_for_srt(src, dst):
+        if str(dst).endswith(".srt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", disk_full_for_srt)
+    with pytest.raises(OutputWriteError):
+        out.write(result(specs[0], "new work"))
+    out.close()
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    assert "old work" in (tmp_path / "subs" / "a.srt").read_text()
+    for job, expected in (("old", {specs[1]}), ("new", set())):
+        out, found = done(job)
+        out.close()
+        assert found == expected, job
+
+
+def test_a_model_folder_is_one_model_by_any_path(tmp_path, monkeypatch):
+    from malmm_cli.jobkey import job_key
+    from malmm_cli.presets import ModelChoice
+    from malmm_cli.tasks import Job
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def key(label: str) -> str:
+        return job_key(Job(task="caption", model_label=label, memory=4), ModelChoice(label, label, None), None,
+                       frames_set=False, memory_set=False)
+
+    assert key("m") == key("./m") == key(str(tmp_path / "m")) != key("tiny-random")
