@@ -6,7 +6,9 @@
     wall time per frame around frame 100 and around frame 1,000 (median of 20 frames each).
     The ViT costs the same for every frame by construction; what could grow is the memory.
 (b) Peak RSS of `malmm caption --fps 1 --model tiny-random` on a 10-minute and a 2-hour
-    synthetic video (small frames), each in a fresh process (ru_maxrss of the child).
+    synthetic video (small frames), each in a fresh process (ru_maxrss of the child), with the
+    feature cache off (`--no-cache`) and on (the default: its entry is written as the video
+    is read).
 """
 
 from __future__ import annotations
@@ -55,10 +57,10 @@ def synthetic_video(path: Path, minutes: float) -> None:
                     "-pix_fmt", "yuv420p", str(path)], check=True)
 
 
-def peak_rss_mb(video: Path, cache: Path) -> tuple[float, float]:
+def peak_rss_mb(video: Path, cache: Path, use_cache: bool = False) -> tuple[float, float]:
     """(peak RSS of a fresh `malmm caption` process in MB, wall seconds)."""
-    cmd = [sys.executable, "-m", "malmm_cli", "caption", str(video), "--model", "tiny-random", "--fps", "1",
-           "--no-cache", "-q"]
+    cmd = [sys.executable, "-m", "malmm_cli", "caption", str(video), "--model", "tiny-random", "--fps", "1", "-q",
+           *([] if use_cache else ["--no-cache"])]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env=dict(os.environ, MALMM_CACHE_DIR=str(cache)), cwd=ROOT)
@@ -83,19 +85,26 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             rss = {}
+            videos = {}
             for name, minutes in (("10min", 10), ("2h", 120)):
-                video = tmp / f"{name}.mp4"
-                synthetic_video(video, minutes)
-                # Each measurement in its own parent so ru_maxrss is that child's peak.
-                code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_flat import "
-                        f"peak_rss_mb; from pathlib import Path; print(*peak_rss_mb(Path({str(video)!r}), "
-                        f"Path({str(tmp / 'cache')!r})))")
-                out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-                mb, wall = map(float, out.stdout.split())
-                rss[name] = {"frames": int(minutes * 60), "peak_rss_mb": round(mb, 1), "wall_s": round(wall, 1)}
-                print(name, rss[name], flush=True)
+                videos[name] = tmp / f"{name}.mp4"
+                synthetic_video(videos[name], minutes)
+            for use_cache in (False, True):
+                for name, minutes in (("10min", 10), ("2h", 120)):
+                    # Each measurement in its own parent so ru_maxrss is that child's peak; a fresh
+                    # cache each time, so the entry is written, not read.
+                    cache = tmp / f"cache-{name}-{use_cache}"
+                    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_flat import "
+                            f"peak_rss_mb; from pathlib import Path; print(*peak_rss_mb(Path({str(videos[name])!r}), "
+                            f"Path({str(cache)!r}), {use_cache}))")
+                    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+                    mb, wall = map(float, out.stdout.split())
+                    key = f"{name}_{'cache' if use_cache else 'no_cache'}"
+                    rss[key] = {"frames": int(minutes * 60), "peak_rss_mb": round(mb, 1), "wall_s": round(wall, 1)}
+                    print(key, rss[key], flush=True)
         results["cli_peak_rss"] = rss
-        results["rss_2h_over_10min"] = round(rss["2h"]["peak_rss_mb"] / rss["10min"]["peak_rss_mb"], 3)
+        for mode in ("no_cache", "cache"):
+            results[f"rss_2h_over_10min_{mode}"] = round(rss[f"2h_{mode}"]["peak_rss_mb"] / rss[f"10min_{mode}"]["peak_rss_mb"], 3)
     report("flat", results, "python benchmarks/bench_flat.py --frames " + str(args.frames))
 
 

@@ -9,6 +9,7 @@ written to the cache as they go.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .inputs import VideoSource
 from .results import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
+from .threads import ThreadPlan, plan_threads, torch_threads
 from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
 
 
@@ -70,9 +72,11 @@ class Analyzer:
         self.cache = cache
         self.events = events or Events()
         self.chunk_size = chunk_size
+        self.threads: ThreadPlan | None = None
 
     def run(self, source: VideoSource, job: Job) -> Result:
         started = time.perf_counter()
+        self._plan_threads()  # other work may have started or stopped since the last video
         info = probe(source.path)
         sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
         run = _Run(job, source, info, sampling)
@@ -96,6 +100,24 @@ class Analyzer:
         )
         self.events.finished(result)
         return result
+
+    # ---- CPU threads ------------------------------------------------------------------
+
+    def _plan_threads(self) -> None:
+        """On a CPU: small ops (the Q-Former step) on the cores others leave free, the
+        real-size ViT and LLM on all of them (malmm_cli/threads.py says why)."""
+        if self.model.device.type != "cpu":
+            self.threads = None
+            return
+        import torch
+
+        large = self.model.vision_model.config.hidden_size >= 1024  # ViT-g: 1408; tiny-random: 32
+        self.threads = plan_threads(large)
+        torch.set_num_threads(self.threads.light)
+
+    def _heavy(self):
+        """Threads for a large op (ViT on a chunk, the LLM)."""
+        return torch_threads(self.threads.heavy) if self.threads is not None else contextlib.nullcontext()
 
     # ---- features ---------------------------------------------------------------------
 
@@ -137,7 +159,8 @@ class Analyzer:
                         break
                     pixels = preprocess(chunk.frames, spec=self.model.image_spec, antialias=run.job.antialias)
                     t1 = time.perf_counter()
-                    feats = self.model.encode_frames(pixels)
+                    with self._heavy():
+                        feats = self.model.encode_frames(pixels)
                     run.timings["decode"] += t1 - t0
                     run.timings["vision"] += time.perf_counter() - t1
                     if writer is not None:  # on a write error it drops the entry and goes quiet
@@ -173,7 +196,8 @@ class Analyzer:
 
     def _generate(self, run: _Run, stream: VideoStream, prompts) -> list[str]:
         t0 = time.perf_counter()
-        texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation))
+        with self._heavy():
+            texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation))
         run.timings["llm"] += time.perf_counter() - t0
         return texts
 
@@ -200,7 +224,8 @@ class Analyzer:
         self._feed(run, [stream])
         self.events.stage(f"scoring {len(labels.labels)} labels")
         t0 = time.perf_counter()
-        loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
+        with self._heavy():
+            loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
         run.timings["llm"] += time.perf_counter() - t0
         probs = probabilities(loglik)
         order = np.argsort(-probs, kind="stable")[: run.job.top_k]

@@ -191,9 +191,11 @@ def _check_environment(opts: CommonOptions) -> None:
     """Bad environment values are usage errors before any model loads, not failures later."""
     from .download import download_limits
     from .inputs import cache_root
+    from .threads import configured_threads
 
     cache_root()  # MALMM_CACHE_DIR
     download_limits()  # MALMM_DOWNLOAD_STALL_S, MALMM_DOWNLOAD_DEADLINE_S
+    configured_threads()  # MALMM_THREADS
     if not opts.no_cache:
         from .features import cache_limit_from_env
 
