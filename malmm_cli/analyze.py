@@ -109,8 +109,6 @@ class Analyzer:
         if self.model.device.type != "cpu":
             self.threads = None
             return
-        import torch
-
         large = self.model.vision_model.config.hidden_size >= 1024  # ViT-g: 1408; tiny-random: 32
         self.threads = plan_threads(large)
         torch.set_num_threads(self.threads.light)

@@ -31,7 +31,7 @@ def job_key(job: Job, choice: ModelChoice, checkpoint: Path | None, *, frames_se
     # (old records are redone) instead of being forgotten (other work taken for done).
     material = {"v": JOB_KEY_VERSION, "job": asdict(replace(job, model_label=_model_identity(choice)))}
     if checkpoint is not None:
-        material["checkpoint"] = {**_file_identity(checkpoint), "frames_set": frames_set, "memory_set": memory_set}
+        material["checkpoint"] = {**file_identity(checkpoint), "frames_set": frames_set, "memory_set": memory_set}
     text = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:JOB_KEY_HEX]
 
@@ -44,7 +44,7 @@ def _model_identity(choice: ModelChoice) -> str:
     return choice.label
 
 
-def _file_identity(path: Path) -> dict:
+def file_identity(path: Path) -> dict:
     """Real path, size and modification time: a checkpoint can be gigabytes, too many to hash
     per command, and replacing or editing the file changes its mtime. Moving or touching it
     makes --resume redo work, the safe way to be wrong."""

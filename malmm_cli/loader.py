@@ -117,8 +117,11 @@ def load_model(choice, opts) -> MALMM:
 
 
 def _file_id(path: Path) -> str:
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    """The checkpoint's identity (as --resume's job key sees it), short."""
+    from .jobkey import file_identity
+
+    ident = file_identity(path)
+    return hashlib.sha256(f"{ident['path']}|{ident['size']}|{ident['mtime_ns']}".encode()).hexdigest()[:16]
 
 
 def model_id(choice, opts, model: MALMM) -> str:
