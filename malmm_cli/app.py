@@ -301,6 +301,15 @@ def doctor():
     raise typer.Exit(run_doctor())
 
 
+# ---- train and eval (their commands live in their own modules) -----------------------------
+
+from .eval_cli import register as _register_eval  # noqa: E402
+from .train_cli import register as _register_train  # noqa: E402
+
+_register_train(app, examples=examples, command_class=_HelpInWords)
+_register_eval(app, examples=examples, command_class=_HelpInWords)
+
+
 def _version(value: bool):
     if value:
         typer.echo(f"malmm {__version__}")

@@ -205,6 +205,7 @@ class _ResultsFile:
         self.created = False
         self.mode = "new"
         self.other_work: set[str] = set()  # inputs whose only results are from other work (--resume)
+        self.kept = b""  # with --resume: the file as claimed, whose records are kept
 
     def claim(self, mode: str, job: str | None) -> set[str]:
         """Lock the file and check it may be written in `mode`; the inputs it records as done
@@ -231,6 +232,7 @@ class _ResultsFile:
                 raise UsageError(f"--output {p} already holds results; add {how} or --overwrite to replace it.")
         if mode != "resume":
             return set()
+        self.kept = data
         done = recorded_inputs(data, job)
         self.other_work = recorded_inputs(data) - done
         return done
@@ -497,6 +499,26 @@ class Output:
         with _signals_held():
             self._put(result.input, buf.getvalue())
             self.written += 1
+
+    def kept_records(self) -> list[dict]:
+        """With --resume on one results file: the successful records it held when claimed, with
+        this run's job key. For commands whose unit of work is not an input (eval's data items,
+        several of which may share a video), which match records to their own units."""
+        data = getattr(self.sink, "kept", b"")
+        return [record for record in _successes(data) if self.job is None or record.get("job") == self.job]
+
+    def write_record(self, record: dict) -> None:
+        """Append one ready-made JSON record (its first key "input", as every record of ours),
+        marked with the job key; written whole, like write()."""
+        if next(iter(record), None) != "input":
+            raise ValueError("a record's first key must be 'input'")
+        if self.job is not None:
+            record = {**record, "job": self.job}
+        text = json.dumps(record, ensure_ascii=False) + "\n"
+        with _signals_held():
+            self._put(record["input"], text)
+            if "error" not in record:
+                self.written += 1
 
     def write_error(self, error: ErrorResult) -> None:
         if self.job is not None:

@@ -29,7 +29,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "TrainedConfig", "LavisCheckpoint", "OverlayReport", "read_lavis_checkpoint", "lavis_to_hf_key",
-    "convert_lavis_state_dict", "apply_overlay", "load_overlay", "trained_frames",
+    "convert_lavis_state_dict", "apply_overlay", "load_overlay", "trained_frames", "hf_to_lavis_key",
 ]
 
 log = logging.getLogger("malmm")
@@ -279,3 +279,34 @@ def load_overlay(model, path: str | Path, *, strict: bool = True) -> OverlayRepo
     if report.unexpected:
         log.warning("overlay %s: %d unexpected key(s): %s", path, len(report.unexpected), ", ".join(report.unexpected[:5]))
     return report
+
+
+# ---- the other direction: MALMM names -> LAVIS keys (for writing checkpoints) -------------------
+
+_HF_QFORMER_RENAMES = [
+    ("qformer.", "Qformer.bert."),
+    ("embeddings.layernorm.", "embeddings.LayerNorm."),
+    (".crossattention.attention.", ".crossattention.self."),
+    (".attention.attention.", ".attention.self."),
+]
+
+
+def hf_to_lavis_key(name: str) -> str | None:
+    """The LAVIS MA-LMM key of a MALMM parameter MA-LMM trains (Q-Former, query tokens,
+    projection, ``ln_vision``, temporal position embedding), or None for the frozen ViT and LLM.
+
+    The inverse of :func:`lavis_to_hf_key` on those names, so a checkpoint written with these
+    keys loads here and in the official code alike.
+    """
+    if name.startswith("qformer."):
+        for old, new in _HF_QFORMER_RENAMES:
+            name = name.replace(old, new, 1) if old == "qformer." else name.replace(old, new)
+        return name
+    if name == "query_tokens":
+        return name
+    if name == "temporal_embedding.weight":
+        return "image_pe.weight"
+    for prefix, new in (("language_projection.", "llm_proj."), ("vision_model.post_layernorm.", "ln_vision.")):
+        if name.startswith(prefix):
+            return new + name[len(prefix) :]
+    return None

@@ -17,6 +17,9 @@ from tests.media import make_video
 
 COMMANDS = [["caption"], ["ask"], ["classify"], ["summarize"], ["models", "list"], ["models", "download"],
             ["models", "path"], ["doctor"]]
+# Pages checked for wording; train's and eval's examples run in tests/test_train.py and tests/test_eval.py
+# (they need data files).
+HELP_PAGES = COMMANDS + [["train"], ["eval"]]
 
 
 def help_text(command: list[str]) -> str:
@@ -32,7 +35,7 @@ def help_examples(text: str) -> list[str]:
     return [line for line in lines[start + 1:] if line.startswith("malmm ")]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("command", HELP_PAGES, ids=" ".join)
 def test_help_pages_speak_words_not_python_types(command):
     text = help_text(command)
     for jargon in ("<bool>", "<str>", "<int>", "<float>", "<path>", "<list[", "{", "}"):

@@ -1,0 +1,332 @@
+"""`malmm eval DATA --task classify|ask|caption`: score the model on a labelled data file.
+
+Per-case predictions go to `-o FILE` (JSON Lines) as each case finishes, under the same rules
+as the batch commands' results (outputs.py: never clobbered, one writer, --resume/--overwrite,
+Ctrl-C keeps everything); the final record goes to stdout (a table, or one JSON line with
+--json) and, with -o, to FILE's name with the suffix .summary.json. The scoring itself is
+evaluate.py's.
+
+No `from __future__ import annotations` here: the command is defined inside register(), with
+the option types app.py defines, and Typer evaluates its annotations where it is defined.
+"""
+
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import MalmmError, UsageError
+
+SUMMARY_SUFFIX = ".summary.json"
+SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
+
+
+class EvalTask(str, Enum):
+    classify = "classify"
+    ask = "ask"
+    caption = "caption"
+
+
+def register(app, *, examples, command_class) -> None:
+    """Add the `eval` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
+    from .app import (BeamsOpt, CheckpointOpt, Device, DeviceOpt, FpsOpt, FramesOpt, MaxTokensOpt, MemoryOpt,
+                      ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt, QuietOpt, _common)
+
+    def eval_command(
+        data: Annotated[Path, typer.Argument(
+            metavar="DATA", show_default=False,
+            help="CSV (with a header row) or JSONL: video,label (classify), video,question,answer (ask) or "
+            "video,caption (caption). Video paths are relative to DATA's folder.")],
+        task: Annotated[EvalTask, typer.Option(
+            "--task", "-t", metavar="classify|ask|caption", show_default=False, help="What DATA holds.")],
+        labels: Annotated[Optional[str], typer.Option(
+            metavar="FILE|LIST", show_default=False,
+            help='classify: the label set, a file (one per line, or a JSON list) or "a,b,c". '
+            "\\[default: the data's labels]")] = None,
+        label_set: Annotated[Optional[str], typer.Option(
+            "--label-set", metavar="NAME", show_default=False,
+            help="classify: a built-in label set: lvu_relationship, lvu_way_speaking, lvu_scene, lvu_director, "
+            "lvu_genre, lvu_writer, lvu_year, coin, breakfast.")] = None,
+        prompt: Annotated[Optional[str], typer.Option(
+            metavar="TEXT", show_default=False, help="Instruction for caption, or for classify with your labels. "
+            "\\[default: per task]")] = None,
+        model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+        memory: MemoryOpt = None, quant: QuantOpt = Quant.auto, device: DeviceOpt = Device.auto,
+        json_: Annotated[bool, typer.Option("--json", help="Print the final record as one JSON line.")] = False,
+        output: Annotated[Optional[Path], typer.Option(
+            "--output", "-o", metavar="FILE", show_default=False,
+            help=f"Write each prediction to FILE (JSON Lines) as it finishes, and the final record to FILE "
+            f"with the suffix {SUMMARY_SUFFIX}.")] = None,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Skip the items already predicted in the --output file with the same data, options "
+            "and model.")] = False,
+        overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
+        no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    ):
+        """Score the model on labelled videos: accuracy (classify, ask) or CIDEr and BLEU-4 (caption)."""
+        opts = _common(locals())
+        raise typer.Exit(run_eval(data, task.value, opts, labels=labels, label_set=label_set, prompt=prompt))
+
+    app.command("eval", cls=command_class, epilog=examples(
+        "malmm eval val.csv --task classify",
+        "malmm eval qa.jsonl --task ask --json -o qa-preds.jsonl --resume",
+        "malmm eval captions.csv --task caption --checkpoint msrvtt_cap.pth",
+    ))(eval_command)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None) -> int:
+    """The command: exit code 0 (all scored), 1 (some cases failed, or the model did not load),
+    2 (usage), 130/143 (interrupted; the predictions so far are kept)."""
+    from .runner import Terminated, _check_environment, _setup_logging, _sigterm_as_interrupt, validate
+
+    _setup_logging(opts.quiet)
+    output = None
+    try:
+        validate(opts)
+        from .dataset import load_dataset
+        from .evaluate import check_options, plan
+        from .presets import resolve_model
+
+        check_options(task, labels=labels, label_set=label_set, prompt=prompt)
+        choice = resolve_model(opts.model)
+        items = load_dataset(data, task)
+        job, cases = plan(task, items, opts, choice.label, labels=labels, label_set=label_set, prompt=prompt)
+        _check_environment(opts)
+        output = _output(task, data, cases, opts)
+        summary = _claim_summary(opts.output, data, cases) if opts.output is not None else None
+    except MalmmError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return err.exit_code
+    with _sigterm_as_interrupt():
+        try:
+            return _claim_and_run(choice, job, cases, data, output, summary, opts)
+        except MalmmError as err:
+            sys.stderr.write(f"malmm: error: {err}\n")
+            return err.exit_code
+        except KeyboardInterrupt as stop:
+            where = f" in {output.path}" if output is not None else ""
+            kept = output.written if output is not None else 0
+            sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
+            return 143 if isinstance(stop, Terminated) else 130
+        finally:
+            if output is not None:
+                output.close()
+
+
+def _output(task: str, data: Path, cases, opts):
+    """The predictions file (outputs.py's rules), or None without -o: nothing may overwrite the
+    data file or a video."""
+    if opts.output is None:
+        return None
+    from .outputs import Output
+
+    return Output(task, opts.output, "json", True, [str(data), *dict.fromkeys(c.video for c in cases)])
+
+
+def summary_path(output: Path) -> Path:
+    """preds.jsonl -> preds.summary.json."""
+    return output.with_suffix(SUMMARY_SUFFIX)
+
+
+def _claim_summary(output: Path, data: Path, cases) -> Path | None:
+    """Where the final record goes, checked before the model loads: a file there must be a
+    summary of ours (a JSON object naming its predictions file), never the data or a video.
+    None when the predictions go to a device (/dev/null)."""
+    if output.exists() and not output.is_file():
+        return None
+    path = summary_path(output)
+    if not path.exists():
+        return path
+    from .outputs import input_ids
+
+    st = os.stat(path)
+    ours = False
+    if (st.st_dev, st.st_ino) not in input_ids([str(data), *(c.video for c in cases)]) and path.is_file():
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            ours = isinstance(record, dict) and {"task", "n", "predictions"} <= record.keys()
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            ours = False
+    if not ours:
+        raise UsageError(f"{path} exists and is not an eval summary written by malmm; move it away or choose "
+                         "another --output name.")
+    return path
+
+
+def eval_job_key(job, choice, opts) -> str:
+    """The job key of an eval (jobkey.py), apart from a batch command's key for the same job:
+    what each row asks (its question, its target) is checked record by record."""
+    import hashlib
+
+    from .jobkey import JOB_KEY_HEX, job_key
+
+    given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
+    base = job_key(job, choice, opts.checkpoint, **given)
+    return hashlib.sha256(f"eval|{base}".encode()).hexdigest()[:JOB_KEY_HEX]
+
+
+def _kept(output, cases, task: str) -> dict[int, dict]:
+    """--resume: the records of this job that are still the data's cases, by case index."""
+    from .evaluate import record_matches
+
+    by_index = {c.index: c for c in cases}
+    kept = {}
+    for record in output.kept_records():
+        case = by_index.get(record.get("index"))
+        if case is not None and record_matches(record, case, task):
+            kept[case.index] = record
+    return kept
+
+
+def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None, opts) -> int:
+    from .evaluate import report
+
+    kept: dict[int, dict] = {}
+    if output is not None:
+        mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
+        output.claim(mode, eval_job_key(job, choice, opts))
+        if opts.resume:
+            kept = _kept(output, cases, job.task)
+    todo = [c for c in cases if c.index not in kept]
+    if kept and not opts.quiet:
+        sys.stderr.write(f"malmm: --resume: {len(kept)} case(s) already done, {len(todo)} to go\n")
+    records, failures = dict(kept), 0
+    if todo:
+        from models import ModelError
+
+        from .runner import _analyzer
+        from .tasks import with_trained_defaults
+
+        try:
+            analyzer = _analyzer(choice, opts, len(todo))
+        except ModelError as err:
+            sys.stderr.write(f"malmm: error: {err}\n")
+            return 1
+        given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
+        job = with_trained_defaults(job, analyzer.model.trained_config, **given)
+        failures = _run_cases(analyzer, job, todo, output, records)
+    labels = job.label_set.labels if job.label_set is not None else ()
+    final = report(job.task, [records[i] for i in sorted(records)], labels=labels,
+                   extra=_extra(job, choice, data, opts))
+    record = final.to_record()
+    if summary is not None:
+        _write_summary(summary, record)
+    _print(record, opts)
+    if output is not None and not opts.quiet:
+        sys.stderr.write(f"malmm: {final.n} prediction(s) in {output.path}"
+                         + (f"; {failures} case(s) failed" if failures else "")
+                         + (f"; final record in {summary}" if summary else "") + "\n")
+    return 1 if failures else 0
+
+
+def _run_cases(analyzer, job, todo, output, records: dict[int, dict]) -> int:
+    """Run the cases in order, each record written as it finishes; returns how many failed."""
+    from .evaluate import run_case
+    from .runner import _error, log
+
+    failures = 0
+    if output is not None:
+        output.open()
+    try:
+        for case in todo:
+            record = run_case(analyzer, job, case)
+            if "error" in record:
+                failures += 1
+                _error(case.video, f"item {case.index + 1}: {record['error']}")
+            for warning in record.get("warnings", ()):
+                log.warning("%s: %s", case.video, warning)
+            if output is not None:
+                output.write_record(record)
+            records[case.index] = record
+    except KeyboardInterrupt:
+        analyzer.events.close()
+        raise
+    return failures
+
+
+def _extra(job, choice, data: Path, opts) -> dict:
+    from .evaluate import job_summary
+
+    extra = {"data": str(Path(data).expanduser().resolve()), "model": choice.label}
+    if opts.checkpoint is not None:
+        extra["checkpoint"] = str(opts.checkpoint)
+    extra.update(job_summary(job))
+    if opts.output is not None:
+        extra["predictions"] = str(Path(opts.output).expanduser().resolve())
+    return extra
+
+
+def _write_summary(path: Path, record: dict) -> None:
+    """Replaced whole (a temporary file renamed over it): a reader never sees half a record."""
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        sys.stderr.write(f"malmm: warning: the final record could not be written to {path} "
+                         f"({(e.strerror or type(e).__name__).lower()}); it is printed above.\n")
+
+
+# ---- the final record on stdout ------------------------------------------------------------------
+
+
+def _print(record: dict, opts) -> None:
+    if opts.json_:
+        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, highlight=False)
+    console.print(Text(f"{record['task']}: {record['data']} ({record['model']})", style="bold"))
+    for table in _tables(record):
+        console.print(table)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _tables(record: dict) -> list:
+    """The metrics table, and for classify the per-class accuracy (the most frequent classes)."""
+    from rich.table import Table
+
+    task = record["task"]
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), pad_edge=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row("videos scored" if task == "caption" else "items scored", str(record["n"]))
+    if record["errors"]:
+        table.add_row("failed", str(record["errors"]))
+    if task == "classify":
+        table.add_row("top-1 accuracy", _pct(record["accuracy"]))
+        table.add_row("top-5 accuracy", _pct(record["top5"]))
+    elif task == "ask":
+        table.add_row("exact match", _pct(record["accuracy"]))
+        table.add_row("first-word match", _pct(record["first_word_accuracy"]))
+    else:
+        table.add_row("CIDEr", "-" if record["cider"] is None else f"{100 * record['cider']:.1f}")
+        table.add_row("BLEU-4", "-" if record["bleu4"] is None else f"{100 * record['bleu4']:.1f}")
+    tables = [table]
+    if task == "classify" and record["per_class"]:
+        per_class = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
+        per_class.add_column("class")
+        per_class.add_column("n", justify="right")
+        per_class.add_column("accuracy", justify="right")
+        ranked = sorted(record["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+        for label, stats in ranked[:SHOWN_CLASSES]:
+            per_class.add_row(label, str(stats["n"]), _pct(stats["accuracy"]))
+        if len(ranked) > SHOWN_CLASSES:
+            per_class.add_row(f"... {len(ranked) - SHOWN_CLASSES} more (--json)", "", "")
+        tables += ["", per_class]
+    return tables

@@ -1,0 +1,212 @@
+"""Training: the differentiable forward against the inference path, what gets gradients, the
+official checkpoint layout, Ctrl-C, the CLI's refusals, and the memory ablation in miniature
+(a clip's label is shown only in its first frames: with memory near 1, without it chance)."""
+
+from __future__ import annotations
+
+import json
+
+import decord
+import numpy as np
+import pytest
+import torch
+
+from malmm_cli.dataset import load_dataset
+from malmm_cli.train import Interrupted, TrainEvents, TrainOptions, learning_rate, train
+from models import MALMM
+from models.overlay import hf_to_lavis_key, lavis_to_hf_key, read_lavis_checkpoint
+from models.training import (answer_loss, candidate_log_likelihoods, freeze_for_training, official_config,
+                             query_output, save_checkpoint, trained_parameters, visual_tokens)
+from tests.cli import TINY, malmm
+from tests.official_checkpoint import lavis_name, write_official_checkpoint
+from tests.synthetic import make_dataset
+
+INSTRUCTIONS = ["what does the video describe?", "who wins?"]  # different lengths: the second is padded
+
+
+def _features(clips: int, frames: int, seed: int) -> torch.Tensor:
+    """[clips, frames, 257, 32] drifting features, different for every clip."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(clips, frames, 257, 32, generator=gen).cumsum(dim=1)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_dir):
+    """A float32 tiny model with a non-zero temporal embedding, as after finetuning."""
+    m = MALMM.from_pretrained(str(tiny_dir), memory_bank_length=4, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        m.temporal_embedding.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    return m
+
+
+# ---- the forward is the inference path's ----------------------------------------------------
+
+
+@pytest.mark.parametrize("M, frames", [(0, 3), (2, 6), (6, 4)], ids=["no-memory", "compressing", "M>=frames"])
+def test_training_forward_equals_the_inference_path(model, M, frames):
+    feats = _features(2, frames, seed=M + frames)  # a different clip per instruction
+    with torch.no_grad():
+        ours = query_output(model, feats, INSTRUCTIONS, M)
+    for b, instruction in enumerate(INSTRUCTIONS):
+        stream = model.new_stream([instruction], memory_bank_length=M)
+        stream.add_features(feats[b])
+        torch.testing.assert_close(ours[b : b + 1], stream.query_output(), rtol=1e-4, atol=1e-5)
+
+
+def test_answer_likelihood_is_what_score_measures(model):
+    feats = _features(2, 4, seed=5)
+    prompts, candidates = ["what is shown in the video?", "Question: who wins Short answer:"], ["cat", "a dog", "x"]
+    with torch.no_grad():
+        ours = candidate_log_likelihoods(model, visual_tokens(model, feats, prompts, 3), prompts, candidates)
+    for b, prompt in enumerate(prompts):
+        stream = model.new_stream([prompt], memory_bank_length=3)
+        stream.add_features(feats[b])
+        torch.testing.assert_close(ours[b], model.score(stream, [prompt], candidates)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_gradients_reach_what_ma_lmm_trains_and_nothing_else(tiny_dir):
+    m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    trained = dict(freeze_for_training(m))
+    frames = 5
+    loss = answer_loss(m, visual_tokens(m, _features(2, frames, seed=1), INSTRUCTIONS, 2), INSTRUCTIONS, ["cat", "dog"])
+    loss.backward()
+    for name, param in m.named_parameters():
+        if name in trained:
+            assert param.grad is not None and param.requires_grad, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    groups = {n.split(".")[0] for n, p in trained.items() if p.grad.abs().sum() > 0}
+    assert groups == {"qformer", "query_tokens", "language_projection", "temporal_embedding"}
+    # As in the official code the banks hold detached entries: only the last frame's row learns.
+    rows = m.temporal_embedding.weight.grad.abs().sum(dim=1)
+    assert rows[frames - 1] > 0 and rows[: frames - 1].sum() == 0 and rows[frames:].sum() == 0
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def test_lavis_keys_are_the_inverse_of_the_reader(model):
+    for name, _ in trained_parameters(model):
+        key = hf_to_lavis_key(name)
+        assert key == lavis_name(name) and lavis_to_hf_key(key) == name
+    assert hf_to_lavis_key("vision_model.encoder.layers.0.mlp.fc1.weight") is None
+
+
+def test_checkpoint_is_the_official_layout_and_loads_back(model, tiny_dir, tmp_path):
+    path = save_checkpoint(tmp_path / "ckpt.pth", model, config=official_config(model, num_frames=7, memory_bank_length=3),
+                           optimizer=torch.optim.AdamW([p for _, p in trained_parameters(model)]), epoch=2)
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    assert set(saved) == {"model", "optimizer", "config", "scaler", "epoch"} and saved["epoch"] == 2
+    official = tmp_path / "official.pth"
+    write_official_checkpoint(model, official, num_frames=7, memory_bank_length=3)
+    expected = {k for k in torch.load(official, weights_only=True)["model"] if not k.startswith("ln_vision.")}
+    assert set(saved["model"]) == expected  # ln_vision: part of the frozen vision side here
+    assert read_lavis_checkpoint(path).config.num_frames == 7
+    loaded = MALMM.from_pretrained(str(tiny_dir), checkpoint=path, dtype=torch.float32, device="cpu")
+    assert loaded.memory_bank_length == 3 and loaded.trained_frames == 7
+    theirs = dict(loaded.named_parameters())
+    for name, param in trained_parameters(model):
+        torch.testing.assert_close(theirs[name], param.detach(), rtol=0, atol=0)
+    assert not list(tmp_path.glob(".*partial"))  # written through a temporary file, renamed
+
+
+def test_learning_rate_follows_lavis_warmup_then_cosine():
+    lr = dict(lr=1e-4, epochs=4, warmup_steps=10, min_lr=0.0)
+    assert learning_rate(0, 0, **lr) == pytest.approx(1e-8)
+    assert learning_rate(0, 5, **lr) == pytest.approx(1e-8 + (1e-4 - 1e-8) / 2)
+    assert learning_rate(0, 50, **lr) == 1e-4
+    assert learning_rate(2, 0, **lr) == pytest.approx(0.5e-4)  # cos(pi/2): halfway
+    assert learning_rate(3, 0, **lr) < learning_rate(2, 0, **lr)
+
+
+# ---- the memory ablation, through the CLI ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), labels=("cat", "dog"), train_per_label=4,
+                        test_per_label=3)
+
+
+def test_the_pattern_is_bit_identical_in_every_clip(data):
+    """What makes chance the ceiling without memory: the last frames are the same pixels."""
+    rows = load_dataset(data.test, "classify")
+    cat = next(r.video for r in rows if r.target == "cat")
+    dog = next(r.video for r in rows if r.target == "dog")
+    first, last = (np.stack([decord.VideoReader(v)[i].asnumpy() for v in (cat, dog)]) for i in (0, -1))
+    assert np.array_equal(last[0], last[1]) and not np.array_equal(first[0], first[1])
+
+
+def _train_and_eval(data, tmp_path, memory: int) -> dict:
+    ckpt = tmp_path / f"memory{memory}.pth"
+    out = malmm("train", data.train, "--task", "classify", "-o", ckpt, *TINY, "--frames", 3, "--memory", memory,
+                "--epochs", 4, "--lr", 3e-3, "--batch-size", 4, "--seed", 1, "-q")
+    assert out.exit_code == 0, out.output
+    config = torch.load(ckpt, weights_only=True)["config"]
+    assert (config["model"]["num_frames"], config["model"]["memory_bank_length"]) == (3, memory)
+    result = malmm("eval", data.test, "--task", "classify", "--checkpoint", ckpt, *TINY, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_memory_ablation_with_memory_it_learns_without_it_chance(data, tmp_path):
+    with_memory = _train_and_eval(data, tmp_path, memory=3)
+    assert (with_memory["frames"], with_memory["memory"]) == (3, 3)  # the checkpoint's own settings
+    assert with_memory["accuracy"] >= 0.8
+    without = _train_and_eval(data, tmp_path, memory=0)
+    assert without["memory"] == 0
+    # The same last frame for every clip: one answer for all, right for one class of two.
+    assert without["accuracy"] == 0.5
+
+
+# ---- interruption and refusals -----------------------------------------------------------------
+
+
+class _StopAt(TrainEvents):
+    def __init__(self, step: int):
+        self.at = step
+
+    def step(self, done, loss, lr):
+        if done == self.at:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_keeps_the_progress_so_far(data, tiny_dir, tmp_path):
+    m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    items = load_dataset(data.train, "classify")
+    before = m.query_tokens.detach().clone()
+    with pytest.raises(Interrupted) as stop:
+        train(m, items, TrainOptions(task="classify", epochs=3, batch_size=2, frames=3, memory=3), tmp_path / "c.pth",
+              events=_StopAt(2))
+    assert stop.value.saved and stop.value.where == "epoch 1/3, batch 2"
+    saved = torch.load(tmp_path / "c.pth", weights_only=True)
+    assert saved["config"]["malmm"]["interrupted_at"] == {"epoch": 1, "batch": 2}
+    assert not torch.equal(saved["model"]["query_tokens"], before)  # two steps of training are in it
+
+
+def test_train_refuses_before_loading_anything(data, tmp_path):
+    existing = tmp_path / "taken.pth"
+    existing.write_bytes(b"keep me")
+    cases = [
+        (["-o", existing], "already exists; pass --overwrite"),
+        (["-o", data.train, "--overwrite"], "is one of this run's inputs"),
+        (["-o", tmp_path / "new.pth", "--memory", -1], "--memory must be from 0"),
+        (["-o", tmp_path / "missing" / "c.pth"], "does not exist"),
+    ]
+    for extra, message in cases:
+        out = malmm("train", data.train, "--task", "classify", *TINY, *extra)
+        assert out.exit_code == 2 and message in out.output, out.output
+        assert out.output.count("\n") == 1  # one sentence
+    assert existing.read_bytes() == b"keep me"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("video,answer\nclip.mp4,yes\n")
+    out = malmm("train", bad, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
+    assert out.exit_code == 2 and "no 'label' column" in out.output
+
+
+def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
+    rows = data.train.read_text().splitlines()
+    broken = data.train.parent / "broken.csv"  # beside the clips: the paths are relative to it
+    broken.write_text("\n".join(rows[:2] + ["nowhere.mp4,cat"]) + "\n")
+    out = malmm("train", broken, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
+    assert out.exit_code == 2 and "data row 2: the video" in out.output and "nowhere.mp4 does not exist" in out.output
