@@ -140,6 +140,23 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option(
 PromptOpt = Annotated[Optional[str], typer.Option(metavar="TEXT", show_default=False, help=(
     f"Instruction. \\[default: {TASK_DEFAULTS['caption'].prompt!r}]"))]
 
+# Running a batch on Ray (malmm_cli/ray_batch.py); without --ray nothing of Ray is imported.
+_RAY_PANEL = "Many machines (Ray)"
+RayOpt = Annotated[Optional[str], typer.Option(
+    "--ray", metavar="local|auto|HOST:PORT", envvar="MALMM_RAY", show_envvar=False, show_default=False,
+    rich_help_panel=_RAY_PANEL,
+    help="Run the batch on Ray workers: local (a private Ray on this machine), auto (the cluster `ray start` "
+    "joined here) or the head node's HOST:PORT. \\[default: $MALMM_RAY, else one process]")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", metavar="N", show_default=False, rich_help_panel=_RAY_PANEL,
+    help="Ray workers, each loading the model once. \\[default: one per GPU, else one per node]")]
+CpusPerWorkerOpt = Annotated[Optional[float], typer.Option(
+    "--cpus-per-worker", metavar="N", show_default=False, rich_help_panel=_RAY_PANEL,
+    help="CPUs each Ray worker reserves (and its threads). \\[default: a GPU's share of its node, else the node's]")]
+GpusPerWorkerOpt = Annotated[Optional[float], typer.Option(
+    "--gpus-per-worker", metavar="N", show_default=False, rich_help_panel=_RAY_PANEL,
+    help="GPUs each Ray worker reserves (fractions share one). \\[default: 1 where the cluster has GPUs]")]
+
 
 def _common(values: dict):
     """The shared options among a command's parameters (the fields of CommonOptions)."""
@@ -163,6 +180,8 @@ def caption(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Describe what happens in each video."""
     from .runner import run_command
@@ -188,6 +207,8 @@ def ask(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Answer questions about a video (several questions in one pass). With one question and
     one input, the answer alone goes to stdout."""
@@ -221,6 +242,8 @@ def classify(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
     from .runner import run_command
@@ -252,6 +275,8 @@ def summarize(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Timestamped segments with one caption each, plus a summary of the whole video."""
     from .runner import run_command

@@ -45,6 +45,10 @@ class CommonOptions:
     no_cache: bool = False
     beams: int | None = None  # generation overrides (caption, ask, summarize)
     max_tokens: int | None = None
+    ray: str | None = None  # run on Ray: local, auto or HOST:PORT (ray_batch.py)
+    workers: int | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
 
 
 # Bounds checked before any model loads, each with the reason a user can act on.
@@ -89,6 +93,34 @@ def validate(opts: CommonOptions) -> None:
         raise UsageError("--overwrite needs --output (the file or directory whose results to replace).")
     if opts.resume and opts.overwrite:
         raise UsageError("Use either --resume (add to the output) or --overwrite (replace it), not both.")
+    _validate_ray(opts)
+
+
+MAX_WORKERS = 10_000  # each loads its own copy of the model
+
+
+def _validate_ray(opts: CommonOptions) -> None:
+    given = [name for name, value in (("--workers", opts.workers), ("--cpus-per-worker", opts.cpus_per_worker),
+                                      ("--gpus-per-worker", opts.gpus_per_worker)) if value is not None]
+    if opts.ray is None:
+        if given:
+            raise UsageError(f"{given[0]} goes with --ray (or {_ray_env()}): without Ray there is one process.")
+        return
+    from .ray_exec import check_address
+
+    check_address(opts.ray)
+    if opts.workers is not None and not 1 <= opts.workers <= MAX_WORKERS:
+        raise UsageError(f"--workers must be from 1 to {MAX_WORKERS:,} (each worker loads its own model).")
+    for name, value, low in (("--cpus-per-worker", opts.cpus_per_worker, "above 0"),
+                             ("--gpus-per-worker", opts.gpus_per_worker, "0 or more")):
+        if value is not None and not (math.isfinite(value) and (value > 0 if low == "above 0" else value >= 0)):
+            raise UsageError(f"{name} must be a number {low}, not {value:g}.")
+
+
+def _ray_env() -> str:
+    from .ray_exec import RAY_ENV
+
+    return RAY_ENV
 
 
 def build_job(task: str, opts: CommonOptions, model_label: str, **args):
@@ -173,7 +205,7 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
     except MalmmError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return err.exit_code
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, specs, output, opts)
         except MalmmError as err:
@@ -182,7 +214,9 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         except KeyboardInterrupt as stop:
             where = f" in {output.path}" if output.path else ""
             sys.stderr.write(f"malmm: interrupted; {output.written} result(s) kept{where}\n")
-            return 143 if isinstance(stop, Terminated) else 130
+            # Ray's ray.wait turns any exception from a signal handler into a plain
+            # KeyboardInterrupt: whether SIGTERM fired says which it was.
+            return 143 if isinstance(stop, Terminated) or fired else 130
         finally:
             output.close()  # releases the output's lock
 
@@ -218,6 +252,10 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
                          + (f" ({other})" if other else "") + "\n")
     if not todo:
         return 0
+    if opts.ray is not None:
+        from .ray_batch import run_on_ray
+
+        return run_on_ray(choice, job, todo, output, opts, given)
     from models import ModelError
 
     try:
@@ -231,9 +269,14 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     return _run_batch(analyzer, job, todo, output, opts)
 
 
-def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
+def input_errors() -> tuple[type[BaseException], ...]:
+    """What a failing input may raise: reported as its error record, and the batch goes on."""
     from models import ModelError
 
+    return (MalmmError, ModelError, RuntimeError, ValueError, OSError)
+
+
+def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
     from .inputs import open_source
 
     failures = 0
@@ -242,24 +285,34 @@ def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptio
         for spec in todo:
             try:
                 result = analyzer.run(open_source(spec), job)
-            except (MalmmError, ModelError, RuntimeError, ValueError, OSError) as err:
+            except input_errors() as err:
                 _reraise_interrupt(err)
-                failures += 1
                 analyzer.events.close()
-                message = _failure(err)
-                _error(spec, message)
-                output.write_error(ErrorResult(spec, message))
-                continue
-            for warning in result.warnings:
-                log.warning("%s: %s", spec, warning)
-            output.write(result)
+                result = ErrorResult(spec, _failure(err))
+            failures += record(output, spec, result)
     except KeyboardInterrupt:
         analyzer.events.close()
         raise
+    report_end(output, failures, opts)
+    return 1 if failures else 0
+
+
+def record(output: Output, spec: str, outcome) -> bool:
+    """Write one input's Result or ErrorResult (saying so on stderr); True if it failed."""
+    if isinstance(outcome, ErrorResult):
+        _error(spec, outcome.error)
+        output.write_error(outcome)
+        return True
+    for warning in outcome.warnings:
+        log.warning("%s: %s", spec, warning)
+    output.write(outcome)
+    return False
+
+
+def report_end(output: Output, failures: int, opts: CommonOptions) -> None:
     if output.path is not None and not opts.quiet:
         sys.stderr.write(f"malmm: wrote {output.written} result(s) to {output.path}"
                          + (f"; {failures} input(s) failed" if failures else "") + "\n")
-    return 1 if failures else 0
 
 
 def _failure(err: Exception) -> str:
@@ -290,12 +343,13 @@ class Terminated(KeyboardInterrupt):
 
 @contextmanager
 def _sigterm_as_interrupt():
-    """While a command runs, SIGTERM raises Terminated; the previous handler comes back after.
+    """While a command runs, SIGTERM raises Terminated (and is noted in the list yielded); the
+    previous handler comes back after.
     A second SIGTERM during the clean-up is ignored, so it is not cut short (SIGKILL still works)."""
+    fired: list[int] = []  # yielded: SIGTERM's number once it came
     if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be set from the main thread
+        yield fired  # handlers can only be set from the main thread
         return
-    fired = []
 
     def on_sigterm(signum, frame):
         if not fired:
@@ -304,7 +358,7 @@ def _sigterm_as_interrupt():
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        yield
+        yield fired
     finally:
         signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
