@@ -4,7 +4,8 @@ Per-case predictions go to `-o FILE` (JSON Lines) as each case finishes, under t
 as the batch commands' results (outputs.py: never clobbered, one writer, --resume/--overwrite,
 Ctrl-C keeps everything); the final record goes to stdout (a table, or one JSON line with
 --json) and, with -o, to FILE's name with the suffix .summary.json. The scoring itself is
-evaluate.py's.
+evaluate.py's. With --ray the cases run on Ray workers (eval_ray.py) and this process still
+writes every record and the metrics.
 
 No `from __future__ import annotations` here: the command is defined inside register(), with
 the option types app.py defines, and Typer evaluates its annotations where it is defined.
@@ -33,8 +34,9 @@ class EvalTask(str, Enum):
 
 def register(app, *, examples, command_class) -> None:
     """Add the `eval` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
-    from .app import (BeamsOpt, CheckpointOpt, Device, DeviceOpt, FpsOpt, FramesOpt, MaxTokensOpt, MemoryOpt,
-                      ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt, QuietOpt, _common)
+    from .app import (BeamsOpt, CheckpointOpt, CpusPerWorkerOpt, Device, DeviceOpt, FpsOpt, FramesOpt,
+                      GpusPerWorkerOpt, MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt,
+                      QuietOpt, RayOpt, WorkersOpt, _common)
 
     def eval_command(
         data: Annotated[Path, typer.Argument(
@@ -66,6 +68,8 @@ def register(app, *, examples, command_class) -> None:
             "and model.")] = False,
         overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
         no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+        ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+        gpus_per_worker: GpusPerWorkerOpt = None,
     ):
         """Score the model on labelled videos: accuracy (classify, ask) or CIDEr and BLEU-4 (caption)."""
         opts = _common(locals())
@@ -104,7 +108,7 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     except MalmmError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return err.exit_code
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, cases, data, output, summary, opts)
         except MalmmError as err:
@@ -114,7 +118,8 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
             where = f" in {output.path}" if output is not None else ""
             kept = output.written if output is not None else 0
             sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
-            return 143 if isinstance(stop, Terminated) else 130
+            # Under --ray, ray.wait turns SIGTERM's Terminated into a plain KeyboardInterrupt.
+            return 143 if isinstance(stop, Terminated) or fired else 130
         finally:
             if output is not None:
                 output.close()
@@ -197,21 +202,25 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     todo = [c for c in cases if c.index not in kept]
     if kept and not opts.quiet:
         sys.stderr.write(f"malmm: --resume: {len(kept)} case(s) already done, {len(todo)} to go\n")
-    records, failures = dict(kept), 0
+    records: dict[int, dict] = dict(kept)
+    failures = 0
     if todo:
-        from models import ModelError
-
-        from .runner import _analyzer
-        from .tasks import with_trained_defaults
-
-        try:
-            analyzer = _analyzer(choice, opts, len(todo))
-        except ModelError as err:
-            sys.stderr.write(f"malmm: error: {err}\n")
-            return 1
         given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
-        job = with_trained_defaults(job, analyzer.model.trained_config, **given)
-        failures = _run_cases(analyzer, job, todo, output, records)
+        if opts.ray is not None:
+            job, failures = _run_cases_on_ray(choice, job, todo, output, records, opts, given)
+        else:
+            from models import ModelError
+
+            from .runner import _analyzer
+            from .tasks import with_trained_defaults
+
+            try:
+                analyzer = _analyzer(choice, opts, len(todo))
+            except ModelError as err:
+                sys.stderr.write(f"malmm: error: {err}\n")
+                return 1
+            job = with_trained_defaults(job, analyzer.model.trained_config, **given)
+            failures = _run_cases(analyzer, job, todo, output, records)
     labels = job.label_set.labels if job.label_set is not None else ()
     final = report(job.task, [records[i] for i in sorted(records)], labels=labels,
                    extra=_extra(job, choice, data, opts))
@@ -229,26 +238,48 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
 def _run_cases(analyzer, job, todo, output, records: dict[int, dict]) -> int:
     """Run the cases in order, each record written as it finishes; returns how many failed."""
     from .evaluate import run_case
-    from .runner import _error, log
 
     failures = 0
     if output is not None:
         output.open()
     try:
         for case in todo:
-            record = run_case(analyzer, job, case)
-            if "error" in record:
-                failures += 1
-                _error(case.video, f"item {case.index + 1}: {record['error']}")
-            for warning in record.get("warnings", ()):
-                log.warning("%s: %s", case.video, warning)
-            if output is not None:
-                output.write_record(record)
-            records[case.index] = record
+            failures += _keep(case, run_case(analyzer, job, case), output, records)
     except KeyboardInterrupt:
         analyzer.events.close()
         raise
     return failures
+
+
+def _run_cases_on_ray(choice, job, todo, output, records: dict[int, dict], opts, given: dict):
+    """--ray: the cases on Ray workers (eval_ray.py), each record written here as it comes
+    back. Returns (the job as the workers ran it, how many cases failed)."""
+    from .eval_ray import run_cases_on_ray
+
+    failed = []
+    if output is not None:
+        output.open()
+
+    def on_record(case, record):
+        failed.append(_keep(case, record, output, records))
+
+    ran = run_cases_on_ray(choice, job, todo, opts, given, on_record)
+    return ran, sum(failed)
+
+
+def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
+    """One case's record: said on stderr if it failed (and its warnings), written to the
+    predictions file, kept for the metrics. True if the case failed."""
+    from .runner import _error, log
+
+    if "error" in record:
+        _error(case.video, f"item {case.index + 1}: {record['error']}")
+    for warning in record.get("warnings", ()):
+        log.warning("%s: %s", case.video, warning)
+    if output is not None:
+        output.write_record(record)
+    records[case.index] = record
+    return "error" in record
 
 
 def _extra(job, choice, data: Path, opts) -> dict:

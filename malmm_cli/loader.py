@@ -124,8 +124,18 @@ def _file_id(path: Path) -> str:
     return hashlib.sha256(f"{ident['path']}|{ident['size']}|{ident['mtime_ns']}".encode()).hexdigest()[:16]
 
 
+def overlays_vision(model: MALMM) -> bool:
+    """Whether the model's overlaid checkpoint replaced weights of its vision path (an
+    official one's ln_vision, i.e. vision_model.post_layernorm). `malmm train` writes none
+    there (the ViT and its LayerNorm stay frozen), so its checkpoints share the features of
+    the model they were trained from."""
+    report = model.overlay_report
+    return report is not None and any(name.startswith("vision_model.") for name in report.loaded)
+
+
 def model_id(choice, opts, model: MALMM) -> str:
-    """What determines the vision features: weights (source + overlay), dtype, preprocessing."""
-    ckpt = _file_id(Path(opts.checkpoint)) if opts.checkpoint else "-"
+    """What determines the vision features: weights (the source, and the checkpoint only if it
+    overlaid vision weights), dtype, preprocessing."""
+    ckpt = _file_id(Path(opts.checkpoint)) if opts.checkpoint and overlays_vision(model) else "-"
     spec = model.image_spec
     return f"v1|{choice.source}|{ckpt}|{model.vision_dtype}|antialias|{spec.size}|{spec.mean}|{spec.std}"

@@ -393,6 +393,13 @@ def train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: st
     ``loader.model_id``); without it the cache is not used. `run_info` goes into the
     checkpoint's ``config["malmm"]``.
     """
+    with _thread_team(model):
+        return _train(model, items, options, output, val_items=val_items, cache=cache, model_id=model_id,
+                      events=events, run_info=run_info)
+
+
+def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: str | Path, *, val_items, cache,
+           model_id, events, run_info) -> TrainReport:
     from .inputs import open_source
 
     options = options.resolved(model.trained_config)
@@ -421,6 +428,19 @@ def train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: st
     finally:
         events.close()
         store.close()
+
+
+def _thread_team(model: MALMM):
+    """On a CPU, torch's thread team sized as the batch commands size it (threads.py): a small
+    model on the cores other processes leave free (on a busy 2-core machine, 2 threads made a
+    tiny-random training 13x slower than 1), a real-size one on all of them (large GEMMs)."""
+    if model.device.type != "cpu":
+        return contextlib.nullcontext()
+    from .threads import plan_threads, torch_threads
+
+    large = model.vision_model.config.hidden_size >= 1024  # ViT-g: 1408; tiny-random: 32
+    plan = plan_threads(large)
+    return torch_threads(plan.heavy if large else plan.light)
 
 
 def _interrupted(run: _Run | None, report: TrainReport, stop: BaseException) -> Interrupted:

@@ -27,8 +27,8 @@ class TrainTask(str, Enum):
 def register(app, *, examples, command_class) -> None:
     """Add the `train` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
     app.command("train", cls=command_class, epilog=examples(
-        "malmm train train.csv --task classify -o ckpt.pth",
-        "malmm train train.csv --task classify --val val.csv -o ckpt.pth --overwrite",
+        "malmm train train.csv --task classify --epochs 5 -o ckpt.pth",
+        "malmm train train.csv --task classify --val val.csv --epochs 5 -o ckpt2.pth",
         "malmm train qa.jsonl --task ask --frames 20 --memory 10 -o qa.pth",
     ))(train)
 

@@ -252,3 +252,51 @@ def test_an_input_that_kills_every_worker_becomes_an_error_record(local_ray):
     assert "the worker died 3 times" in outcomes[("poison", 0.0)].message
     assert outcomes[("bug", 0.0)] == ray_exec.Failure("unexpected KeyError: 'no such thing'")
     assert sum("queued again" in n for n in notes) == 2 and any("ready again" in n for n in notes)
+
+
+# ---- malmm eval --ray ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory, tiny_model):
+    """Four synthetic clips (tests/synthetic.py) and a broken one in a classify data file, and
+    a checkpoint (official layout) trained at 3 frames with memory 2."""
+    from tests.official_checkpoint import write_official_checkpoint
+    from tests.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("evaldata")
+    data = make_dataset(root, labels=("cat", "dog"), train_per_label=0, test_per_label=2, n_frames=8)
+    (root / "broken.mp4").write_bytes(b"not a video at all\n" * 10)
+    with open(data.test, "a") as f:
+        f.write("broken.mp4,dog\n")
+    write_official_checkpoint(tiny_model, root / "ckpt.pth", num_frames=3, memory_bank_length=2)
+    return data.test, root / "broken.mp4", root / "ckpt.pth"
+
+
+def test_eval_on_ray_scores_as_the_plain_eval(local_ray, eval_data, tmp_path):
+    data, broken, ckpt = eval_data
+    args = ["eval", data, "--task", "classify", *TINY, "--checkpoint", ckpt, "-q", "--json"]
+    plain = malmm(*args, "-o", tmp_path / "plain.jsonl")
+    on_ray = malmm(*args, "--ray", "local", *TWO, "-o", tmp_path / "ray.jsonl")
+    assert plain.exit_code == on_ray.exit_code == 1, on_ray.stderr  # the broken row
+
+    def by_index(path):
+        return {r["index"]: r for r in records(path.read_text())}
+
+    expected, got = by_index(tmp_path / "plain.jsonl"), by_index(tmp_path / "ray.jsonl")
+    assert got == expected and len(got) == 5  # the same predictions, scores and ranks, item by item
+    assert got[4]["input"] == str(broken) and "error" in got[4]  # the data file's spelling of the video
+    assert got[4]["error"] in on_ray.stderr and "Traceback" not in on_ray.stderr
+
+    def final(out):
+        (record,) = records(out.stdout)
+        return {k: v for k, v in record.items() if k != "predictions"}  # the -o file's name
+
+    assert final(on_ray) == final(plain)
+    # The checkpoint's own frames and memory, applied by the workers, are in the final record.
+    assert (final(on_ray)["n"], final(on_ray)["errors"], final(on_ray)["frames"], final(on_ray)["memory"]) == (4, 1, 3, 2)
+
+
+def test_eval_ray_options_are_checked_before_anything_starts(eval_data):
+    out = malmm("eval", eval_data[0], "--task", "classify", *TINY, "--workers", "2")
+    assert out.exit_code == 2 and "--workers goes with --ray" in out.stderr and "Traceback" not in out.stderr

@@ -5,6 +5,7 @@ official checkpoint layout, Ctrl-C, the CLI's refusals, and the memory ablation 
 from __future__ import annotations
 
 import json
+import shlex
 
 import decord
 import numpy as np
@@ -210,3 +211,33 @@ def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
     broken.write_text("\n".join(rows[:2] + ["nowhere.mp4,cat"]) + "\n")
     out = malmm("train", broken, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
     assert out.exit_code == 2 and "data row 2: the video" in out.output and "nowhere.mp4 does not exist" in out.output
+
+
+
+# ---- the help page ------------------------------------------------------------------------------
+
+
+def test_the_help_examples_run_as_printed(tmp_path, monkeypatch):
+    """Every example under `malmm train --help`, in a folder holding the files they name
+    (train.csv, val.csv, qa.jsonl over synthetic clips), with MALMM_MODEL=tiny-random."""
+    from tests.test_cli_person import help_examples, help_text
+
+    # One-second clips of 4 frames: the examples' frame counts take all of them, so their cost on
+    # tiny-random is the epochs', and the 5 they ask for run in a few seconds.
+    made = make_dataset(tmp_path, labels=("cat", "dog"), train_per_label=1, test_per_label=1, n_frames=4)
+    made.test.rename(tmp_path / "val.csv")
+    clips = [row.split(",")[0] for row in made.train.read_text().splitlines()[1:]]
+    (tmp_path / "qa.jsonl").write_text("".join(
+        json.dumps({"video": clip, "question": "what colour comes first?", "answer": colour}) + "\n"
+        for clip, colour in zip(clips, ("red", "green"))))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MALMM_MODEL", "tiny-random")
+    examples = help_examples(help_text(["train"]))
+    assert len(examples) == 3
+    for example in examples:
+        out = malmm(*shlex.split(example)[1:], "-q")
+        assert out.exit_code == 0, (example, out.output)
+    written = {p.name: torch.load(p, weights_only=True)["config"] for p in tmp_path.glob("*.pth")}
+    assert sorted(written) == ["ckpt.pth", "ckpt2.pth", "qa.pth"]
+    qa = written["qa.pth"]["model"]
+    assert (qa["num_frames"], qa["memory_bank_length"]) == (4, 10)  # --frames 20 of 4-frame clips: all 4
