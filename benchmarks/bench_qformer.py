@@ -1,41 +1,71 @@
 """Benchmark 2: the Q-Former step with memory (M=20) at real size, per frame, against ViT-g.
 
-    python benchmarks/bench_qformer.py
+    python benchmarks/bench_qformer.py [--rounds 3] [--batch 4] [--threads N] [--fp32] [--straightforward]
+                                       [--drift] [--profile]
 
 Real sizes: Q-Former 12 x 768 with cross-attention to 1408-d features every other layer,
 32 queries, a 12-token instruction; visual tokens 257 per frame. The bank is filled first
-(steady state: every frame appends and compresses). Reported side by side in one run:
-ViT-g per frame (bf16, chunk of 16) and the Q-Former step with cached key/value banks and
-with the straightforward path (re-projecting the banks every frame), in fp32 and bf16.
+(steady state: every frame appends and compresses). Each round times ViT-g per frame (bf16,
+a chunk of 16) and then each Q-Former variant, so a neighbour's load hits all of them alike,
+and the fraction is taken per round: the cached-key/value step in bf16 (malmm's default for
+a bf16 model), the same with ``--batch`` videos in lockstep (per frame), and optionally fp32
+and the straightforward path (re-projecting the banks every frame). ``--profile`` prints
+where the bf16 step's time goes; ``--drift`` compares bf16 with fp32 outputs over 200 frames.
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
+import time
+
 import torch
 
-from common import qformer_model, report, timeit, vision_model
+from common import qformer_model, report, vision_model
 
 M = 20
 INSTRUCTION_TOKENS = 12
 
 
-def qformer_per_frame(qformer, features: torch.Tensor, cache: bool, frames: int = 10) -> float:
-    dtype = qformer.embeddings.layernorm.weight.dtype
-    query_tokens = torch.randn(1, 32, 768, dtype=dtype)
-    ids = torch.randint(1000, 2000, (1, INSTRUCTION_TOKENS))
-    with torch.inference_mode():
-        embeddings = qformer.embed(query_tokens, ids)
-        key_mask = torch.ones(1, 32 + INSTRUCTION_TOKENS, dtype=torch.bool)
-        memory = qformer.new_memory(M, cache_projections=cache)
-        for t in range(M + 2):  # fill the banks: from here on every frame compresses
-            qformer.step(embeddings, key_mask, features[t % len(features)][None].to(dtype), memory)
-        step = iter(range(10**6))
+class Stepper:
+    """A Q-Former with its banks filled (B videos in lockstep), ready to time one step."""
 
-        def one():
-            t = next(step)
-            qformer.step(embeddings, key_mask, features[t % len(features)][None].to(dtype), memory)
+    def __init__(self, qformer, features: torch.Tensor, cache: bool, videos: int = 1):
+        dtype = qformer.embeddings.layernorm.weight.dtype
+        gen = torch.Generator().manual_seed(0)
+        query_tokens = torch.randn(1, 32, 768, generator=gen).to(dtype).expand(videos, -1, -1)
+        ids = torch.randint(1000, 2000, (videos, INSTRUCTION_TOKENS), generator=gen)
+        # Each video its own frames: the features of the chunk, shifted per video.
+        self.features = torch.stack([features.roll(v, dims=0) for v in range(videos)], dim=1).to(dtype)
+        self.qformer, self.videos, self.t = qformer, videos, 0
+        with torch.inference_mode():
+            self.embeddings = qformer.embed(query_tokens, ids)
+            self.memory = qformer.new_memory(M, cache_projections=cache)
+            for _ in range(M + 2):  # fill the banks: from here on every frame compresses
+                self.step()
 
-        return timeit(lambda: [one() for _ in range(frames)], repeat=3, warmup=0) / frames
+    def step(self) -> None:
+        frame = self.features[self.t % len(self.features)]  # [videos, P, C]
+        self.qformer.step(self.embeddings, None, frame, self.memory)
+        self.t += 1
+
+    def seconds_per_frame(self, steps: int) -> float:
+        """Wall time per video frame: one step serves ``videos`` frames."""
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                self.step()
+        return (time.perf_counter() - t0) / steps / self.videos
+
+
+def profile_step(stepper: Stepper, steps: int = 4, rows: int = 15) -> str:
+    """Where the step's time goes, by operator (torch.profiler, self CPU time)."""
+    from torch.profiler import profile
+
+    with torch.inference_mode(), profile() as prof:
+        for _ in range(steps):
+            stepper.step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def bf16_drift(frames: int = 200, probes=(10, 50, 100, 200)) -> dict:
@@ -63,29 +93,60 @@ def bf16_drift(frames: int = 200, probes=(10, 50, 100, 200)) -> dict:
     return out
 
 
-def vision_per_frame() -> tuple[torch.Tensor, float]:
-    """ViT-g features of 16 frames (for the banks) and its seconds per frame in bf16."""
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4, help="videos in lockstep for the batched row (0: skip)")
+    parser.add_argument("--fp32", action="store_true", help="also time the fp32 Q-Former")
+    parser.add_argument("--straightforward", action="store_true", help="also time the path without cached K/V")
+    parser.add_argument("--drift", action="store_true", help="bf16 against fp32 outputs over 200 frames")
+    parser.add_argument("--profile", action="store_true", help="print the bf16 step's top operators")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     vit = vision_model(torch.bfloat16)
     pixels = torch.randn(16, 3, 224, 224).bfloat16()
     with torch.inference_mode():
         features = vit(pixel_values=pixels).last_hidden_state.float()
-        return features, timeit(lambda: vit(pixel_values=pixels), repeat=2) / 16
-
-
-def main() -> None:
-    features, vision_s = vision_per_frame()
-    results = {"M": M, "vision_s_per_frame": round(vision_s, 4), "qformer": []}
-    for dtype in (torch.float32, torch.bfloat16):
-        qformer = qformer_model(dtype)
-        for cache in (True, False):
-            s = qformer_per_frame(qformer, features, cache)
-            row = {"dtype": str(dtype).replace("torch.", ""), "cached_kv": cache, "s_per_frame": round(s, 4),
-                   "fraction_of_vision": round(s / vision_s, 4)}
-            results["qformer"].append(row)
-            print(row, flush=True)
-    results["bf16_vs_fp32_output"] = bf16_drift()
-    print(results["bf16_vs_fp32_output"], flush=True)
-    report("qformer", results, "python benchmarks/bench_qformer.py")
+    bf16 = qformer_model(torch.bfloat16)
+    variants = {"bf16 cached": Stepper(bf16, features, True)}
+    if args.batch > 1:
+        variants[f"bf16 cached, {args.batch} videos in lockstep"] = Stepper(bf16, features, True, args.batch)
+    if args.straightforward:
+        variants["bf16 straightforward"] = Stepper(bf16, features, False)
+    if args.fp32:
+        fp32 = qformer_model(torch.float32)
+        variants["fp32 cached"] = Stepper(fp32, features, True)
+        if args.straightforward:
+            variants["fp32 straightforward"] = Stepper(fp32, features, False)
+    vision, times = [], {name: [] for name in variants}
+    for _ in range(args.rounds):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            vit(pixel_values=pixels)
+            vision.append((time.perf_counter() - t0) / 16)
+        for name, stepper in variants.items():
+            times[name].append(stepper.seconds_per_frame(max(2, 8 // stepper.videos)))
+        print({"vision": round(vision[-1], 4), **{k: round(v[-1], 4) for k, v in times.items()}}, flush=True)
+    results = {"M": M, "vision_s_per_frame": [round(v, 4) for v in vision], "qformer": []}
+    for name, values in times.items():
+        fractions = [q / v for q, v in zip(values, vision)]
+        row = {"variant": name, "s_per_frame": [round(x, 4) for x in values],
+               "fraction_of_vision": [round(f, 4) for f in fractions],
+               "fraction_median": round(statistics.median(fractions), 4)}
+        results["qformer"].append(row)
+        print(row, flush=True)
+    if args.profile:
+        table = profile_step(variants["bf16 cached"])
+        print(table, flush=True)
+        results["profile_bf16_step"] = table
+    if args.drift:
+        results["bf16_vs_fp32_output"] = bf16_drift()
+        print(results["bf16_vs_fp32_output"], flush=True)
+    flags = [f"--rounds {args.rounds}", f"--batch {args.batch}", f"--threads {args.threads}"] + [
+        f"--{k}" for k in ("fp32", "straightforward", "drift", "profile") if getattr(args, k)]
+    report("qformer", results, "python benchmarks/bench_qformer.py " + " ".join(flags))
 
 
 if __name__ == "__main__":

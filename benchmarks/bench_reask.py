@@ -47,6 +47,7 @@ def main() -> None:
     from malmm_cli.analyze import Analyzer
     from malmm_cli.features import FeatureCache
     from malmm_cli.inputs import open_source
+    from malmm_cli.presets import Generation
     from malmm_cli.tasks import Job, question_prompt
 
     from tests.media import bigbuckbunny_path
@@ -61,7 +62,8 @@ def main() -> None:
         source = open_source(str(bigbuckbunny_path()))
         runs = []
         for question in ("what is the rabbit doing?", "where does this take place?"):
-            job = Job(task="ask", model_label="real-vision", memory=10, max_new_tokens=10, num_beams=5,
+            job = Job(task="ask", model_label="real-vision", memory=10,
+                      generation=Generation(num_beams=5, max_new_tokens=10),
                       frames=args.frames, prompts=(question_prompt(question),), questions=(question,))
             t0 = time.perf_counter()
             result = analyzer.run(source, job)

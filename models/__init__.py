@@ -1,12 +1,12 @@
 """MA-LMM network: usable without the CLI (``from models import MALMM``)."""
 
 from .errors import CheckpointError, ModelError, ModelNotAvailableError
-from .malmm import DEFAULT_MODEL, MALMM, TEMPORAL_SLOTS, VideoStream
+from .malmm import DEFAULT_MODEL, MALMM, TEMPORAL_SLOTS, VideoBatch, VideoStream
 from .memory_bank import BankStatus, MemoryBank, compress
 from .tiny import TINY_RANDOM
 
 __all__ = [
-    "MALMM", "VideoStream", "DEFAULT_MODEL", "TEMPORAL_SLOTS", "TINY_RANDOM",
+    "MALMM", "VideoStream", "VideoBatch", "DEFAULT_MODEL", "TEMPORAL_SLOTS", "TINY_RANDOM",
     "MemoryBank", "BankStatus", "compress",
     "ModelError", "ModelNotAvailableError", "CheckpointError",
 ]

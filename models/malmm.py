@@ -8,7 +8,8 @@ At the end, the 32 query outputs of the last step go through the projection and 
 prepended to the prompt for the LLM: 32 visual tokens however long the video.
 
 A :class:`VideoStream` owns all memory state of one video; the modules hold none, so
-several streams can be alive at once and nothing leaks from one video to the next.
+several streams can be alive at once and nothing leaks from one video to the next. A
+:class:`VideoBatch` reads several videos in lockstep through one batched step per frame.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from .memory_bank import BankStatus
 from .qformer import MemoryQFormer, QFormerMemory
 
-__all__ = ["MALMM", "VideoStream", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
+__all__ = ["MALMM", "VideoStream", "VideoBatch", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "Salesforce/instructblip-vicuna-7b"
 TEMPORAL_SLOTS = 120  # MA-LMM's learned temporal position embedding: nn.Embedding(120, 1408)
@@ -74,6 +75,22 @@ def temporal_slot(t: int, total_frames: int | None, trained_frames: int | None =
     return min(t, slots - 1)
 
 
+def _encode_instructions(model: MALMM, instructions: list[str]):
+    """Token ids [B, L], key mask [B, Q+L] (None when nothing is padded) and the Q-Former's
+    input embeddings [B, Q+L, H] of the instructions: constant over a video, computed once."""
+    qtok = model.qformer_tokenizer(
+        instructions, padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT, return_tensors="pt"
+    )
+    device = model.device
+    input_ids = qtok.input_ids.to(device)  # [B, L]
+    B, Q = len(instructions), model.num_query_tokens
+    query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
+    key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
+    query_tokens = model.query_tokens.expand(B, -1, -1).to(model.qformer_dtype)
+    embeddings = model.qformer.embed(query_tokens, input_ids)
+    return input_ids, (None if bool(key_mask.all()) else key_mask), embeddings  # no padding: no masking work
+
+
 class VideoStream:
     """The memory state of one video being read; create with :meth:`MALMM.new_stream`."""
 
@@ -84,18 +101,7 @@ class VideoStream:
         self.model = model
         self.instructions = instructions
         self.total_frames = total_frames
-        qtok = model.qformer_tokenizer(
-            instructions, padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT, return_tensors="pt"
-        )
-        device = model.device
-        self.input_ids = qtok.input_ids.to(device)  # [B, L]
-        B, Q = len(instructions), model.num_query_tokens
-        query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
-        key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
-        self.key_mask = None if bool(key_mask.all()) else key_mask  # no padding: no masking work
-        query_tokens = model.query_tokens.expand(B, -1, -1).to(model.qformer_dtype)
-        # The embeddings do not depend on the frame: computed once per stream.
-        self.embeddings = model.qformer.embed(query_tokens, self.input_ids)  # [B, Q+L, H]
+        self.input_ids, self.key_mask, self.embeddings = _encode_instructions(model, instructions)
         self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
         self._output: torch.Tensor | None = None
 
@@ -133,6 +139,141 @@ class VideoStream:
     @torch.inference_mode()
     def visual_tokens(self) -> torch.Tensor:
         """[B, 32, H_llm]: what the LLM sees of the video."""
+        return self.model.language_projection(self.query_output())
+
+
+class VideoBatch:
+    """Several videos read in lockstep, one instruction each; create with :meth:`MALMM.new_batch`.
+
+    Each step takes one frame of every video, [B, P, C], and runs one batched Q-Former step:
+    the per-step fixed cost (kernel launches, Python, bank bookkeeping) is paid once for all
+    B videos, and the GEMMs get B times the rows. Row b (instruction b, video b) has its own
+    banks; rows never mix, so each video's output equals reading it alone with
+    :meth:`MALMM.new_stream` (up to float rounding). :meth:`MALMM.generate` and
+    :meth:`MALMM.score` take a batch like a stream: one answer or score row per video.
+
+    Videos may end at different frame counts: leave a video out of a step (``active``) and
+    it has ended. Its output and :attr:`memory` stay as of its last frame, its rows leave
+    the banks (later steps stop paying for it), and it cannot take frames again.
+    """
+
+    def __init__(self, model: MALMM, instructions: list[str], total_frames: list[int | None],
+                 memory_bank_length: int, cache_projections: bool):
+        self.model = model
+        self.instructions = instructions
+        self.total_frames = total_frames
+        self.input_ids, key_mask, embeddings = _encode_instructions(model, instructions)
+        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
+        B = len(instructions)
+        # Rows still in the banks: video ids, and their embeddings and key mask.
+        self._live = torch.arange(B)
+        self._embeddings, self._key_mask = embeddings, key_mask
+        self._frames = [0] * B
+        self._ended: dict[int, BankStatus] = {}  # video -> its memory status when it ended
+        self._output: torch.Tensor | None = None  # [B, Q, H], each row as of its last frame
+
+    @property
+    def videos(self) -> int:
+        return len(self.instructions)
+
+    @property
+    def frames_seen(self) -> tuple[int, ...]:
+        """Frames each video has taken."""
+        return tuple(self._frames)
+
+    @property
+    def memory(self) -> tuple[BankStatus, ...]:
+        """Each video's visual bank status (as of its last frame for a video that ended)."""
+        row = {int(b): r for r, b in enumerate(self._live)}
+        return tuple(self._ended[b] if b in self._ended else self.state.visual.status(row[b])
+                     for b in range(self.videos))
+
+    def _going(self, active) -> torch.Tensor:
+        """The ``active`` argument as a [B] bool tensor, checked against videos that ended."""
+        if active is None:
+            going = torch.ones(self.videos, dtype=torch.bool)
+        else:
+            going = torch.as_tensor(active, dtype=torch.bool).cpu().flatten()
+            if going.numel() != self.videos:
+                raise ValueError(f"active has {going.numel()} entries for a batch of {self.videos} videos")
+        back = [b for b in self._ended if going[b]]
+        if back:
+            raise ValueError(f"video {back[0]} ended after {self._frames[back[0]]} frames and cannot take more")
+        return going
+
+    def _end(self, going: torch.Tensor) -> None:
+        """Videos that sit out this step end: record their status, drop their rows."""
+        stay = going[self._live]
+        if bool(stay.all()):
+            return
+        for row in (~stay).nonzero().flatten().tolist():
+            video = int(self._live[row])
+            self._ended[video] = self.state.visual.status(row)
+        keep = stay.nonzero().flatten()
+        self._live = self._live[keep]
+        self._embeddings = self._embeddings[keep.to(self._embeddings.device)]
+        if self._key_mask is not None:
+            self._key_mask = self._key_mask[keep.to(self._key_mask.device)]
+        self.state.keep_rows(keep.to(self.model.device))
+
+    @torch.inference_mode()
+    def add_frames(self, pixel_values: torch.Tensor, active=None) -> None:
+        """Feed one frame of each video [B, 3, H, W], or n steps [n, B, 3, H, W]; the ViT runs
+        on all of them at once (active videos only)."""
+        steps = pixel_values if pixel_values.dim() == 5 else pixel_values[None]
+        if steps.dim() != 5 or steps.shape[1] != self.videos:
+            raise ValueError(f"add_frames takes [{self.videos}, 3, H, W] or [n, {self.videos}, 3, H, W], "
+                             f"got {tuple(pixel_values.shape)}")
+        going = self._going(active)
+        rows = going.nonzero().flatten()
+        if not len(rows):  # every video has ended (or ends now): nothing to encode
+            self._end(going)
+            return
+        n = steps.shape[0]
+        encoded = self.model.encode_frames(steps[:, rows].flatten(0, 1))  # [n * active, P, C]
+        features = encoded.new_zeros(n, self.videos, *encoded.shape[1:])
+        features[:, rows.to(features.device)] = encoded.view(n, len(rows), *encoded.shape[1:])
+        self.add_features(features, active)
+
+    @torch.inference_mode()
+    def add_features(self, features: torch.Tensor, active=None) -> None:
+        """Feed one frame of each video [B, P, C], or n steps [n, B, P, C], from
+        :meth:`MALMM.encode_frames`. ``active`` ([B] bools): the videos taking these frames;
+        the others' rows are ignored, and a video left out has ended (see the class)."""
+        model = self.model
+        steps = features if features.dim() == 4 else features[None]
+        if steps.dim() != 4 or steps.shape[1] != self.videos:
+            raise ValueError(f"add_features takes [{self.videos}, P, C] or [n, {self.videos}, P, C], "
+                             f"got {tuple(features.shape)}")
+        self._end(self._going(active))
+        if not len(self._live):  # every video has ended: nothing takes these frames
+            return
+        steps = steps.to(model.device, model.qformer_dtype)
+        live, Q = self._live.tolist(), model.num_query_tokens
+        if len(live) < self.videos:
+            steps = steps[:, self._live.to(steps.device)]
+        pe = model.temporal_embedding.weight
+        for i in range(steps.shape[0]):
+            t = self.state.frames  # the same for every live video: they all started together
+            slots = [temporal_slot(t, self.total_frames[b], model.trained_frames) for b in live]
+            frame = steps[i] + pe[slots][:, None]  # [live, P, C]
+            hidden = model.qformer.step(self._embeddings, self._key_mask, frame, self.state)
+            if self._output is None:
+                self._output = hidden.new_zeros(self.videos, Q, hidden.shape[-1])
+            self._output[self._live.to(hidden.device)] = hidden[:, :Q]
+            for b in live:
+                self._frames[b] += 1
+
+    def query_output(self) -> torch.Tensor:
+        """[B, 32, H_qformer]: each video's Q-Former output at its latest frame."""
+        unseen = [b for b, n in enumerate(self._frames) if n == 0]
+        if unseen:
+            raise RuntimeError(f"video {unseen[0]} of the batch has seen no frames yet")
+        return self._output
+
+    @torch.inference_mode()
+    def visual_tokens(self) -> torch.Tensor:
+        """[B, 32, H_llm]: what the LLM sees of each video."""
         return self.model.language_projection(self.query_output())
 
 
@@ -240,9 +381,10 @@ class MALMM(nn.Module):
     ) -> VideoStream:
         """Start reading a video. One row per instruction; all rows see the same frames.
 
-        ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when known, spreads videos longer than 120 frames over the temporal
-        position slots (see :func:`temporal_slot`). ``cache_projections=False`` re-projects the
-        banks at every frame (the straightforward path; same results, slower).
+        ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when
+        known, spreads videos longer than 120 frames over the temporal position slots (see
+        :func:`temporal_slot`). ``cache_projections=False`` re-projects the banks at every frame
+        (the straightforward path; same results, slower). Several videos at once: :meth:`new_batch`.
         """
         if isinstance(instructions, str):
             instructions = [instructions]
@@ -255,9 +397,33 @@ class MALMM(nn.Module):
         with torch.inference_mode():
             return VideoStream(self, instructions, total_frames, M, cache_projections)
 
+    def new_batch(
+        self,
+        instructions: Sequence[str],
+        *,
+        total_frames: int | Sequence[int | None] | None = None,
+        memory_bank_length: int | None = None,
+        cache_projections: bool = True,
+    ) -> VideoBatch:
+        """Start reading B videos in lockstep: instruction b goes with video b (see :class:`VideoBatch`).
+
+        ``total_frames``: one count for all videos or one per video (None where unknown).
+        """
+        instructions = [instructions] if isinstance(instructions, str) else list(instructions)
+        if not instructions:
+            raise ValueError("new_batch needs at least one instruction (one per video)")
+        totals = list(total_frames) if isinstance(total_frames, Sequence) else [total_frames] * len(instructions)
+        if len(totals) != len(instructions):
+            raise ValueError(f"{len(totals)} total_frames for {len(instructions)} videos")
+        M = self.memory_bank_length if memory_bank_length is None else memory_bank_length
+        if M < 0:
+            raise ValueError(f"memory_bank_length must be >= 0, got {M}")
+        with torch.inference_mode():
+            return VideoBatch(self, instructions, totals, M, cache_projections)
+
     # ---- language model -----------------------------------------------------------------
 
-    def _prefix(self, stream: VideoStream, prompts: Sequence[str] | None):
+    def _prefix(self, stream: VideoStream | VideoBatch, prompts: Sequence[str] | None):
         """LLM input for each row: [pad ... pad][32 visual tokens][BOS prompt], left-padded.
 
         Padding goes in front of the visual tokens, so every row's real tokens are contiguous;
@@ -289,7 +455,7 @@ class MALMM(nn.Module):
     @torch.inference_mode()
     def generate(
         self,
-        stream: VideoStream,
+        stream: VideoStream | VideoBatch,
         prompts: Sequence[str] | None = None,
         *,
         max_new_tokens: int = 30,
@@ -333,7 +499,8 @@ class MALMM(nn.Module):
 
     @torch.inference_mode()
     def score(
-        self, stream: VideoStream, prompts: Sequence[str] | None, candidates: Sequence[str], *, batch_size: int = 32
+        self, stream: VideoStream | VideoBatch, prompts: Sequence[str] | None, candidates: Sequence[str], *,
+        batch_size: int = 32,
     ) -> torch.Tensor:
         """Log-likelihood of each candidate answer after each prompt: [B, len(candidates)].
 

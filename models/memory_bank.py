@@ -101,21 +101,6 @@ class BankStatus:
     slot_spans: tuple[tuple[int, int], ...]
 
 
-def _take(buf: torch.Tensor, where: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """buf [B, S, N, *D] at physical slot phys[b, i] for every (b, i) -> [B, N, *D].
-
-    ``where`` is (batch index, phys, position index), each [B, N]: advanced indexing copies
-    whole rows of D, several times faster than gather/scatter with an expanded index
-    (and bf16 scatter is not vectorized at all on CPU).
-    """
-    return buf[where]
-
-
-def _put(buf: torch.Tensor, where: tuple[torch.Tensor, ...], value: torch.Tensor) -> None:
-    """buf[b, phys[b, i], i] = value[b, i] for every (b, i), in place."""
-    buf[where] = value.to(buf.dtype)
-
-
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(a.float(), b.float(), dim=-1)
 
@@ -132,122 +117,156 @@ class MemoryBank:
     (the Q-Former's per-layer query banks): each group stages its entry (:meth:`stage`) and
     reads its own :meth:`slots`, then one :meth:`commit` and one :meth:`settle` serve all groups,
     so merging costs one set of tensor ops per frame instead of one per layer.
+
+    Storage is position-major: per (row, position) the S = M + 1 physical slots of an entry
+    are adjacent, so one flat row index, ``(row * N + position) * S + slot``, addresses any
+    entry, and every read or write of one slot per position is a single ``index_select`` /
+    ``index_copy_`` on a 2-D view (several times faster than advanced indexing, which
+    broadcasts three index tensors per call). All extras (cached keys/values) share one
+    buffer, so a merge moves all of them with one read and one write.
     """
 
-    def __init__(self, capacity: int, extra_heads: int | None = None, groups: int = 1):
+    def __init__(self, capacity: int, extra_heads: int | None = None, groups: int = 1,
+                 extra_names: tuple[str, ...] | None = None):
         if capacity < 0:
             raise ValueError(f"memory capacity must be >= 0, got {capacity}")
         self.capacity = capacity
-        # Extras (cached keys/values) are stored head-major, [B, heads, N, S, D/heads], when
-        # given: attention reads each head's keys of all entries as one contiguous block (the
-        # order of keys does not matter to attention), and a merge touches, per position, one
-        # short run of slots instead of rows 32 KB apart (DRAM-latency bound).
+        # Extras are stored head-major, [E, R, heads, N, S, D/heads], when extra_heads is given:
+        # attention reads each head's keys of all entries as one contiguous block (the order of
+        # keys does not matter to attention). Without heads they are [E, R, 1, N, S, D].
         self.extra_heads = extra_heads
         self.groups = groups
+        self._names: tuple[str, ...] | None = tuple(extra_names) if extra_names is not None else None
         self.length = 0  # valid entries (committed)
         self.frames_seen = 0
         self.compressions = 0
         self._staged: set[int] = set()
-        self._features: torch.Tensor | None = None  # [B, S, N, C], S = capacity + 1 physical slots
-        self._counts: torch.Tensor | None = None  # [B, S, N]
-        self._extras: dict[str, torch.Tensor] = {}  # name -> [B, S, N, D] or [B, heads, N, S, D/heads]
-        self._order: torch.Tensor | None = None  # [B, S, N]: temporal index t -> physical slot
-        self._sims: torch.Tensor | None = None  # [B, S-1, N]: cos(entry t, entry t+1), float32
-        self._free: torch.Tensor | None = None  # [B, N]: the physical slot the next entry goes to
+        self._features: torch.Tensor | None = None  # [R, N, S, C], R = groups * rows
+        self._extras: torch.Tensor | None = None  # [E, R, heads, N, S, d]
+        self._counts: torch.Tensor | None = None  # [R, N, S]: frames each physical slot stands for
+        self._order: torch.Tensor | None = None  # [R, N, S]: temporal index t -> physical slot
+        self._sims: torch.Tensor | None = None  # [R, N, S]: cos(entry t, entry t+1); column S-1 is scratch
+        self._free: torch.Tensor | None = None  # [R, N]: the physical slot the next entry goes to
 
     def __len__(self) -> int:
         return self.length
 
-    def _allocate(self, features: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
-        B, N = features.shape[0] * self.groups, features.shape[1]
-        S = self.capacity + 1
-        dev = features.device
-        self._rows = features.shape[0]  # batch rows per group
-        self._features = features.new_zeros(B, S, N, *features.shape[2:])
-        self._counts = torch.zeros(B, S, N, dtype=torch.long, device=dev)
-        h = self.extra_heads
-        self._extras = {
-            k: v.new_zeros(B, S, N, *v.shape[2:]) if h is None else v.new_zeros(B, h, N, S, v.shape[-1] // h)
-            for k, v in extras.items()
-        }
-        self._order = torch.arange(S, device=dev).view(1, S, 1).repeat(B, 1, N)
-        self._sims = torch.zeros(B, max(S - 1, 1), N, dtype=torch.float32, device=dev)
-        self._free = torch.zeros(B, N, dtype=torch.long, device=dev)
-        self._batch = torch.arange(B, device=dev).view(B, 1).expand(B, N)
-        self._position = torch.arange(N, device=dev).view(1, N).expand(B, N)
-        self._head_index = (torch.arange(B, device=dev).view(B, 1, 1),
-                            torch.arange(h or 1, device=dev).view(1, h or 1, 1),
-                            torch.arange(N, device=dev).view(1, 1, N))
+    # ---- storage -------------------------------------------------------------------------
 
-    def _at(self, phys: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
-        """Index of slot phys[b, i] at every (b, i), for slot-major buffers: rows [B, N, *D]."""
-        return (self._batch[rows], phys, self._position[rows])
+    def _allocate(self, features: torch.Tensor, extras: torch.Tensor | None) -> None:
+        B, N, C = features.shape
+        R, S, dev = B * self.groups, self.capacity + 1, features.device
+        self._features = features.new_zeros(R, N, S, C)
+        self._counts = torch.zeros(R, N, S, dtype=torch.long, device=dev)
+        self._order = torch.arange(S, device=dev).repeat(R, N, 1)
+        self._sims = torch.zeros(R, N, S, dtype=torch.float32, device=dev)
+        self._free = torch.zeros(R, N, dtype=torch.long, device=dev)
+        self._extras = None
+        if extras is not None:
+            h, D = self.extra_heads or 1, extras.shape[-1]
+            if D % h:
+                raise ValueError(f"extras of width {D} do not split into {h} heads")
+            self._extras = extras.new_zeros(extras.shape[0], R, h, N, S, D // h)
+        self._index(B)
 
-    def _at_heads(self, phys: torch.Tensor, rows: slice = slice(None)) -> tuple[torch.Tensor, ...]:
-        """The same for head-major buffers [B, heads, N, S, d]: rows [B, heads, N, d], walked
-        head by head and position by position, through memory in order."""
-        b, h, n = self._head_index
-        return (b[rows], h, n, phys.view(phys.shape[0], 1, -1))
+    def _index(self, rows: int) -> None:
+        """Flat row numbers of slot 0 for every (row, position), and for the extras every
+        (extra, row, head, position): in storage order for merges, and in the order of an
+        [E, R, N, D] value (position, then head) for writes."""
+        R, N, S = self._order.shape
+        dev = self._order.device
+        self._rows = rows  # batch rows per group
+        self._row_base = torch.arange(R * N, device=dev).view(R, N) * S
+        if self._extras is not None:
+            E, _, h = self._extras.shape[:3]
+            self._extra_base = torch.arange(E * R * h * N, device=dev).view(E, R, h, N) * S
+            self._extra_put_base = self._extra_base.transpose(2, 3).contiguous()  # [E, R, N, h]
 
-    def _head_major(self, buf: torch.Tensor) -> bool:
-        return self.extra_heads is not None and buf.dim() == 5
+    def _extra_index(self, name: str) -> int:
+        if self._names is None or name not in self._names:
+            raise KeyError(f"the bank has no extra {name!r}")
+        return self._names.index(name)
 
-    def _slot_view(self, buf: torch.Tensor) -> torch.Tensor:
-        """buf as [B, S, N, *D] (a view; slow to index for head-major buffers: status/tests only)."""
-        return buf.permute(0, 3, 2, 1, 4) if self._head_major(buf) else buf
+    def _stack_extras(self, stacked: torch.Tensor | None, extras: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The extras as one [E, B, N, D] tensor, in the bank's name order."""
+        if stacked is not None:
+            if extras or self._names is None or stacked.shape[0] != len(self._names):
+                raise ValueError("stacked extras need the bank's extra_names and no named extras")
+            return stacked
+        if not extras:
+            if self._names:
+                raise ValueError(f"extras {sorted(self._names)} missing")
+            self._names = ()
+            return None
+        if self._names is None:
+            self._names = tuple(extras)
+        if set(extras) != set(self._names):
+            raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self._names)}")
+        return torch.stack([extras[name] for name in self._names])
 
     def _group_rows(self, group: int) -> slice:
         return slice(group * self._rows, (group + 1) * self._rows)
 
     # ---- adding an entry -----------------------------------------------------------------
 
-    def stage(self, features: torch.Tensor, group: int = 0, **extras: torch.Tensor) -> None:
-        """Write this frame's entry of one group ([B, N, C], extras [B, N, *D]) into its free slot."""
+    def stage(self, features: torch.Tensor, group: int = 0, stacked: torch.Tensor | None = None,
+              **extras: torch.Tensor) -> None:
+        """Write this frame's entry of one group into its free slot.
+
+        features [B, N, C]; extras by name, each [B, N, D], or all at once as ``stacked``
+        [E, B, N, D] in the order of the bank's ``extra_names`` (no stacking copy).
+        """
+        if features.dim() != 3:
+            raise ValueError(f"bank entries are [B, N, C], got {tuple(features.shape)}")
+        values = self._stack_extras(stacked, extras)
         if self._features is None:
-            self._allocate(features, extras)
-        elif extras.keys() != self._extras.keys():
-            raise ValueError(f"extras {sorted(extras)} do not match the bank's {sorted(self._extras)}")
+            self._allocate(features, values)
+        if (values is None) != (self._extras is None):
+            raise ValueError("every entry needs the same extras")
         if self.length > self.capacity:
             raise RuntimeError("push before settle: the bank is already over capacity")
         if group in self._staged:
             raise RuntimeError(f"group {group} staged twice before commit")
         rows = self._group_rows(group)
         free = self._free[rows]
-        _put(self._features, self._at(free, rows), features)
-        for name, value in extras.items():
-            buf = self._extras[name]
-            if self._head_major(buf):  # [B, N, D] -> [B, heads, N, d]
-                _put(buf, self._at_heads(free, rows), value.view(*value.shape[:2], buf.shape[1], -1).transpose(1, 2))
-            else:
-                _put(buf, self._at(free, rows), value)
+        C = self._features.shape[-1]
+        at = (self._row_base[rows] + free).view(-1)
+        self._features.view(-1, C).index_copy_(0, at, features.reshape(-1, C).to(self._features.dtype))
+        if values is not None:
+            d = self._extras.shape[-1]
+            at = (self._extra_put_base[:, rows] + free[None, :, :, None]).view(-1)
+            self._extras.view(-1, d).index_copy_(0, at, values.reshape(-1, d).to(self._extras.dtype))
         self._staged.add(group)
 
     def commit(self) -> None:
         """Every group has staged its entry: it becomes the newest entry of the bank."""
         if len(self._staged) != self.groups:
             raise RuntimeError(f"commit with {len(self._staged)} of {self.groups} groups staged")
-        t, at = self.length, self._at(self._free)
-        _put(self._counts, at, torch.ones_like(self._free))
-        self._order[:, t] = self._free
+        t, free = self.length, self._free
+        at = self._row_base + free  # [R, N]
+        self._counts.view(-1).index_fill_(0, at.view(-1), 1)
+        self._order[:, :, t] = free
         if t > 0:
-            previous = _take(self._features, self._at(self._order[:, t - 1]))
-            self._sims[:, t - 1] = _cos(previous, _take(self._features, at))
+            R, N, _, C = self._features.shape
+            pair = torch.stack([self._row_base + self._order[:, :, t - 1], at], dim=2)
+            previous, current = self._features.view(-1, C).index_select(0, pair.view(-1)).view(R, N, 2, C).unbind(2)
+            self._sims[:, :, t - 1] = _cos(previous, current)
         self.length += 1
         self.frames_seen += 1
         self._staged.clear()
         # Until the first merge entries fill slots 0, 1, 2, ...; after it, the bank is full
         # right after each push, and each merge frees the slot the next push takes.
         if self.length <= self.capacity:
-            self._free = torch.full_like(self._free, self.length)
+            self._free = torch.full_like(free, self.length)
 
-    def push(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
-        """Add the current time step: features [B, N, C], each extra [B, N, *D] (one group)."""
-        self.stage(features, 0, **extras)
+    def push(self, features: torch.Tensor, stacked: torch.Tensor | None = None, **extras: torch.Tensor) -> None:
+        """Add the current time step: features [B, N, C], extras as in :meth:`stage` (one group)."""
+        self.stage(features, 0, stacked, **extras)
         self.commit()
 
     def slots(self, name: str | None = None, group: int | None = None) -> torch.Tensor:
         """Every entry, physical order, as a view: features [B, L, N, C]; an extra
-        [B, L, N, D], or [B, heads, L * N, D/heads] when stored head-major. With ``group``:
+        [B, L, N, D], or [B, heads, N * L, D/heads] when stored head-major. With ``group``:
         that group's rows, including its staged (not yet committed) entry.
 
         Valid between push/stage and settle: then the entries fill slots 0..L-1 (in order
@@ -259,10 +278,11 @@ class MemoryBank:
             raise RuntimeError("slots() is read between push() and settle()")
         rows = slice(None) if group is None else self._group_rows(group)
         if name is None:
-            return self._features[rows, :L]
+            return self._features[rows, :, :L].transpose(1, 2)
+        buf = self._extras[self._extra_index(name), rows]  # [B, heads, N, S, d]
         if self.extra_heads is None:
-            return self._extras[name][rows, :L]
-        return self._extras[name][rows, :, :, :L].flatten(2, 3)  # [B, heads, N * L, d]: key order is free
+            return buf[:, 0, :, :L].transpose(1, 2)
+        return buf[:, :, :, :L].flatten(2, 3)  # [B, heads, N * L, d]: key order is free
 
     # ---- compression ---------------------------------------------------------------------
 
@@ -274,55 +294,74 @@ class MemoryBank:
         while self.length > self.capacity:
             self._merge_once()
 
+    @staticmethod
+    def _merge_rows(flat: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Count-weighted mean of the two rows of ``flat`` at each pair [..., 2] -> [..., D], in
+        at least float32 (bf16 banks round once, after it); written over the first row."""
+        acc = torch.promote_types(flat.dtype, torch.float32)
+        x = flat.index_select(0, pairs.reshape(-1)).view(*pairs.shape, flat.shape[-1])
+        w = weights.to(acc).unsqueeze(-1)
+        wa, wb, xa, xb = w[..., 0, :], w[..., 1, :], x[..., 0, :], x[..., 1, :]
+        # (wa * xa + wb * xb) / (wa + wb), with the bank's rows promoted inside each op and
+        # in-place steps: bit for bit the same, two passes over the rows fewer.
+        merged = (xa * wa).add_(xb * wb).div_(wa + wb).to(flat.dtype)
+        flat.index_copy_(0, pairs[..., 0].reshape(-1), merged.view(-1, flat.shape[-1]))
+        return merged
+
     def _merge_once(self) -> None:
         L = self.length
-        j = self._sims[:, : L - 1].argmax(dim=1)  # [B, N] temporal index of the most similar pair
-        order = self._order
-        a_phys = order.gather(1, j.unsqueeze(1)).squeeze(1)  # physical slots of the pair
-        b_phys = order.gather(1, (j + 1).unsqueeze(1)).squeeze(1)
-        a, b = self._at(a_phys), self._at(b_phys)
-        k_a, k_b = _take(self._counts, a), _take(self._counts, b)  # [B, N]
-        a_heads = b_heads = None
-        if self.extra_heads is not None:
-            a_heads, b_heads = self._at_heads(a_phys), self._at_heads(b_phys)
-        for buf in (self._features, *self._extras.values()):
-            if self._head_major(buf):  # rows [B, heads, N, d]; weights broadcast over heads
-                ia, ib, wa, wb = a_heads, b_heads, k_a[:, None, :, None], k_b[:, None, :, None]
-            else:  # rows [B, N, *D]
-                tail = [1] * (buf.dim() - 3)
-                ia, ib, wa, wb = a, b, k_a.view(*k_a.shape, *tail), k_b.view(*k_b.shape, *tail)
-            # The count-weighted mean in at least float32 (bf16 banks round once, after it).
-            acc = torch.promote_types(buf.dtype, torch.float32)
-            wa, wb = wa.to(acc), wb.to(acc)
-            _put(buf, ia, (wa * _take(buf, ia).to(acc) + wb * _take(buf, ib).to(acc)) / (wa + wb))
-        _put(self._counts, a, k_a + k_b)
+        R, N, S, C = self._features.shape
+        j = self._sims[:, :, : L - 1].argmax(dim=2)  # [R, N] temporal index of the most similar pair
+        phys = self._order.gather(2, torch.stack([j, j + 1], dim=2))  # [R, N, 2] physical slots of the pair
+        counts = self._counts.gather(2, phys)
+        merged = self._merge_rows(self._features.view(-1, C), self._row_base[..., None] + phys, counts)
+        if self._extras is not None:  # weights broadcast over extras and heads
+            pairs = self._extra_base[..., None] + phys[None, :, None]  # [E, R, heads, N, 2]
+            self._merge_rows(self._extras.view(-1, self._extras.shape[-1]), pairs, counts[None, :, None])
+        self._counts.scatter_(2, phys[..., :1], counts.sum(dim=2, keepdim=True))
         # Temporal order loses entry j+1; pairs shift the same way, except the two pairs
         # that now touch the merged entry, which are measured again.
-        t = torch.arange(L - 1, device=j.device).view(1, L - 1, 1)
-        self._order[:, : L - 1] = order[:, :L].gather(1, t + (t > j.unsqueeze(1)).long())
+        jj = j.unsqueeze(2)
+        t = torch.arange(L - 1, device=j.device)
+        self._order[:, :, : L - 1] = self._order[:, :, :L].gather(2, t + (t > jj).long())
         if L > 2:
-            p = torch.arange(L - 2, device=j.device).view(1, L - 2, 1)
-            self._sims[:, : L - 2] = self._sims[:, : L - 1].gather(1, p + (p >= (j + 1).unsqueeze(1)).long())
-            merged = _take(self._features, a)
-            prev_t, next_t = (j - 1).clamp(min=0), (j + 1).clamp(max=L - 2)
-            before = _take(self._features, self._at(self._order.gather(1, prev_t.unsqueeze(1)).squeeze(1)))
-            after = _take(self._features, self._at(self._order.gather(1, next_t.unsqueeze(1)).squeeze(1)))
-            jj = j.unsqueeze(1)
-            pair = prev_t.unsqueeze(1)  # pair (j-1, merged), if j > 0
-            self._sims.scatter_(1, pair, torch.where(jj > 0, _cos(before, merged).unsqueeze(1), self._sims.gather(1, pair)))
-            pair = j.clamp(max=L - 3).unsqueeze(1)  # pair (merged, j+1), if there is an entry after it
-            self._sims.scatter_(1, pair, torch.where(jj < L - 2, _cos(merged, after).unsqueeze(1), self._sims.gather(1, pair)))
-        self._free = b_phys  # the next push writes here
+            p = torch.arange(L - 2, device=j.device)
+            self._sims[:, :, : L - 2] = self._sims[:, :, : L - 1].gather(2, p + (p > jj).long())
+            near = torch.stack([(j - 1).clamp(min=0), (j + 1).clamp(max=L - 2)], dim=2)  # temporal neighbours
+            rows = self._row_base[..., None] + self._order.gather(2, near)
+            neighbours = self._features.view(-1, C).index_select(0, rows.view(-1)).view(R, N, 2, C)
+            sims = _cos(neighbours, merged.unsqueeze(2))  # [R, N, 2]: pair (j-1, j) and pair (j, j+1)
+            # A pair that does not exist (j = 0, or the merged entry is the last) writes the scratch column.
+            pair = torch.stack([j - 1, j], dim=2)
+            exists = torch.stack([j > 0, j < L - 2], dim=2)
+            self._sims.scatter_(2, torch.where(exists, pair, S - 1), sims)
+        self._free = phys[..., 1]  # the next push writes here
         self.length = L - 1
         self.compressions += 1
+
+    # ---- rows ----------------------------------------------------------------------------
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows ``rows`` (long, the same in every group): videos that ended
+        leave a lockstep batch, so later steps stop paying for them."""
+        if self._features is None:
+            self._rows = len(rows)
+            return
+        index = (torch.arange(self.groups, device=rows.device)[:, None] * self._rows + rows).view(-1)
+        for name in ("_features", "_counts", "_order", "_sims", "_free"):
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        if self._extras is not None:
+            self._extras = self._extras.index_select(1, index)
+        self._index(len(rows))
 
     # ---- temporal-order views (status, tests) ----------------------------------------
 
     def _ordered(self, buf: torch.Tensor) -> torch.Tensor:
+        """buf [R, N, S, *D] -> [R, L, N, *D], oldest entry first."""
         L = self.length
-        B, _, N = self._order.shape
-        idx = self._order[:, :L].view(B, L, N, *([1] * (buf.dim() - 3))).expand(B, L, N, *buf.shape[3:])
-        return buf.gather(1, idx)
+        R, N = self._order.shape[:2]
+        idx = self._order[:, :, :L].view(R, N, L, *([1] * (buf.dim() - 3))).expand(R, N, L, *buf.shape[3:])
+        return buf.gather(2, idx).transpose(1, 2)
 
     @property
     def features(self) -> torch.Tensor | None:
@@ -336,16 +375,19 @@ class MemoryBank:
 
     def extra(self, name: str) -> torch.Tensor:
         """A cached projection [B, T, N, D], oldest entry first."""
-        ordered = self._ordered(self._slot_view(self._extras[name]))
-        return ordered.flatten(3) if self.extra_heads is not None else ordered
+        buf = self._extras[self._extra_index(name)].permute(0, 2, 3, 1, 4)  # [R, N, S, heads, d]
+        return self._ordered(buf).flatten(3)
 
     def append(self, features: torch.Tensor, **extras: torch.Tensor) -> None:
         """push + settle: add one time step and compress back to capacity."""
         self.push(features, **extras)
         self.settle()
 
-    def status(self) -> BankStatus:
+    def status(self, row: int | None = None) -> BankStatus:
+        """What the bank holds; with ``row``, that batch row's slots only (a lockstep batch's video)."""
         counts = self.counts
+        if counts is not None and row is not None:
+            counts = counts[row : row + 1]
         if counts is None:
             return BankStatus(self.capacity, 0, self.frames_seen, self.compressions, (), ())
         end = counts.cumsum(dim=1)  # exclusive end frame of each slot, per position

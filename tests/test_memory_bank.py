@@ -139,7 +139,7 @@ def test_the_bank_evolves_exactly_like_repeated_pure_compress(capacity, heads):
             entries = phys @ W  # [B, L, N, 6] in the same physical order
             torch.testing.assert_close(proj[:, 1], entries[..., 2:4].transpose(1, 2).flatten(1, 2))
             if len(bank) == capacity + 1:  # a full bank: each head's keys are one contiguous block
-                assert proj[1, 2].is_contiguous() and proj.data_ptr() == bank._extras["proj"].data_ptr()
+                assert proj[1, 2].is_contiguous() and proj.data_ptr() == bank._extras.data_ptr()  # a view: no copy
         bank.settle()
         x1, k1, p1 = f[:, None], torch.ones(B, 1, N, dtype=torch.long), (f @ W)[:, None]
         ref_x = x1 if ref_x is None else torch.cat([ref_x, x1], 1)
@@ -166,3 +166,31 @@ def test_push_attend_settle_sees_the_current_entry_then_drops_to_capacity():
     with pytest.raises(RuntimeError, match="push before settle"):
         bank.push(torch.randn(1, 4, 3))
         bank.push(torch.randn(1, 4, 3))
+
+
+def test_keep_rows_leaves_the_other_rows_as_if_alone():
+    """A grouped bank with extras drops a batch row mid-stream (a video of a lockstep batch
+    ended); the rows left go on exactly like banks that only ever held them."""
+    gen = torch.Generator().manual_seed(9)
+    B, N, C, groups = 3, 5, 8, 2
+    together = MemoryBank(3, extra_heads=2, groups=groups, extra_names=("k", "v"))
+    alone = {b: MemoryBank(3, extra_heads=2, groups=groups, extra_names=("k", "v")) for b in (0, 2)}
+    for t in range(9):
+        x = torch.randn(groups, B, N, C, generator=gen, dtype=torch.float64)
+        kv = torch.randn(groups, 2, B, N, 4, generator=gen, dtype=torch.float64)
+        if t == 4:
+            together.keep_rows(torch.tensor([0, 2]))
+        rows = [0, 1, 2] if t < 4 else [0, 2]
+        for g in range(groups):
+            together.stage(x[g, rows], g, kv[g][:, rows])
+            for b, bank in alone.items():
+                bank.stage(x[g, b : b + 1], g, kv[g][:, b : b + 1])
+        for bank in (together, *alone.values()):
+            bank.commit()
+            bank.settle()
+    assert together.features.shape[0] == groups * 2
+    for i, (b, bank) in enumerate(alone.items()):
+        for g in range(groups):
+            torch.testing.assert_close(together.features[g * 2 + i], bank.features[g])
+            torch.testing.assert_close(together.extra("v")[g * 2 + i], bank.extra("v")[g])
+        assert together.status(i) == bank.status(0)
