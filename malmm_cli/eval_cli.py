@@ -209,17 +209,12 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
         if opts.ray is not None:
             job, failures = _run_cases_on_ray(choice, job, todo, output, records, opts, given)
         else:
-            from models import ModelError
+            from .runner import load_analyzer
 
-            from .runner import _analyzer
-            from .tasks import with_trained_defaults
-
-            try:
-                analyzer = _analyzer(choice, opts, len(todo))
-            except ModelError as err:
-                sys.stderr.write(f"malmm: error: {err}\n")
+            loaded = load_analyzer(choice, job, opts, len(todo), given)
+            if loaded is None:
                 return 1
-            job = with_trained_defaults(job, analyzer.model.trained_config, **given)
+            analyzer, job = loaded
             failures = _run_cases(analyzer, job, todo, output, records)
     labels = job.label_set.labels if job.label_set is not None else ()
     final = report(job.task, [records[i] for i in sorted(records)], labels=labels,

@@ -256,17 +256,26 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
         from .ray_batch import run_on_ray
 
         return run_on_ray(choice, job, todo, output, opts, given)
+    loaded = load_analyzer(choice, job, opts, len(todo), given)
+    if loaded is None:
+        return 1
+    analyzer, job = loaded
+    return _run_batch(analyzer, job, todo, output, opts)
+
+
+def load_analyzer(choice, job, opts: CommonOptions, n_inputs: int, given: dict):
+    """(analyzer, job with the checkpoint's trained frames and memory where the user gave
+    none), or None when the model does not load (said in one sentence on stderr)."""
     from models import ModelError
 
-    try:
-        analyzer = _analyzer(choice, opts, len(todo))
-    except ModelError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
-        return 1
     from .tasks import with_trained_defaults
 
-    job = with_trained_defaults(job, analyzer.model.trained_config, **given)
-    return _run_batch(analyzer, job, todo, output, opts)
+    try:
+        analyzer = _analyzer(choice, opts, n_inputs)
+    except ModelError as err:
+        sys.stderr.write(f"malmm: error: {err}\n")
+        return None
+    return analyzer, with_trained_defaults(job, analyzer.model.trained_config, **given)
 
 
 def input_errors() -> tuple[type[BaseException], ...]:

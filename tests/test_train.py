@@ -241,3 +241,30 @@ def test_the_help_examples_run_as_printed(tmp_path, monkeypatch):
     assert sorted(written) == ["ckpt.pth", "ckpt2.pth", "qa.pth"]
     qa = written["qa.pth"]["model"]
     assert (qa["num_frames"], qa["memory_bank_length"]) == (4, 10)  # --frames 20 of 4-frame clips: all 4
+
+
+def test_training_under_bf16_autocast_keeps_float32_weights_and_learns(data, tiny_dir, tmp_path, monkeypatch):
+    """On a GPU, training runs under bf16 autocast (train._autocast). No GPU here: the same
+    loop under CPU bf16 autocast shows that the mixed-precision path runs, learns, and leaves
+    the trained weights and the AdamW state in float32."""
+    import malmm_cli.train as train_module
+
+    calls = []
+
+    def cpu_autocast(model):
+        calls.append(model.device.type)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    monkeypatch.setattr(train_module, "_autocast", cpu_autocast)
+    m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    report = train(m, load_dataset(data.train, "classify"),
+                   TrainOptions(task="classify", epochs=3, frames=4, memory=4, lr=3e-3, batch_size=4),
+                   tmp_path / "amp.pth")
+    assert calls, "the training loop ran under the autocast context"
+    losses = [e.train_loss for e in report.epochs]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert {p.dtype for n, p in m.named_parameters() if n.startswith("qformer.")} == {torch.float32}
+    saved = torch.load(tmp_path / "amp.pth", map_location="cpu", weights_only=True)
+    assert {t.dtype for t in saved["model"].values() if t.is_floating_point()} == {torch.float32}
+    state = saved["optimizer"]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
