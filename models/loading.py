@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -52,6 +53,26 @@ def default_dtype(device: torch.device) -> torch.dtype:
     except OSError:
         return torch.float32
     return torch.bfloat16 if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else torch.float32
+
+
+def faster_cpu_dtype(rows: int, width: int, hidden: int, rounds: int = 3) -> torch.dtype:
+    """bf16 or fp32, whichever runs a [rows x width] x [width x hidden] linear (the ViT's MLP
+    shape) faster on this CPU, best of `rounds` each, alternating; about a quarter second at
+    ViT-g's size. CPUs differ: with AMX, or on AMD Zen 4, bf16 GEMMs run at up to twice the
+    fp32 rate; on an Intel Xeon with AVX512-BF16 but no AMX they ran at half of it, and ViT-g
+    took 3.69 s per frame in bf16 against 2.15 s in fp32 (BENCHMARKS.md section 14a)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, width, generator=gen)
+    w = torch.randn(hidden, width, generator=gen) * width**-0.5
+    args = {torch.bfloat16: (x.bfloat16(), w.bfloat16()), torch.float32: (x, w)}
+    best = dict.fromkeys(args, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for dtype, (a, b) in args.items():
+                t0 = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return torch.bfloat16 if best[torch.bfloat16] <= best[torch.float32] else torch.float32
 
 
 def qformer_dtype_for(dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.dtype:
