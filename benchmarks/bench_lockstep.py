@@ -15,16 +15,10 @@ import time
 
 import torch
 
-from common import qformer_model, report
+from common import qformer_model, report, tiny_qformer
 
 M = 20
 INSTRUCTION_TOKENS = 12
-
-
-def tiny_qformer():
-    from models import MALMM
-
-    return MALMM.from_pretrained("tiny-random", dtype=torch.float32).qformer
 
 
 class Lockstep:

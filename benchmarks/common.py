@@ -65,6 +65,13 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
             p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
 
 
+def tiny_qformer():
+    """The memory Q-Former of tiny-random, in fp32 (per-frame overhead, where FLOPs are negligible)."""
+    from models import MALMM
+
+    return MALMM.from_pretrained("tiny-random", dtype=torch.float32).qformer
+
+
 def vision_model(dtype: torch.dtype):
     """EVA ViT-g/14 as in InstructBLIP: 39 blocks, width 1408, 257 tokens (transformers' defaults)."""
     from transformers import InstructBlipVisionConfig, InstructBlipVisionModel

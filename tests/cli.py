@@ -24,3 +24,28 @@ def malmm(*args):
 def records(text: str) -> list[dict]:
     """The JSON records in a command's output (one per non-blank line)."""
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def help_text(command: list[str]) -> str:
+    out = malmm(*command, "--help")
+    assert out.exit_code == 0
+    return out.stdout
+
+
+def help_examples(text: str) -> list[str]:
+    """The lines under "Examples:" in a help page (each example on a line of its own)."""
+    lines = [line.strip(" │") for line in text.splitlines()]
+    start = lines.index("Examples:")
+    return [line for line in lines[start + 1:] if line.startswith("malmm ")]
+
+
+def run_help_examples(command: list[str]) -> list[str]:
+    """Run every example of `malmm COMMAND --help` as printed (quietly), each must succeed;
+    returns the examples. The caller provides the folder and files they name."""
+    import shlex
+
+    examples = help_examples(help_text(command))
+    for example in examples:
+        out = malmm(*shlex.split(example)[1:], "-q")
+        assert out.exit_code == 0, (example, out.output)
+    return examples

@@ -12,7 +12,7 @@ import pytest
 
 from malmm_cli.tasks import fixed_segments
 from malmm_cli.times import parse_time
-from tests.cli import SAMPLE, TINY, malmm, records
+from tests.cli import SAMPLE, TINY, help_examples, help_text, malmm, records
 from tests.media import make_video
 
 COMMANDS = [["caption"], ["ask"], ["classify"], ["summarize"], ["models", "list"], ["models", "download"],
@@ -20,19 +20,6 @@ COMMANDS = [["caption"], ["ask"], ["classify"], ["summarize"], ["models", "list"
 # Pages checked for wording; train's and eval's examples run in tests/test_train.py and tests/test_eval.py
 # (they need data files).
 HELP_PAGES = COMMANDS + [["train"], ["eval"]]
-
-
-def help_text(command: list[str]) -> str:
-    out = malmm(*command, "--help")
-    assert out.exit_code == 0
-    return out.stdout
-
-
-def help_examples(text: str) -> list[str]:
-    """The lines under "Examples:" in a help page (each example on a line of its own)."""
-    lines = [line.strip(" │") for line in text.splitlines()]
-    start = lines.index("Examples:")
-    return [line for line in lines[start + 1:] if line.startswith("malmm ")]
 
 
 @pytest.mark.parametrize("command", HELP_PAGES, ids=" ".join)
