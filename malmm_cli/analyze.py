@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from models.memory_bank import BankStatus
 from .errors import VideoError
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .inputs import VideoSource
+from .presets import LOCKSTEP_TASKS
 from .results import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
@@ -39,6 +40,14 @@ class Events:
     def stage(self, text: str) -> None: ...
 
     def finished(self, result: Result) -> None: ...
+
+    def batch_started(self, sources: Sequence[str], samplings: Sequence[Sampling], capacity: int) -> None:
+        """Several videos start together, read in lockstep (--batch); `sources` are their inputs
+        as given, `samplings` their frame plans."""
+
+    def batch_frames(self, done: Sequence[int], memories: Sequence[BankStatus]) -> None:
+        """Frames each video of the batch has taken so far (in the order of batch_started), and
+        each one's visual memory bank."""
 
     def close(self) -> None:
         """Tidy the display after an error or an interrupt."""
@@ -61,6 +70,66 @@ class _Run:
         return len(self.sampling.indices)
 
 
+LLM_ROWS = 16  # rows per LLM call when a batch's answers are generated (each row has its beams)
+
+
+class _Lane:
+    """One video of a lockstep batch: its run and its features, handed out a frame at a time."""
+
+    def __init__(self, source: int, run: _Run):
+        self.source = source  # its position in run_batch's sources
+        self.run = run
+        job = run.job
+        self.prompts = (job.label_set.prompt,) if job.task == "classify" else job.prompts  # its rows' instructions
+        self.rows = range(0)  # its rows in the batch
+        self.features: Iterator[tuple[np.ndarray, torch.Tensor]] | None = None
+        self._chunk: torch.Tensor | None = None
+        self._next = 0
+
+    def next_frame(self) -> torch.Tensor | None:
+        """[P, C] of the next frame, or None at the end of the video."""
+        while self._chunk is None or self._next == self._chunk.shape[0]:
+            chunk = next(self.features, None)
+            if chunk is None:
+                self._chunk = None
+                return None
+            self._chunk, self._next = chunk[1], 0
+        self._next += 1
+        return self._chunk[self._next - 1]
+
+    def close(self) -> None:
+        """Stop its decoder, and drop an unfinished feature-cache entry."""
+        if self.features is not None:
+            self.features.close()
+
+
+def _check_lockstep(jobs: list[Job], videos: int) -> None:
+    """Videos in one lockstep batch share everything but their questions."""
+    if len(jobs) != videos:
+        raise ValueError(f"{len(jobs)} jobs for {videos} videos")
+    if not jobs:
+        return
+    if jobs[0].task not in LOCKSTEP_TASKS:
+        raise ValueError(f"{jobs[0].task} does not run in lockstep")
+    same = [replace(j, prompts=(), questions=()) for j in jobs]
+    if any(j != same[0] for j in same):
+        raise ValueError("videos in one lockstep batch must share task, sampling, memory and decoding")
+
+
+@dataclass
+class _Rows:
+    """Rows of a finished VideoBatch, as MALMM.generate and MALMM.score take a stream."""
+
+    instructions: list[str]
+    tokens: torch.Tensor  # [rows, 32, H_llm]
+
+    def visual_tokens(self) -> torch.Tensor:
+        return self.tokens
+
+    def part(self, a: int, b: int) -> _Rows:
+        return _Rows(self.instructions[a:b], self.tokens[a:b])
+
+
 PerFrame = Callable[[int, torch.Tensor], None]  # (position in the sampling, features [1, P, C])
 
 
@@ -77,29 +146,163 @@ class Analyzer:
     def run(self, source: VideoSource, job: Job) -> Result:
         started = time.perf_counter()
         self._plan_threads()  # other work may have started or stopped since the last video
+        run = self._prepare(source, job)
+        self.events.started(source.input, run.info, run.sampling, job.memory)
+        fields, stream = getattr(self, f"_{job.task}")(run)
+        result = self._result(run, fields, stream.memory.compressions, time.perf_counter() - started)
+        self.events.finished(result)
+        return result
+
+    def run_batch(self, sources: Sequence[VideoSource], job: Job | Sequence[Job],
+                  errors: tuple[type[BaseException], ...]) -> Iterator[tuple[int, Result | BaseException]]:
+        """Read the videos in lockstep: one batched Q-Former step per frame for all of them
+        (:class:`models.VideoBatch`), then their answers in LLM batches. Yields (i, Result) for
+        sources[i], or (i, the exception) when it fails (`errors`); the others go on.
+
+        `job`: one for all videos, or one per video that differ only in their questions (an
+        evaluation's items). Each video's output is what :meth:`run` gives it alone, up to float
+        rounding. A video that ends early leaves the batch; the batch ends with its longest
+        video. Caption, ask and classify only (a summary captions segments as they end).
+        """
+        jobs = [job] * len(sources) if isinstance(job, Job) else list(job)
+        _check_lockstep(jobs, len(sources))
+        started = time.perf_counter()
+        self._plan_threads()
+        lanes: list[_Lane] = []
+        for i, (source, each) in enumerate(zip(sources, jobs)):
+            try:
+                lanes.append(_Lane(i, self._prepare(source, each)))
+            except errors as err:
+                yield i, err
+        if not lanes:
+            return
+        instructions, totals = [], []
+        for lane in lanes:  # each video's rows, one per prompt (ask: per question)
+            lane.rows = range(len(instructions), len(instructions) + len(lane.prompts))
+            instructions += lane.prompts
+            totals += [lane.run.planned] * len(lane.prompts)
+        first = jobs[0]
+        batch = self.model.new_batch(instructions, total_frames=totals, memory_bank_length=first.memory)
+        self.events.batch_started([lane.run.source.input for lane in lanes], [lane.run.sampling for lane in lanes],
+                                  first.memory)
+        try:
+            for lane in lanes:  # one decoder thread per video, one chunk ahead: B videos' frames stay bounded
+                lane.features = self._features(lane.run, workers=1, prefetch=1)
+            failed = yield from self._lockstep(lanes, batch, errors)
+        finally:
+            for lane in lanes:
+                lane.close()
+        done = [lane for lane in lanes if lane.source not in failed]
+        if not done:
+            return
+        rows = [r for lane in done for r in lane.rows]
+        view = _Rows([batch.instructions[r] for r in rows], batch.visual_tokens(rows))
+        answers = self._batch_answers(first, done, view)
+        memory = batch.memory
+        for lane, fields in zip(done, answers):
+            result = self._result(lane.run, fields, memory[lane.rows[0]].compressions, time.perf_counter() - started)
+            self.events.finished(result)
+            yield lane.source, result
+
+    def _lockstep(self, lanes: list[_Lane], batch, errors) -> Iterator[tuple[int, BaseException]]:
+        """Step the videos through `batch` until all have ended; yields (source, error) for
+        each one that fails, and returns the set of their sources."""
+        failed: set[int] = set()
+        going = [True] * len(lanes)
+        buffer: torch.Tensor | None = None  # [rows, P, C], refilled each step (rows of ended videos unused)
+        step = 0
+        while True:
+            frames, ended = [], False
+            for i, lane in enumerate(lanes):
+                frame = None
+                if going[i]:
+                    try:
+                        frame = lane.next_frame()
+                        if frame is None and lane.run.frames_done == 0:
+                            raise VideoError(f"No frames could be decoded from '{lane.run.source.input}'.")
+                    except errors as err:
+                        failed.add(lane.source)
+                        yield lane.source, err
+                    going[i] = frame is not None
+                    ended = ended or frame is None
+                frames.append(frame)
+            if ended or step % self.chunk_size == 0:
+                memory = batch.memory
+                self.events.batch_frames([lane.run.frames_done for lane in lanes],
+                                         [memory[lane.rows[0]] for lane in lanes])
+            if not any(going):
+                break
+            t0 = time.perf_counter()
+            if buffer is None:
+                first = next(f for f in frames if f is not None)
+                buffer = first.new_zeros(batch.videos, *first.shape)
+            active = [False] * batch.videos
+            for lane, frame in zip(lanes, frames):
+                if frame is not None:
+                    buffer[lane.rows.start : lane.rows.stop] = frame
+                    active[lane.rows.start : lane.rows.stop] = [True] * len(lane.rows)
+            batch.add_features(buffer, active=active)
+            share = (time.perf_counter() - t0) / sum(going)
+            for i, lane in enumerate(lanes):
+                if going[i]:
+                    lane.run.timings["qformer"] += share
+                    lane.run.frames_done += 1
+            step += 1
+        return failed
+
+    def _batch_answers(self, job: Job, lanes: list[_Lane], rows: _Rows) -> list[dict]:
+        """The result fields of each video (one LLM row per prompt of each), in LLM batches."""
+        n = len(lanes)
+        prompts = [p for lane in lanes for p in lane.prompts]
+        t0 = time.perf_counter()
+        if job.task == "classify":
+            labels = job.label_set
+            self.events.stage(f"scoring {len(labels.labels)} labels for {n} videos")
+            with self._heavy():
+                loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
+            fields = [self._ranked(job, row) for row in loglik]
+        else:
+            self.events.stage(f"writing {n} captions" if job.task == "caption" else f"answering {len(prompts)} "
+                              f"question(s) about {n} videos")
+            texts: list[str] = []
+            with self._heavy():
+                for a in range(0, len(prompts), LLM_ROWS):
+                    texts += self.model.generate(rows.part(a, a + LLM_ROWS), prompts[a : a + LLM_ROWS],
+                                                 **asdict(job.generation))
+            fields, at = [], 0
+            for lane in lanes:
+                mine, at = texts[at : at + len(lane.prompts)], at + len(lane.prompts)
+                fields.append({"text": mine[0]} if job.task == "caption" else
+                              {"answers": tuple(Answer(q, a) for q, a in zip(lane.run.job.questions, mine))})
+        share = (time.perf_counter() - t0) / n
+        for lane in lanes:
+            lane.run.timings["llm"] += share
+        return fields
+
+    def _prepare(self, source: VideoSource, job: Job) -> _Run:
         info = probe(source.path)
         sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
         run = _Run(job, source, info, sampling)
         if job.end is not None and job.end > sampling.end + 1e-6:
             run.warnings.append(f"--end {job.end:g} s is past the end of the video ({info.duration:.3f} s); "
                                 "used the video up to its end")
-        self.events.started(source.input, info, sampling, job.memory)
-        fields, stream = getattr(self, f"_{job.task}")(run)
-        run.timings["total"] = time.perf_counter() - started
-        result = Result(
-            input=source.input,
+        return run
+
+    def _result(self, run: _Run, fields: dict, compressions: int, total: float) -> Result:
+        job, info, sampling = run.job, run.info, run.sampling
+        run.timings["total"] = total
+        return Result(
+            input=run.source.input,
             task=job.task,
             model=job.model_label,
             video=VideoMeta(info.duration, info.fps, info.width, info.height),
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
-            memory=MemoryMeta(job.memory, stream.memory.compressions),
+            memory=MemoryMeta(job.memory, compressions),
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
             **fields,
         )
-        self.events.finished(result)
-        return result
 
     # ---- CPU threads ------------------------------------------------------------------
 
@@ -119,8 +322,9 @@ class Analyzer:
 
     # ---- features ---------------------------------------------------------------------
 
-    def _features(self, run: _Run) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        """(timestamps [k], features [k, P, C]) chunk by chunk, from the cache or the video.
+    def _features(self, run: _Run, **decoding) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(timestamps [k], features [k, P, C]) chunk by chunk, from the cache or the video
+        (`decoding`: stream_frames' workers and prefetch).
 
         A cache entry is verified whole before its first chunk goes out (one sequential read,
         cheap next to the ViT): features fed to the streams cannot be taken back, so a damaged
@@ -148,7 +352,8 @@ class Analyzer:
                 return
             writer = self.cache.writer(**entry)
         try:
-            with stream_frames(run.source.path, run.sampling, info=run.info, chunk_size=self.chunk_size) as frames:
+            with stream_frames(run.source.path, run.sampling, info=run.info, chunk_size=self.chunk_size,
+                               **decoding) as frames:
                 chunks = iter(frames)
                 while True:
                     t0 = time.perf_counter()
@@ -225,10 +430,16 @@ class Analyzer:
         with self._heavy():
             loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
         run.timings["llm"] += time.perf_counter() - t0
+        return self._ranked(run.job, loglik), stream
+
+    @staticmethod
+    def _ranked(job: Job, loglik: np.ndarray) -> dict:
+        """classify's result fields from the labels' log-likelihoods."""
+        labels = job.label_set
         probs = probabilities(loglik)
-        order = np.argsort(-probs, kind="stable")[: run.job.top_k]
+        order = np.argsort(-probs, kind="stable")[: job.top_k]
         ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
-        return {"labels": ranked, "label_set": labels.name}, stream
+        return {"labels": ranked, "label_set": labels.name}
 
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]

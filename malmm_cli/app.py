@@ -140,6 +140,12 @@ MaxTokensOpt = Annotated[Optional[int], typer.Option(
 PromptOpt = Annotated[Optional[str], typer.Option(metavar="TEXT", show_default=False, help=(
     f"Instruction. \\[default: {TASK_DEFAULTS['caption'].prompt!r}]"))]
 
+BatchOpt = Annotated[Optional[int], typer.Option(
+    "--batch", metavar="N", show_default=False,
+    help="Read N videos at once, in lockstep: one batched model step per frame for all of them. More videos "
+    "per second, most on a GPU; each keeps its own memory (results as read alone, up to rounding). "
+    "\\[default: 1]")]
+
 # Running a batch on Ray (malmm_cli/ray_batch.py); without --ray nothing of Ray is imported.
 _RAY_PANEL = "Many machines (Ray)"
 RayOpt = Annotated[Optional[str], typer.Option(
@@ -171,6 +177,7 @@ def _common(values: dict):
     "malmm caption movie.mp4",
     "malmm caption videos/ --json -o results.jsonl --resume",
     "malmm caption movie.mp4 --start 1:30 --end 2:00 --fps 2",
+    "malmm caption videos/ --batch 8 -o captions.jsonl",
 ))
 def caption(
     inputs: Inputs,
@@ -180,6 +187,7 @@ def caption(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
@@ -207,6 +215,7 @@ def ask(
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
@@ -241,7 +250,7 @@ def classify(
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):

@@ -36,7 +36,7 @@ def register(app, *, examples, command_class) -> None:
     """Add the `eval` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
     from .app import (BeamsOpt, CheckpointOpt, CpusPerWorkerOpt, Device, DeviceOpt, FpsOpt, FramesOpt,
                       GpusPerWorkerOpt, MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt,
-                      QuietOpt, RayOpt, WorkersOpt, _common)
+                      QuietOpt, RayOpt, WorkersOpt, BatchOpt, _common)
 
     def eval_command(
         data: Annotated[Path, typer.Argument(
@@ -68,6 +68,7 @@ def register(app, *, examples, command_class) -> None:
             "and model.")] = False,
         overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
         no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+        batch: BatchOpt = None,
         ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
         gpus_per_worker: GpusPerWorkerOpt = None,
     ):
@@ -215,7 +216,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
             if loaded is None:
                 return 1
             analyzer, job = loaded
-            failures = _run_cases(analyzer, job, todo, output, records)
+            failures = _run_cases(analyzer, job, todo, output, records, opts.batch or 1)
     labels = job.label_set.labels if job.label_set is not None else ()
     final = report(job.task, [records[i] for i in sorted(records)], labels=labels,
                    extra=_extra(job, choice, data, opts))
@@ -230,16 +231,17 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     return 1 if failures else 0
 
 
-def _run_cases(analyzer, job, todo, output, records: dict[int, dict]) -> int:
-    """Run the cases in order, each record written as it finishes; returns how many failed."""
-    from .evaluate import run_case
+def _run_cases(analyzer, job, todo, output, records: dict[int, dict], batch: int) -> int:
+    """Run the cases in order (`batch` at a time in lockstep), each record written as it
+    finishes; returns how many failed."""
+    from .evaluate import run_cases
 
     failures = 0
     if output is not None:
         output.open()
     try:
-        for case in todo:
-            failures += _keep(case, run_case(analyzer, job, case), output, records)
+        for case, record in run_cases(analyzer, job, todo, batch):
+            failures += _keep(case, record, output, records)
     except KeyboardInterrupt:
         analyzer.events.close()
         raise

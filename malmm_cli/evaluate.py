@@ -22,7 +22,7 @@ library the official eval calls.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -145,6 +145,25 @@ def run_case(analyzer, job: Job, case: Case, *, open_source: Callable | None = N
         analyzer.events.close()
         return error_record(case, _failure(err))
     return prediction_record(case, job.task, result)
+
+
+def run_cases(analyzer, job: Job, cases: Sequence[Case], batch: int = 1) -> Iterator[tuple[Case, dict[str, Any]]]:
+    """(case, its record) for every case, as each finishes: one at a time, or `batch` videos at
+    a time in lockstep (Analyzer.run_batch; caption, ask and classify)."""
+    if batch <= 1:
+        for case in cases:
+            yield case, run_case(analyzer, job, case)
+        return
+    from .results import ErrorResult
+    from .runner import lockstep_outcomes
+
+    for start in range(0, len(cases), batch):
+        group = list(cases[start : start + batch])
+        jobs = [case_job(job, case) for case in group]
+        for i, outcome in lockstep_outcomes(analyzer, jobs, [case.video for case in group]):
+            case = group[i]
+            yield case, (error_record(case, outcome.error) if isinstance(outcome, ErrorResult)
+                         else prediction_record(case, job.task, outcome))
 
 
 def _head(case: Case) -> dict[str, Any]:
@@ -349,7 +368,7 @@ def plan(task: str, items: Sequence[Item], opts, model_label: str, *, labels: st
 def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = None, label_set: str | None = None,
              prompt: str | None = None, frames: int | None = None, fps: float | None = None,
              memory: int | None = None, beams: int | None = None, max_tokens: int | None = None,
-             cache=None, model_id: str | None = None,
+             cache=None, model_id: str | None = None, batch: int = 1,
              on_record: Callable[[dict], None] | None = None) -> EvalReport:
     """Evaluate a loaded MALMM on data items (dataset.load_dataset) without the CLI.
 
@@ -358,21 +377,21 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     features.FeatureCache: the ViT then runs once per video across cases and runs. Its
     entries are keyed by `model_id`, which must change when the vision weights do (default:
     the model's name and overlaid checkpoint, right unless the ViT was changed in memory).
+    `batch` > 1 reads that many videos at a time in lockstep (as `malmm eval --batch`).
     `on_record` is called with each case's record as it finishes.
     """
     from .analyze import Analyzer
     from .runner import CommonOptions, validate
     from .tasks import with_trained_defaults
 
-    opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens)
+    opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch)
     validate(opts)
     job, cases = plan(task, items, opts, model.name or "python", labels=labels, label_set=label_set, prompt=prompt)
     job = with_trained_defaults(job, model.trained_config, frames_set=frames is not None or fps is not None,
                                 memory_set=memory is not None)
     analyzer = Analyzer(model, model_id or _model_id(model), cache=cache)
     records = []
-    for case in cases:
-        record = run_case(analyzer, job, case)
+    for _, record in run_cases(analyzer, job, cases, batch):
         records.append(record)
         if on_record is not None:
             on_record(record)

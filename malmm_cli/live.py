@@ -8,6 +8,10 @@ It is laid out afresh for the terminal's width at every refresh. At 80 columns a
 what gives way is, in order: the elapsed time, the progress bar, the rate; the frames done
 of total and the time left always stay, and a long input path loses its middle, never its
 file name.
+
+With --batch, one view follows the videos read in lockstep: the steps taken of the longest
+plan, then a row per video (frames read, memory slots, compressions; up to a dozen rows, then a
+count of the rest). In a row the name gives way first, then the compressions, then the slots.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ _MAX_WIDTH = 100  # wider, the panel would be mostly empty bar
 _MIN_BAR = 10  # a bar narrower than this shows nothing the numbers do not
 _PANEL_FRAME = 4  # border and one space of padding on each side
 _CHART_LABEL = "frames per slot: "
+_MAX_LANES = 12  # rows of a batch view: with the frame and the lines around it, within 24 rows
+_MIN_NAME = 12  # a batch row narrower than this for its name drops a number instead
 
 
 def memory_line(memory, timestamps) -> str:
@@ -99,6 +105,18 @@ def _wrap_parts(parts: Sequence[str], width: int, sep: str = " · ") -> str:
     return "\n".join(lines)
 
 
+def _counter(first: int, count: int, total: int) -> str:
+    """'[5-8/20] ' for inputs 5 to 8 of 20, '[5/20] ' for one; '' when these are all the inputs."""
+    if count >= total:
+        return ""
+    return f"[{first}-{first + count - 1}/{total}] " if count > 1 else f"[{first}/{total}] "
+
+
+def _batch_title(first: int, count: int, total: int) -> str:
+    """'[5-8/20] 4 videos in lockstep'."""
+    return _counter(first, count, total) + f"{count} video{'s' if count != 1 else ''} in lockstep"
+
+
 def _rate(per_second: float) -> str:
     # Two decimals below 1/s, so the 7B model on a CPU does not read as 0.0/s.
     return f"{per_second:.1f}/s" if per_second >= 1 else f"{per_second:.2f}/s"
@@ -130,28 +148,29 @@ def progress_line(width: int, done: int, total: int, rate: float | None, elapsed
     return line
 
 
-class _View:
-    """What the live view draws. Rendered by Live at every refresh, at the width of that moment,
-    so a resized terminal gets a fresh layout."""
+class _Panel:
+    """What a live view draws: a title, the progress line, what the subclass adds below it, and a
+    note. Rendered by Live at every refresh, at the width of that moment, so a resized terminal
+    gets a fresh layout."""
 
-    def __init__(self, title: str, total: int, capacity: int, note: str):
+    def __init__(self, title: str, total: int, note: str):
         self.title = title
         self.total = total
         self.done = 0
         self.rate: float | None = None
         self.left: float | None = None  # seconds, as estimated at the last frames event
-        self.memory = f"memory bank: 0/{capacity} slots"
-        self.slot_frames: Sequence[float] = ()
         self.note = (note, "dim")  # (text, style): where in the video the run is, or its stage
         self.t0 = self.t_frames = time.perf_counter()
 
-    def frames(self, done: int, memory_text: str, slot_frames: Sequence[float]) -> None:
+    def advance(self, done: int) -> None:
         self.t_frames = time.perf_counter()
         self.done = done
         self.rate = done / max(1e-9, self.t_frames - self.t0)
         self.left = (self.total - done) / self.rate if self.rate else None
-        self.memory = "memory bank: " + memory_text
-        self.slot_frames = slot_frames
+
+    def body(self, inner: int) -> list[Text]:
+        """The rows between the progress line and the note, in `inner` columns."""
+        return []
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = min(options.max_width, _MAX_WIDTH)
@@ -159,18 +178,74 @@ class _View:
         now = time.perf_counter()
         # Counted down between events: with the 7B model on a CPU they come minutes apart.
         left = None if self.left is None else max(0.0, self.left - (now - self.t_frames))
-        rows = [progress_line(inner, self.done, self.total, self.rate, now - self.t0, left),
-                Text(_wrap_parts(self.memory.split(" · "), inner), style="cyan")]
-        if self.slot_frames:
-            label = _CHART_LABEL if inner - len(_CHART_LABEL) >= _MIN_BAR else ""
-            rows.append(Text(label + slot_chart(self.slot_frames, inner - len(label)), style="cyan"))
-        rows.append(Text(self.note[0], style=self.note[1], no_wrap=True, overflow="ellipsis"))
+        rows = [progress_line(inner, self.done, self.total, self.rate, now - self.t0, left), *self.body(inner),
+                Text(self.note[0], style=self.note[1], no_wrap=True, overflow="ellipsis")]
         title = Text(shorten_middle(self.title, width - _PANEL_FRAME - 2), style="bold")  # 2: spaces around it
         yield Panel(Group(*rows), title=title, title_align="left", border_style="blue", width=width)
         # The cursor rests on this empty line, not after the panel's last column: there the "^C"
         # the terminal echoes on Ctrl-C would wrap to a new line, and Live, erasing as many lines
         # as it drew, would leave the panel's top border on the screen.
         yield Text("")
+
+
+class _View(_Panel):
+    """One input: its frames, and its memory bank in words and as a chart."""
+
+    def __init__(self, title: str, total: int, capacity: int, note: str):
+        super().__init__(title, total, note)
+        self.memory = f"memory bank: 0/{capacity} slots"
+        self.slot_frames: Sequence[float] = ()
+
+    def frames(self, done: int, memory_text: str, slot_frames: Sequence[float]) -> None:
+        self.advance(done)
+        self.memory = "memory bank: " + memory_text
+        self.slot_frames = slot_frames
+
+    def body(self, inner: int) -> list[Text]:
+        rows = [Text(_wrap_parts(self.memory.split(" · "), inner), style="cyan")]
+        if self.slot_frames:
+            label = _CHART_LABEL if inner - len(_CHART_LABEL) >= _MIN_BAR else ""
+            rows.append(Text(label + slot_chart(self.slot_frames, inner - len(label)), style="cyan"))
+        return rows
+
+
+class _BatchView(_Panel):
+    """Videos read in lockstep: steps taken of the longest plan, then a row per video."""
+
+    def __init__(self, title: str, names: Sequence[str], planned: Sequence[int], capacity: int):
+        super().__init__(title, max(planned, default=0),
+                         f"{sum(planned)} frames to read in {max(planned, default=0)} steps")
+        self.names, self.planned = list(names), list(planned)
+        self.counts = [0] * len(names)  # frames each video has read
+        self.memory = [(0, capacity, 0)] * len(names)  # (slots used, capacity, compressions)
+
+    def frames(self, done: Sequence[int], memories: Sequence) -> None:
+        self.advance(max(done, default=0))
+        self.counts = list(done)
+        self.memory = [(m.length, m.capacity, m.compressions) for m in memories]
+        read = sum(d >= p for d, p in zip(self.counts, self.planned))
+        self.note = (f"{read}/{len(self.names)} videos read", "dim")
+
+    def body(self, inner: int) -> list[Text]:
+        shown = len(self.names) if len(self.names) <= _MAX_LANES else _MAX_LANES - 1
+        parts = [(f"{count}/{planned} frames", f"{used}/{capacity} slots", f"{compressions} compressions")
+                 for count, planned, (used, capacity, compressions)
+                 in zip(self.counts, self.planned, self.memory[:shown])]
+        for keep in (3, 2, 1):  # what gives way once the name is down to _MIN_NAME: compressions, slots
+            numbers = [" · ".join(p[:keep]) for p in parts]
+            room = inner - 4 - max(map(cell_len, numbers), default=0)  # 4: the "✓ " marker, the gap after the name
+            if room >= _MIN_NAME:
+                break
+        room = max(0, min(room, max(map(cell_len, self.names[:shown]), default=0)))
+        rows = []
+        for name, count, planned, text in zip(self.names, self.counts, self.planned, numbers):
+            name = shorten_middle(name, room)
+            rows.append(Text.assemble(("✓ " if count >= planned else "  ", "green"),
+                                      name + " " * (room - cell_len(name)) + "  ", (text, "cyan"),
+                                      no_wrap=True, overflow="ellipsis"))
+        if shown < len(self.names):
+            rows.append(Text(f"… and {len(self.names) - shown} more", style="dim"))
+        return rows
 
 
 class RichEvents(Events):
@@ -182,20 +257,31 @@ class RichEvents(Events):
         self.index = 0
         self.live: Live | None = None
 
+    def _show(self, view: _Panel) -> None:
+        self.close()  # the previous view, if it ended without finished()
+        self.view = view
+        # stdout is for results, even when a stray write there happens while the view is up.
+        self.live = Live(view, console=self.console, refresh_per_second=8, transient=True, redirect_stdout=False)
+        self.live.start()
+
     def started(self, source, info, sampling, capacity):
-        self.close()  # the previous input's view, if it ended without finished()
         self.index += 1
         self.timestamps = sampling.timestamps
-        prefix = f"[{self.index}/{self.total_inputs}] " if self.total_inputs > 1 else ""
-        self.view = _View(prefix + source, len(sampling.indices), capacity,
-                          f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to read")
-        # stdout is for results, even when a stray write there happens while the view is up.
-        self.live = Live(self.view, console=self.console, refresh_per_second=8, transient=True, redirect_stdout=False)
-        self.live.start()
+        self._show(_View(_counter(self.index, 1, self.total_inputs) + source, len(sampling.indices), capacity,
+                         f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to read"))
 
     def frames(self, done, timestamp, memory):
         self.view.frames(done, memory_line(memory, self.timestamps), memory.slot_frames)
         self.view.note = (f"at {short_clock(timestamp)}", "dim")
+        self._refresh()
+
+    def batch_started(self, sources, samplings, capacity):
+        title = _batch_title(self.index + 1, len(sources), self.total_inputs)
+        self.index += len(sources)
+        self._show(_BatchView(title, sources, [len(s.indices) for s in samplings], capacity))
+
+    def batch_frames(self, done, memories):
+        self.view.frames(done, memories)
         self._refresh()
 
     def stage(self, text):
@@ -231,18 +317,37 @@ class LogEvents(Events):
         self.out.write(f"malmm: {text}\n")
         self.out.flush()
 
+    def _due(self, done: int) -> bool:
+        """Whether `done` of `self.total` is worth a line: every ~10 %, and the end."""
+        if done < self.next_report * self.total and done != self.total:
+            return False
+        self.next_report = (int(10 * done / max(1, self.total)) + 1) / 10
+        return True
+
     def started(self, source, info, sampling, capacity):
         self.index += 1
         self.source, self.total, self.next_report = source, len(sampling.indices), 0.1
         self.timestamps = sampling.timestamps
-        prefix = f"[{self.index}/{self.total_inputs}] " if self.total_inputs > 1 else ""
-        self._line(f"{prefix}{source}: {self.total} frames from {short_clock(sampling.start)} to "
-                   f"{short_clock(sampling.end)}, memory {capacity} slots")
+        self._line(f"{_counter(self.index, 1, self.total_inputs)}{source}: {self.total} frames from "
+                   f"{short_clock(sampling.start)} to {short_clock(sampling.end)}, memory {capacity} slots")
 
     def frames(self, done, timestamp, memory):
-        if done >= self.next_report * self.total or done == self.total:
-            self.next_report = (int(10 * done / max(1, self.total)) + 1) / 10
+        if self._due(done):
             self._line(f"{self.source}: {done}/{self.total} frames, memory {memory_line(memory, self.timestamps)}")
+
+    def batch_started(self, sources, samplings, capacity):
+        self.source = _batch_title(self.index + 1, len(sources), self.total_inputs)  # what stage lines name
+        self.index += len(sources)
+        self.planned = [len(s.indices) for s in samplings]
+        self.total, self.next_report = max(self.planned, default=0), 0.1
+        videos = ", ".join(f"{source} ({n} frames)" for source, n in zip(sources, self.planned))
+        self._line(f"{self.source}: {videos}, memory {capacity} slots")
+
+    def batch_frames(self, done, memories):
+        step = max(done, default=0)
+        if self._due(step):
+            frames = ", ".join(f"{d}/{p}" for d, p in zip(done, self.planned))
+            self._line(f"{self.source}: {step}/{self.total} steps, frames {frames}")
 
     def stage(self, text):
         self._line(f"{self.source}: {text}")

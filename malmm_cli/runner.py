@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import MalmmError, UsageError
-from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
+from .presets import LOCKSTEP_TASKS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
 from .outputs import Output
 from .results import ErrorResult
 
@@ -49,6 +49,7 @@ class CommonOptions:
     workers: int | None = None
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
+    batch: int | None = None  # videos read in lockstep through one batched step (analyze.Analyzer.run_batch)
 
 
 # Bounds checked before any model loads, each with the reason a user can act on.
@@ -93,10 +94,17 @@ def validate(opts: CommonOptions) -> None:
         raise UsageError("--overwrite needs --output (the file or directory whose results to replace).")
     if opts.resume and opts.overwrite:
         raise UsageError("Use either --resume (add to the output) or --overwrite (replace it), not both.")
+    if opts.batch is not None:
+        if not 1 <= opts.batch <= MAX_BATCH:
+            raise UsageError(f"--batch must be from 1 to {MAX_BATCH} videos (each keeps its own memory bank "
+                             "and decoder while the batch runs).")
+        if opts.ray is not None and opts.batch > 1:
+            raise UsageError("--batch goes without --ray: each Ray worker reads one video at a time.")
     _validate_ray(opts)
 
 
 MAX_WORKERS = 10_000  # each loads its own copy of the model
+MAX_BATCH = 64  # videos in lockstep: each holds its banks (~100 MB at InstructBLIP size, M=20) and a decoder
 
 
 def _validate_ray(opts: CommonOptions) -> None:
@@ -197,6 +205,8 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         validate(opts)
         choice = resolve_model(opts.model)
         job = build_job(task, opts, choice.label, **args)
+        if (opts.batch or 1) > 1 and task not in LOCKSTEP_TASKS:
+            raise UsageError(f"--batch reads whole videos in lockstep: {', '.join(LOCKSTEP_TASKS)} only.")
         _check_environment(opts)
         from .inputs import expand_inputs
 
@@ -291,19 +301,59 @@ def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptio
     failures = 0
     output.open()
     try:
-        for spec in todo:
-            try:
-                result = analyzer.run(open_source(spec), job)
-            except input_errors() as err:
-                _reraise_interrupt(err)
-                analyzer.events.close()
-                result = ErrorResult(spec, _failure(err))
-            failures += record(output, spec, result)
+        if (opts.batch or 1) > 1:
+            for start in range(0, len(todo), opts.batch):
+                failures += _run_lockstep(analyzer, job, todo[start : start + opts.batch], output)
+        else:
+            for spec in todo:
+                try:
+                    result = analyzer.run(open_source(spec), job)
+                except input_errors() as err:
+                    result = _error_result(analyzer, spec, err)
+                failures += record(output, spec, result)
     except KeyboardInterrupt:
         analyzer.events.close()
         raise
     report_end(output, failures, opts)
     return 1 if failures else 0
+
+
+def _error_result(analyzer, spec: str, err: BaseException) -> ErrorResult:
+    _reraise_interrupt(err)
+    analyzer.events.close()
+    return ErrorResult(spec, _failure(err))
+
+
+def _run_lockstep(analyzer, job, group: list[str], output: Output) -> int:
+    """One group of --batch videos, read in lockstep; each record is written as it comes (a
+    video that fails early, then the answers). Returns the number of failed inputs."""
+    return sum(record(output, group[i], outcome) for i, outcome in lockstep_outcomes(analyzer, job, group))
+
+
+def lockstep_outcomes(analyzer, job, specs: list[str]):
+    """Open each input and read those that open in lockstep (Analyzer.run_batch; `job`: one,
+    or one per input). Yields (i, Result or ErrorResult) for specs[i] as each comes, exactly
+    once per input: an error of the whole batch's step fails those it left without one."""
+    from .inputs import open_source
+
+    jobs = [job] * len(specs) if not isinstance(job, (list, tuple)) else list(job)
+    opened = []  # positions in specs of the inputs that open, and their sources
+    for i, spec in enumerate(specs):  # downloads and missing files fail here, each on its own
+        try:
+            opened.append((i, open_source(spec)))
+        except input_errors() as err:
+            yield i, _error_result(analyzer, spec, err)
+    given: set[int] = set()
+    try:
+        outcomes = analyzer.run_batch([source for _, source in opened], [jobs[i] for i, _ in opened], input_errors())
+        for k, outcome in outcomes:
+            i = opened[k][0]
+            given.add(i)
+            yield i, _error_result(analyzer, specs[i], outcome) if isinstance(outcome, BaseException) else outcome
+    except input_errors() as err:
+        for i, _ in opened:
+            if i not in given:
+                yield i, _error_result(analyzer, specs[i], err)
 
 
 def record(output: Output, spec: str, outcome) -> bool:

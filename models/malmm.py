@@ -264,17 +264,21 @@ class VideoBatch:
             for b in live:
                 self._frames[b] += 1
 
-    def query_output(self) -> torch.Tensor:
-        """[B, 32, H_qformer]: each video's Q-Former output at its latest frame."""
-        unseen = [b for b, n in enumerate(self._frames) if n == 0]
+    def query_output(self, videos: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, 32, H_qformer]: each video's Q-Former output at its latest frame (only `videos`,
+        in that order, when given: e.g. those that did not fail)."""
+        videos = range(self.videos) if videos is None else list(videos)
+        unseen = [b for b in videos if self._frames[b] == 0]
         if unseen:
             raise RuntimeError(f"video {unseen[0]} of the batch has seen no frames yet")
-        return self._output
+        if isinstance(videos, range):
+            return self._output
+        return self._output[torch.as_tensor(videos, dtype=torch.long, device=self._output.device)]
 
     @torch.inference_mode()
-    def visual_tokens(self) -> torch.Tensor:
-        """[B, 32, H_llm]: what the LLM sees of each video."""
-        return self.model.language_projection(self.query_output())
+    def visual_tokens(self, videos: Sequence[int] | None = None) -> torch.Tensor:
+        """[B, 32, H_llm]: what the LLM sees of each video (of `videos` only, when given)."""
+        return self.model.language_projection(self.query_output(videos))
 
 
 class MALMM(nn.Module):
