@@ -1,7 +1,7 @@
-"""Issue 11: torch.compile (inductor, frozen weights) for the ViT, against eager, bf16 on a CPU.
+"""Issue 11: torch.compile (inductor, frozen weights) for the ViT, against eager, on a CPU.
 
     python benchmarks/bench_compile_vit.py [--size real|tiny] [--chunk 16] [--last 5] [--rounds 3]
-                                           [--dynamic] [--no-freezing]
+                                           [--dynamic] [--no-freezing] [--dtype bf16|fp32]
 
 What it measures, in one process:
 - compile time: the first call of the compiled ViT on a full chunk (`--chunk` frames), then
@@ -73,12 +73,14 @@ def main() -> None:
     parser.add_argument("--dynamic", action="store_true", help="compile with a symbolic frame count")
     parser.add_argument("--no-freezing", action="store_true")
     parser.add_argument("--mode", default=None, help="torch.compile mode, e.g. max-autotune")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="the ViT's dtype (malmm picks the faster of the two at load, see section 14a)")
     args = parser.parse_args()
 
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = not args.no_freezing
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     vit = vision_model(dtype) if args.size == "real" else tiny_vision(dtype)
     eager = features_fn(vit)
     compiled = torch.compile(features_fn(vit), dynamic=True if args.dynamic else False, mode=args.mode)
@@ -86,7 +88,7 @@ def main() -> None:
     full = torch.randn(args.chunk, 3, 224, 224, generator=gen).to(dtype)
     last = full[: args.last].clone()
     res: dict = {"size": args.size, "chunk": args.chunk, "last": args.last, "dynamic": args.dynamic,
-                 "freezing": not args.no_freezing, "mode": args.mode}
+                 "freezing": not args.no_freezing, "mode": args.mode, "dtype": args.dtype}
     with torch.no_grad():
         ref_full, t_eager_first = timed(eager, full)
         out_full, res["compile_s_full_chunk"] = timed(compiled, full)
@@ -123,9 +125,9 @@ def main() -> None:
     res["eager_first_call_s"] = round(t_eager_first, 2)
     compile_cost = res["compile_s_full_chunk"] - args.chunk * med["compiled"]  # beyond the run itself
     res["break_even_frames"] = round(compile_cost / saving) if saving > 0 else None
-    report(f"compile_vit_{args.size}{'_dynamic' if args.dynamic else ''}", res,
+    report(f"compile_vit_{args.size}_{args.dtype}{'_dynamic' if args.dynamic else ''}", res,
            "python benchmarks/bench_compile_vit.py " + " ".join(
-               [f"--size {args.size}", f"--chunk {args.chunk}", f"--last {args.last}", f"--rounds {args.rounds}"]
+               [f"--size {args.size}", f"--chunk {args.chunk}", f"--last {args.last}", f"--rounds {args.rounds}", f"--dtype {args.dtype}"]
                + (["--dynamic"] if args.dynamic else []) + (["--no-freezing"] if args.no_freezing else [])))
 
 

@@ -41,7 +41,7 @@ def plain_model(qformer):
 class Case:
     """One model size: the plain forward and the memory step as callables over a frame index."""
 
-    def __init__(self, qformer, frames: int = 32, seed: int = 0):
+    def __init__(self, qformer, frames: int = 32, seed: int = 0, memory: int = M):
         gen = torch.Generator().manual_seed(seed)
         cfg = qformer.config
         dtype = qformer.embeddings.layernorm.weight.dtype
@@ -55,8 +55,8 @@ class Case:
         self.qformer = qformer
         with torch.inference_mode():
             self.embeddings = qformer.embed(self.query_tokens, self.ids)
-            self.memory = qformer.new_memory(M)
-            for t in range(M + 2):  # fill the banks: from here on every frame compresses
+            self.memory = qformer.new_memory(memory)
+            for t in range(memory + 2):  # fill the banks: from here on every frame compresses
                 self.memory_step(t)
 
     def plain(self, t: int):
@@ -103,15 +103,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "real"], choices=["tiny", "real"])
+    parser.add_argument("--memory", type=int, nargs="+", default=[M],
+                        help="bank lengths M (0: no memory, the step attends to the current frame only, as the "
+                        "plain forward does: what remains is the step's own overhead)")
     args = parser.parse_args()
-    results = {"M": M, "instruction_tokens": INSTRUCTION_TOKENS}
+    results = {"M": args.memory, "instruction_tokens": INSTRUCTION_TOKENS}
     for size in args.sizes:
         qformer = tiny_qformer() if size == "tiny" else qformer_model(torch.bfloat16)
         frames = 40 if size == "tiny" else 4
-        print(f"== {size}", flush=True)
-        results[size] = measure(Case(qformer), args.threads, args.rounds, frames)
-    report("step", results, "python benchmarks/bench_step.py " + " ".join(
-        [f"--rounds {args.rounds}", "--threads", *map(str, args.threads), "--sizes", *args.sizes]))
+        for memory in args.memory:
+            print(f"== {size}, M={memory}", flush=True)
+            key = size if memory == M else f"{size}_M{memory}"
+            results[key] = measure(Case(qformer, memory=memory), args.threads, args.rounds, frames)
+    name = "step" if args.memory == [M] else "step_" + "_".join(f"M{m}" for m in args.memory)
+    report(name, results, "python benchmarks/bench_step.py " + " ".join(
+        [f"--rounds {args.rounds}", "--threads", *map(str, args.threads), "--sizes", *args.sizes,
+         "--memory", *map(str, args.memory)]))
 
 
 if __name__ == "__main__":
