@@ -1,12 +1,12 @@
 """Benchmark 2: the Q-Former step with memory (M=20) at real size, per frame, against ViT-g.
 
     python benchmarks/bench_qformer.py [--rounds 3] [--batch 4] [--threads N] [--fp32] [--straightforward]
-                                       [--drift] [--profile]
+                                       [--drift] [--profile] [--vision-dtype bf16|fp32]
 
 Real sizes: Q-Former 12 x 768 with cross-attention to 1408-d features every other layer,
 32 queries, a 12-token instruction; visual tokens 257 per frame. The bank is filled first
 (steady state: every frame appends and compresses). Each round times ViT-g per frame (bf16,
-a chunk of 16) and then each Q-Former variant, so a neighbour's load hits all of them alike,
+or `--vision-dtype fp32`, a chunk of 16) and then each Q-Former variant, so a neighbour's load hits all of them alike,
 and the fraction is taken per round: the cached-key/value step in bf16 (malmm's default for
 a bf16 model), the same with ``--batch`` videos in lockstep (per frame), and optionally fp32
 and the straightforward path (re-projecting the banks every frame). ``--profile`` prints
@@ -102,11 +102,14 @@ def main() -> None:
     parser.add_argument("--drift", action="store_true", help="bf16 against fp32 outputs over 200 frames")
     parser.add_argument("--profile", action="store_true", help="print the bf16 step's top operators")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--vision-dtype", choices=["bf16", "fp32"], default="bf16",
+                        help="the ViT's dtype (malmm picks the faster of the two on a CPU: fp32 on a Xeon without AMX)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    vit = vision_model(torch.bfloat16)
-    pixels = torch.randn(16, 3, 224, 224).bfloat16()
+    vision_dtype = torch.bfloat16 if args.vision_dtype == "bf16" else torch.float32
+    vit = vision_model(vision_dtype)
+    pixels = torch.randn(16, 3, 224, 224).to(vision_dtype)
     with torch.inference_mode():
         features = vit(pixel_values=pixels).last_hidden_state.float()
     bf16 = qformer_model(torch.bfloat16)
@@ -129,7 +132,7 @@ def main() -> None:
         for name, stepper in variants.items():
             times[name].append(stepper.seconds_per_frame(max(2, 8 // stepper.videos)))
         print({"vision": round(vision[-1], 4), **{k: round(v[-1], 4) for k, v in times.items()}}, flush=True)
-    results = {"M": M, "vision_s_per_frame": [round(v, 4) for v in vision], "qformer": []}
+    results = {"M": M, "vision_dtype": args.vision_dtype, "vision_s_per_frame": [round(v, 4) for v in vision], "qformer": []}
     for name, values in times.items():
         fractions = [q / v for q, v in zip(values, vision)]
         row = {"variant": name, "s_per_frame": [round(x, 4) for x in values],
@@ -144,9 +147,10 @@ def main() -> None:
     if args.drift:
         results["bf16_vs_fp32_output"] = bf16_drift()
         print(results["bf16_vs_fp32_output"], flush=True)
-    flags = [f"--rounds {args.rounds}", f"--batch {args.batch}", f"--threads {args.threads}"] + [
+    flags = [f"--rounds {args.rounds}", f"--batch {args.batch}", f"--threads {args.threads}",
+             f"--vision-dtype {args.vision_dtype}"] + [
         f"--{k}" for k in ("fp32", "straightforward", "drift", "profile") if getattr(args, k)]
-    report("qformer", results, "python benchmarks/bench_qformer.py " + " ".join(flags))
+    report(f"qformer_vision_{args.vision_dtype}", results, "python benchmarks/bench_qformer.py " + " ".join(flags))
 
 
 if __name__ == "__main__":

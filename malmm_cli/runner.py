@@ -104,7 +104,7 @@ def validate(opts: CommonOptions) -> None:
 
 
 MAX_WORKERS = 10_000  # each loads its own copy of the model
-MAX_BATCH = 64  # videos in lockstep: each holds its banks (~100 MB at InstructBLIP size, M=20) and a decoder
+MAX_BATCH = 64  # videos in lockstep: each holds its banks (~115 MB at InstructBLIP size, M=20) and a decoder
 
 
 def _validate_ray(opts: CommonOptions) -> None:
