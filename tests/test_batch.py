@@ -198,3 +198,54 @@ def test_evaluate_in_python_takes_batch(eval_data, tiny_model):
                                   on_record=seen.append).to_record()
         assert len(seen) == 7 and sum("error" in r for r in seen) == 1
     assert reports[1] == reports[3]
+
+
+def test_a_video_failing_mid_batch_gets_its_error_and_the_others_go_on(clips, alone, tmp_path, monkeypatch):
+    from malmm_cli.analyze import Analyzer
+    from malmm_cli.errors import VideoError
+
+    features = Analyzer._features
+
+    def failing_after_a_chunk(self, run, **decoding):
+        chunks = features(self, run, **decoding)
+        if not run.source.input.endswith("a.mp4"):
+            yield from chunks
+            return
+        yield next(chunks)
+        chunks.close()
+        raise VideoError(f"{run.source.input}: the decoder gave up after its first chunk.")
+
+    monkeypatch.setattr(Analyzer, "_features", failing_after_a_chunk)
+    out_file = tmp_path / "mid.jsonl"
+    out = malmm(*command("caption", clips, "--batch", 5, "-o", out_file, "--no-cache"))
+    got = by_input(records(out_file.read_text()))
+    assert out.exit_code == 1 and len(got) == 5
+    failed = str(clips / "a.mp4")
+    assert got[failed]["error"].endswith("the decoder gave up after its first chunk.")
+    assert got[failed]["error"] in out.stderr and "Traceback" not in out.stderr
+    expected = {k: v for k, v in alone["caption"][1].items() if k != failed}
+    assert_same_records({k: v for k, v in got.items() if k != failed}, expected)
+
+
+def test_a_failing_batch_step_fails_its_group_and_the_next_group_runs(clips, alone, tmp_path, monkeypatch):
+    from models.malmm import VideoBatch
+
+    step = VideoBatch.add_features
+    calls = []
+
+    def fails_in_the_first_group(self, features, active=None):
+        calls.append(self.videos)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return step(self, features, active)
+
+    monkeypatch.setattr(VideoBatch, "add_features", fails_in_the_first_group)
+    out_file = tmp_path / "group.jsonl"
+    out = malmm(*command("caption", clips, "--batch", 3, "-o", out_file, "--no-cache"))
+    got = by_input(records(out_file.read_text()))
+    assert out.exit_code == 1 and len(got) == 5 and "Traceback" not in out.stderr
+    first_group = [str(clips / f"{n}.mp4") for n in "abc"]  # c.mp4 failed on its own, before the step
+    assert all("error" in got[k] for k in first_group)
+    assert "out of memory (simulated)" in got[first_group[0]]["error"]
+    later = [str(clips / f"{n}.mp4") for n in "de"]
+    assert_same_records({k: got[k] for k in later}, {k: alone["caption"][1][k] for k in later})
