@@ -103,6 +103,10 @@ class _Lane:
             self.features.close()
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _check_lockstep(jobs: list[Job], videos: int) -> None:
     """Videos in one lockstep batch share everything but their questions."""
     if len(jobs) != videos:
@@ -257,13 +261,13 @@ class Analyzer:
         t0 = time.perf_counter()
         if job.task == "classify":
             labels = job.label_set
-            self.events.stage(f"scoring {len(labels.labels)} labels for {n} videos")
+            self.events.stage(f"scoring {len(labels.labels)} labels for {_count(n, 'video')}")
             with self._heavy():
                 loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
             fields = [self._ranked(job, row) for row in loglik]
         else:
-            self.events.stage(f"writing {n} captions" if job.task == "caption" else f"answering {len(prompts)} "
-                              f"question(s) about {n} videos")
+            self.events.stage(f"writing {_count(n, 'caption')}" if job.task == "caption" else
+                              f"answering {_count(len(prompts), 'question')} about {_count(n, 'video')}")
             texts: list[str] = []
             with self._heavy():
                 for a in range(0, len(prompts), LLM_ROWS):
