@@ -43,3 +43,16 @@ def test_custom_labels_example():
     assert out.returncode == 0, out.stderr
     line = out.stdout.strip()
     assert line.startswith(f"{SAMPLE}: ") and line.count("%") == 3
+
+
+def test_many_videos_example(tmp_path):
+    from tests.media import make_video
+
+    short = tmp_path / "short.mp4"
+    make_video(short, fps=10, n_frames=20)  # 2 s: 4 frames at 2 fps, against the sample's 12
+    out = run("examples/many_videos.py", str(SAMPLE), str(short))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"{SAMPLE}: 12 frames, memory 10/10 slots, 2 compressions"
+    assert lines[1] == f"{short}: 4 frames, memory 4/10 slots, 0 compressions"  # it sat out the last 8 steps
+    assert len(lines) == 4 and lines[2].startswith(f"{SAMPLE}: ") and lines[3].startswith(f"{short}: ")
