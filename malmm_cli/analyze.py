@@ -69,6 +69,10 @@ class _Run:
     def planned(self) -> int:
         return len(self.sampling.indices)
 
+    def nothing_decoded(self) -> VideoError:
+        """The error of a video that gave no frame at all (read alone or in a batch)."""
+        return VideoError(f"No frames could be decoded from '{self.source.input}'.")
+
 
 LLM_ROWS = 16  # rows per LLM call when a batch's answers are generated (each row has its beams)
 
@@ -223,7 +227,7 @@ class Analyzer:
                     try:
                         frame = lane.next_frame()
                         if frame is None and lane.run.frames_done == 0:
-                            raise VideoError(f"No frames could be decoded from '{lane.run.source.input}'.")
+                            raise lane.run.nothing_decoded()
                     except errors as err:
                         failed.add(lane.source)
                         yield lane.source, err
@@ -394,7 +398,7 @@ class Analyzer:
             run.frames_done += feats.shape[0]
             self.events.frames(run.frames_done, float(timestamps[-1]), streams[0].memory)
         if run.frames_done == 0:
-            raise VideoError(f"No frames could be decoded from '{run.source.input}'.")
+            raise run.nothing_decoded()
 
     # ---- model calls ------------------------------------------------------------------------
 

@@ -267,13 +267,13 @@ class VideoBatch:
     def query_output(self, videos: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 32, H_qformer]: each video's Q-Former output at its latest frame (only `videos`,
         in that order, when given: e.g. those that did not fail)."""
-        videos = range(self.videos) if videos is None else list(videos)
-        unseen = [b for b in videos if self._frames[b] == 0]
+        rows = range(self.videos) if videos is None else list(videos)
+        unseen = [b for b in rows if self._frames[b] == 0]
         if unseen:
             raise RuntimeError(f"video {unseen[0]} of the batch has seen no frames yet")
-        if isinstance(videos, range):
+        if videos is None:
             return self._output
-        return self._output[torch.as_tensor(videos, dtype=torch.long, device=self._output.device)]
+        return self._output[torch.as_tensor(rows, dtype=torch.long, device=self._output.device)]
 
     @torch.inference_mode()
     def visual_tokens(self, videos: Sequence[int] | None = None) -> torch.Tensor:
