@@ -48,12 +48,12 @@ def clips(folder: Path, videos: int, frames: int) -> list[Path]:
 
 
 def analyzer_for(size: str, tmp: Path, cache: bool):
-    from malmm_cli.features import FeatureCache
+    from malmm_cli.engine.features import FeatureCache
 
     features = FeatureCache(tmp / "features") if cache else None
     if size == "tiny":
-        from malmm_cli.presets import resolve_model
-        from malmm_cli.runner import CommonOptions, build_job, load_analyzer
+        from malmm_cli.engine.presets import resolve_model
+        from malmm_cli.runs.command import CommonOptions, build_job, load_analyzer
 
         opts = CommonOptions(model="tiny-random", fps=1, memory=10, beams=1, max_tokens=8, quiet=True,
                              no_cache=not cache)
@@ -64,9 +64,9 @@ def analyzer_for(size: str, tmp: Path, cache: bool):
         return analyzer, job
     from bench_reask import model_qformer_dtype, real_vision_model
 
-    from malmm_cli.analyze import Analyzer
-    from malmm_cli.presets import Generation
-    from malmm_cli.tasks import Job
+    from malmm_cli.engine.analyze import Analyzer
+    from malmm_cli.engine.presets import Generation
+    from malmm_cli.engine.tasks import Job
 
     model = real_vision_model(tmp, model_qformer_dtype())
     job = Job(task="caption", model_label="real-vision", memory=10, generation=Generation(num_beams=1, max_new_tokens=8),
@@ -76,8 +76,8 @@ def analyzer_for(size: str, tmp: Path, cache: bool):
 
 def run_all(analyzer, job, paths: list[Path], batch: int) -> tuple[float, list[str], int]:
     """(wall s, captions in input order, frames read) for all videos at this batch size."""
-    from malmm_cli.inputs import open_source
-    from malmm_cli.runner import input_errors
+    from malmm_cli.sources.inputs import open_source
+    from malmm_cli.runs.command import input_errors
 
     sources = [open_source(str(p)) for p in paths]
     t0 = time.perf_counter()

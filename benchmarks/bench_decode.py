@@ -89,7 +89,7 @@ if mode == "decord":
         vr.get_batch(idx[s : s + 16]).asnumpy()
         time.sleep(delay)
 else:
-    from malmm_cli import video
+    from malmm_cli.sources import video
     info = video.probe(path)
     for chunk in video.stream_frames(path, video.plan_sampling(info, fps=rate), info=info, workers=int(mode)):
         time.sleep(delay)

@@ -51,8 +51,8 @@ def scheduling_overhead(ray, ray_exec, calls: int) -> dict:
 
 def caption_batch(ray, ray_exec, clips: list[str], workers: int) -> tuple[float, float]:
     """(seconds from start to the first result, seconds from the first result to the last)."""
-    from malmm_cli import runner
-    from malmm_cli.ray_batch import AnalyzerWork, where
+    from malmm_cli.runs import command as runner
+    from malmm_cli.runs.runners import AnalyzerWork, where
 
     opts = runner.CommonOptions(model="tiny-random", quiet=True, no_cache=True)
     choice = runner.resolve_model(opts.model)
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
 
-    from malmm_cli import ray_exec
+    from malmm_cli.runs import ray_exec
 
     ray, _ = ray_exec.connect("local")
     try:

@@ -44,11 +44,11 @@ def real_vision_model(tmp: Path, qformer_dtype: torch.dtype, vision_dtype: torch
 
 
 def main() -> None:
-    from malmm_cli.analyze import Analyzer
-    from malmm_cli.features import FeatureCache
-    from malmm_cli.inputs import open_source
-    from malmm_cli.presets import Generation
-    from malmm_cli.tasks import Job, question_prompt
+    from malmm_cli.engine.analyze import Analyzer
+    from malmm_cli.engine.features import FeatureCache
+    from malmm_cli.sources.inputs import open_source
+    from malmm_cli.engine.presets import Generation
+    from malmm_cli.engine.tasks import Job, question_prompt
 
     from tests.media import bigbuckbunny_path
 

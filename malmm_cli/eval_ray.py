@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .ray_batch import AnalyzerWork, on_ray, where
+from malmm_cli.runs.runners import AnalyzerWork, on_ray, where
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class EvalWork(AnalyzerWork):
     final record reports them (the driver never loads the model)."""
 
     def run(self, analyzer, job, item):
-        from .evaluate import run_case
+        from malmm_cli.learn.evaluate import run_case
 
         return run_case(analyzer, job, item), job
 
@@ -37,8 +37,8 @@ def run_cases_on_ray(choice, job, todo, opts, given: dict, on_record) -> Any:
     """Run the cases `todo` on the Ray cluster that opts.ray names; `on_record(case, record)`
     gets each case's record (the data file's spelling of its video) as it finishes, in the
     order they finish. Returns the job as the workers ran it (`job` itself if none ran one)."""
-    from .evaluate import error_record
-    from .ray_exec import Failure
+    from malmm_cli.learn.evaluate import error_record
+    from malmm_cli.runs.ray_exec import Failure
 
     by_index = {case.index: case for case in todo}
     sent = [replace(case, video=where(case.video)) for case in todo]

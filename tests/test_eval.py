@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from malmm_cli import evaluate as ev
-from malmm_cli.dataset import load_dataset
-from malmm_cli.eval_cli import summary_path
+from malmm_cli.learn import evaluate as ev
+from malmm_cli.learn.dataset import load_dataset
+from malmm_cli.learn.eval_command import summary_path
 from tests.cli import TINY, malmm, records, run_help_examples
 
 FAST = ["--frames", 4, "-q"]  # 4 frames a clip; tiny-random's results are meaningless, their bookkeeping is not
@@ -232,8 +232,8 @@ def test_the_help_examples_run_as_printed(synth, tiny_model, tmp_path, monkeypat
 
 
 def test_questions_on_one_video_run_the_vision_encoder_once(synth, tiny_model, tmp_path, monkeypatch):
-    from malmm_cli.dataset import Item
-    from malmm_cli.features import FeatureCache
+    from malmm_cli.learn.dataset import Item
+    from malmm_cli.engine.features import FeatureCache
 
     video = load_dataset(synth[0], "classify")[0].video
     items = [Item(i, video, "cat", q) for i, q in enumerate(["what is it?", "what colour?", "is it moving?"])]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from malmm_cli import outputs, runner
-from malmm_cli.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
+from malmm_cli.results import outputs
+from malmm_cli.runs import command as runner
+from malmm_cli.results.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
 from tests.cli import SAMPLE, malmm
 from tests.cli import TINY as CLI_TINY
 from tests.cli import records as text_records
@@ -241,8 +242,8 @@ def test_a_full_disk_is_one_sentence_and_earlier_records_stay_whole(tmp_path, vi
 
 
 def test_ctrl_c_in_the_middle_of_a_write_waits_for_the_whole_record(tmp_path, monkeypatch):
-    from malmm_cli.outputs import Output
-    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, VideoMeta
+    from malmm_cli.results.outputs import Output
+    from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, VideoMeta
 
     result = Result(input="a.mp4", task="caption", model="m", video=VideoMeta(1.0, 10.0, 8, 8),
                     sampling=SamplingMeta(None, 4, 0.0, 1.0), memory=MemoryMeta(4, 0), timings={},
@@ -514,8 +515,8 @@ def test_per_video_files_from_other_options_are_written_again(tmp_path, videos):
 def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):
     """A per-video file written again for other work loses its old job key before it is
     replaced: if the write fails (or the run dies) in between, --resume redoes it."""
-    from malmm_cli.outputs import Output, OutputWriteError
-    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+    from malmm_cli.results.outputs import Output, OutputWriteError
+    from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 
     specs = ["/v/a.mp4", "/v/b.mp4"]
 
@@ -554,9 +555,9 @@ def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):
 
 
 def test_a_model_folder_is_one_model_by_any_path(tmp_path, monkeypatch):
-    from malmm_cli.jobkey import job_key
-    from malmm_cli.presets import ModelChoice
-    from malmm_cli.tasks import Job
+    from malmm_cli.results.jobkey import job_key
+    from malmm_cli.engine.presets import ModelChoice
+    from malmm_cli.engine.tasks import Job
 
     (tmp_path / "m").mkdir()
     monkeypatch.chdir(tmp_path)

@@ -20,8 +20,8 @@ import importlib.util
 
 import pytest
 
-from malmm_cli import ray_exec
-from malmm_cli.ray_batch import AnalyzerWork
+from malmm_cli.runs import ray_exec
+from malmm_cli.runs.runners import AnalyzerWork
 from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import make_video
 
@@ -178,9 +178,10 @@ class _WaitForKill:
 
 
 def test_a_worker_killed_mid_input_loses_and_repeats_no_record(local_ray, clips, plain, tmp_path):
-    from malmm_cli import ray_batch, runner
-    from malmm_cli.jobkey import job_key
-    from malmm_cli.outputs import Output
+    from malmm_cli.runs import runners as ray_batch
+    from malmm_cli.runs import command as runner
+    from malmm_cli.results.jobkey import job_key
+    from malmm_cli.results.outputs import Output
 
     marker = tmp_path / "pid"
 

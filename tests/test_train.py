@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli.dataset import load_dataset
-from malmm_cli.train import Interrupted, TrainEvents, TrainOptions, learning_rate, train
+from malmm_cli.learn.dataset import load_dataset
+from malmm_cli.learn.train import Interrupted, TrainEvents, TrainOptions, learning_rate, train
 from models import MALMM
 from models.overlay import hf_to_lavis_key, lavis_to_hf_key, read_lavis_checkpoint
 from models.training import (answer_loss, candidate_log_likelihoods, freeze_for_training, official_config,
@@ -241,7 +241,7 @@ def test_training_under_bf16_autocast_keeps_float32_weights_and_learns(data, tin
     """On a GPU, training runs under bf16 autocast (train._autocast). No GPU here: the same
     loop under CPU bf16 autocast shows that the mixed-precision path runs, learns, and leaves
     the trained weights and the AdamW state in float32."""
-    import malmm_cli.train as train_module
+    import malmm_cli.learn.train as train_module
 
     calls = []
 

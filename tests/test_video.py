@@ -1,4 +1,4 @@
-"""malmm_cli.video: probe, sampling plans, chunked background decoding, preprocessing, bad input."""
+"""malmm_cli.sources.video: probe, sampling plans, chunked background decoding, preprocessing, bad input."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli import decoding
+from malmm_cli.sources import decoding
 from malmm_cli.errors import UsageError, VideoError
-from malmm_cli.video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.video import plan_sampling, preprocess, probe, stream_frames
 from models.malmm import CLIP_MEAN, CLIP_STD
 from tests import media
 
@@ -348,7 +348,7 @@ def test_sigint_during_decoding_exits_promptly(clips):
     path, _ = clips["cfr25"]
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from malmm_cli import video
+        from malmm_cli.sources import video
         info = video.probe({str(path)!r})
         plan = video.plan_sampling(info, fps=25.0)
         try:
@@ -518,7 +518,7 @@ def test_no_decodable_frame_in_plan_is_an_error(clips, tmp_path):
 # (pytest, with torch loaded) through fork and exec.
 MEMORY_SCRIPT = """
 import re, sys, time
-from malmm_cli import video
+from malmm_cli.sources import video
 info = video.probe(sys.argv[1])
 plan = video.plan_sampling(info, fps=1.0)
 total = 0

@@ -14,10 +14,10 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperArgument, TyperCommand
 
-from . import __version__
-from .errors import MalmmError
-from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
-from .times import parse_time
+from malmm_cli import __version__
+from malmm_cli.errors import MalmmError
+from malmm_cli.engine.presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from malmm_cli.times import parse_time
 
 class _HelpInWords(TyperCommand):
     """Help pages in words rather than Python types: `INPUT...` not `{inputs}...` or
@@ -168,7 +168,7 @@ def _common(values: dict):
     """The shared options among a command's parameters (the fields of CommonOptions)."""
     from dataclasses import fields
 
-    from .runner import CommonOptions
+    from malmm_cli.runs.command import CommonOptions
 
     return CommonOptions(**{f.name: values[f.name] for f in fields(CommonOptions) if f.name in values})
 
@@ -192,7 +192,7 @@ def caption(
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Describe what happens in each video."""
-    from .runner import run_command
+    from malmm_cli.runs.command import run_command
 
     opts = _common(locals())
     raise typer.Exit(run_command("caption", inputs, opts, prompt=prompt))
@@ -221,7 +221,7 @@ def ask(
 ):
     """Answer questions about a video (several questions in one pass). With one question and
     one input, the answer alone goes to stdout."""
-    from .runner import run_command
+    from malmm_cli.runs.command import run_command
 
     opts = _common(locals())
     raise typer.Exit(run_command("ask", [input], opts, questions=[question, *(more or [])]))
@@ -255,7 +255,7 @@ def classify(
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
-    from .runner import run_command
+    from malmm_cli.runs.command import run_command
 
     opts = _common(locals())
     raise typer.Exit(run_command("classify", inputs, opts, label_task=task, labels=labels, top_k=top_k, prompt=prompt))
@@ -288,7 +288,7 @@ def summarize(
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Timestamped segments with one caption each, plus a summary of the whole video."""
-    from .runner import run_command
+    from malmm_cli.runs.command import run_command
 
     opts = _common(locals())
     fmt = None if format is None else "text" if format in (SummaryFormat.txt, SummaryFormat.text) else format.value
@@ -302,7 +302,7 @@ def summarize(
 def models_list(json_: Annotated[bool, typer.Option("--json", help="Print one JSON object per model (one per line).")]
                 = False):
     """The model presets, and whether each is downloaded."""
-    from .modelcmds import list_models
+    from malmm_cli.engine.catalog import list_models
 
     raise typer.Exit(list_models(json_))
 
@@ -312,7 +312,7 @@ def models_list(json_: Annotated[bool, typer.Option("--json", help="Print one JS
 def models_download(name: Annotated[str, typer.Argument(metavar="MODEL", help="Preset name or hub id.",
                                                         show_default=False)]):
     """Download a model into the Hugging Face cache (resumable)."""
-    from .modelcmds import download_model
+    from malmm_cli.engine.catalog import download_model
 
     raise typer.Exit(download_model(name))
 
@@ -322,7 +322,7 @@ def models_path(name: Annotated[Optional[str], typer.Argument(
         metavar="MODEL", help="Preset name or hub id; without it, where malmm and Hugging Face keep things.",
         show_default=False)] = None):
     """Print where a downloaded model lives, or where everything is cached."""
-    from .modelcmds import model_path
+    from malmm_cli.engine.catalog import model_path
 
     raise typer.Exit(model_path(name))
 
@@ -330,15 +330,15 @@ def models_path(name: Annotated[Optional[str], typer.Argument(
 @app.command(cls=_HelpInWords, epilog=examples("malmm doctor"))
 def doctor():
     """Check the installation and run tiny-random end to end on a generated video."""
-    from .modelcmds import run_doctor
+    from malmm_cli.engine.catalog import run_doctor
 
     raise typer.Exit(run_doctor())
 
 
 # ---- train and eval (their commands live in their own modules) -----------------------------
 
-from .eval_cli import register as _register_eval  # noqa: E402
-from .train_cli import register as _register_train  # noqa: E402
+from malmm_cli.learn.eval_command import register as _register_eval  # noqa: E402
+from malmm_cli.learn.train_command import register as _register_train  # noqa: E402
 
 _register_train(app, examples=examples, command_class=_HelpInWords)
 _register_eval(app, examples=examples, command_class=_HelpInWords)

@@ -20,14 +20,14 @@ import torch
 from models import MALMM, VideoStream
 from models.memory_bank import BankStatus
 
-from .errors import VideoError
+from malmm_cli.errors import VideoError
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
-from .inputs import VideoSource
+from malmm_cli.sources.inputs import VideoSource
 from .presets import LOCKSTEP_TASKS
-from .results import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+from malmm_cli.results.records import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
-from .video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
 
 
 class Events:

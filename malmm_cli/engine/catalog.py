@@ -99,7 +99,7 @@ def _human(n: int) -> str:
 
 def _resolve(name: str):
     """The ModelChoice for a name, or the exit code after reporting why there is none."""
-    from .errors import MalmmError
+    from malmm_cli.errors import MalmmError
 
     try:
         return resolve_model(name)
@@ -169,7 +169,7 @@ def model_path(name: str | None) -> int:
 def _cache_locations() -> int:
     from huggingface_hub import constants
 
-    from .inputs import cache_root
+    from malmm_cli.sources.inputs import cache_root
 
     root = cache_root()
     for label, path in (("malmm cache", root), ("vision features", root / "features"),
@@ -217,8 +217,8 @@ def run_doctor() -> int:
     else:
         dtype = default_dtype(torch.device("cpu"))
         check("device", True, f"CPU only, {os.cpu_count()} cores, model dtype {str(dtype).replace('torch.', '')}")
-    from .errors import UsageError
-    from .inputs import cache_root
+    from malmm_cli.errors import UsageError
+    from malmm_cli.sources.inputs import cache_root
 
     try:
         root = cache_root()
@@ -243,10 +243,10 @@ def run_doctor() -> int:
 def _doctor_end_to_end(check) -> bool:
     """tiny-random over the bundled sample: decode -> vision -> memory -> LLM."""
     from .analyze import Analyzer
-    from .inputs import open_source
+    from malmm_cli.sources.inputs import open_source
     from .loader import load_model
     from .presets import Generation, ModelChoice
-    from .runner import CommonOptions
+    from malmm_cli.runs.command import CommonOptions
     from .tasks import Job
 
     t0 = time.perf_counter()

@@ -40,7 +40,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .errors import UsageError
+from malmm_cli.errors import UsageError
 
 log = logging.getLogger("malmm")
 

@@ -13,7 +13,7 @@ import torch
 from models import MALMM, ModelNotAvailableError
 from models.loading import default_dtype, resolve_device
 
-from .errors import UsageError
+from malmm_cli.errors import UsageError
 
 
 def _model_config(source: str):
@@ -66,7 +66,7 @@ def resolve_quantization(quant: str, choice, device: torch.device, dtype: torch.
         return quant
     from models.quantize import choose_precision
 
-    from .inputs import cache_root
+    from malmm_cli.sources.inputs import cache_root
 
     if choice.source == "tiny-random":  # a toy: timings at its size say nothing, quantizing it nothing
         return None
@@ -111,7 +111,7 @@ def _announce_download(choice, quiet: bool) -> None:
 
 
 def load_model(choice, opts) -> MALMM:
-    from .inputs import cache_root
+    from malmm_cli.sources.inputs import cache_root
 
     _quiet_libraries()
     device = _device(str(getattr(opts.device, "value", opts.device)))
@@ -144,7 +144,7 @@ def load_model(choice, opts) -> MALMM:
 
 def _file_id(path: Path) -> str:
     """The checkpoint's identity (as --resume's job key sees it), short."""
-    from .jobkey import file_identity
+    from malmm_cli.results.jobkey import file_identity
 
     ident = file_identity(path)
     return hashlib.sha256(f"{ident['path']}|{ident['size']}|{ident['mtime_ns']}".encode()).hexdigest()[:16]

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from malmm_cli.errors import UsageError
 
 MODEL_ENV = "MALMM_MODEL"
 

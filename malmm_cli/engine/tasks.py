@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from malmm_cli.errors import UsageError
 from .presets import TASK_DEFAULTS, Generation
 
 LVU_TASKS = ("relationship", "way_speaking", "scene", "director", "genre", "writer", "year")

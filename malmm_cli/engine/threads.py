@@ -97,7 +97,7 @@ def configured_threads() -> int | None:
     value = os.environ.get(THREADS_ENV, "").strip()
     if not value:
         return None
-    from .errors import UsageError
+    from malmm_cli.errors import UsageError
 
     if not value.isdigit() or int(value) < 1:
         raise UsageError(f"{THREADS_ENV} must be a positive whole number of threads, not {value!r}.")

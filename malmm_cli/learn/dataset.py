@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .errors import UsageError
-from .inputs import is_url
+from malmm_cli.errors import UsageError
+from malmm_cli.sources.inputs import is_url
 
 # task -> (target column, needs a question column)
 TARGET_COLUMNS = {"classify": "label", "ask": "answer", "caption": "caption"}

@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import MalmmError, UsageError
+from malmm_cli.errors import MalmmError, UsageError
 
 SUMMARY_SUFFIX = ".summary.json"
 SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
@@ -34,7 +34,7 @@ class EvalTask(str, Enum):
 
 def register(app, *, examples, command_class) -> None:
     """Add the `eval` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
-    from .app import (BeamsOpt, CheckpointOpt, CpusPerWorkerOpt, Device, DeviceOpt, FpsOpt, FramesOpt,
+    from malmm_cli.cli.app import (BeamsOpt, CheckpointOpt, CpusPerWorkerOpt, Device, DeviceOpt, FpsOpt, FramesOpt,
                       GpusPerWorkerOpt, MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt,
                       QuietOpt, RayOpt, WorkersOpt, BatchOpt, _common)
 
@@ -89,7 +89,7 @@ def register(app, *, examples, command_class) -> None:
 def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None) -> int:
     """The command: exit code 0 (all scored), 1 (some cases failed, or the model did not load),
     2 (usage), 130/143 (interrupted; the predictions so far are kept)."""
-    from .runner import Terminated, _check_environment, _setup_logging, _sigterm_as_interrupt, validate
+    from malmm_cli.runs.command import Terminated, _check_environment, _setup_logging, _sigterm_as_interrupt, validate
 
     _setup_logging(opts.quiet)
     output = None
@@ -97,7 +97,7 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
         validate(opts)
         from .dataset import load_dataset
         from .evaluate import check_options, plan
-        from .presets import resolve_model
+        from malmm_cli.engine.presets import resolve_model
 
         check_options(task, labels=labels, label_set=label_set, prompt=prompt)
         choice = resolve_model(opts.model)
@@ -131,7 +131,7 @@ def _output(task: str, data: Path, cases, opts):
     data file or a video."""
     if opts.output is None:
         return None
-    from .outputs import Output
+    from malmm_cli.results.outputs import Output
 
     return Output(task, opts.output, "json", True, [str(data), *dict.fromkeys(c.video for c in cases)])
 
@@ -150,7 +150,7 @@ def _claim_summary(output: Path, data: Path, cases) -> Path | None:
     path = summary_path(output)
     if not path.exists():
         return path
-    from .outputs import input_ids
+    from malmm_cli.results.outputs import input_ids
 
     st = os.stat(path)
     ours = False
@@ -171,7 +171,7 @@ def eval_job_key(job, choice, opts) -> str:
     what each row asks (its question, its target) is checked record by record."""
     import hashlib
 
-    from .jobkey import JOB_KEY_HEX, job_key
+    from malmm_cli.results.jobkey import JOB_KEY_HEX, job_key
 
     given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
     base = job_key(job, choice, opts.checkpoint, **given)
@@ -210,7 +210,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
         if opts.ray is not None:
             job, failures = _run_cases_on_ray(choice, job, todo, output, records, opts, given)
         else:
-            from .runner import load_analyzer
+            from malmm_cli.runs.command import load_analyzer
 
             loaded = load_analyzer(choice, job, opts, len(todo), given)
             if loaded is None:
@@ -251,7 +251,7 @@ def _run_cases(analyzer, job, todo, output, records: dict[int, dict], batch: int
 def _run_cases_on_ray(choice, job, todo, output, records: dict[int, dict], opts, given: dict):
     """--ray: the cases on Ray workers (eval_ray.py), each record written here as it comes
     back. Returns (the job as the workers ran it, how many cases failed)."""
-    from .eval_ray import run_cases_on_ray
+    from malmm_cli.eval_ray import run_cases_on_ray
 
     failed = []
     if output is not None:
@@ -267,7 +267,7 @@ def _run_cases_on_ray(choice, job, todo, output, records: dict[int, dict], opts,
 def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
     """One case's record: said on stderr if it failed (and its warnings), written to the
     predictions file, kept for the metrics. True if the case failed."""
-    from .runner import _error, log
+    from malmm_cli.runs.command import _error, log
 
     if "error" in record:
         _error(case.video, f"item {case.index + 1}: {record['error']}")

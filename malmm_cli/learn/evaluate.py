@@ -27,9 +27,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .dataset import Item, columns
-from .errors import UsageError
-from .presets import TASK_DEFAULTS
-from .tasks import LABEL_SET_NAMES, Job, LabelSet, custom_label_set, load_label_set, question_prompt
+from malmm_cli.errors import UsageError
+from malmm_cli.engine.presets import TASK_DEFAULTS
+from malmm_cli.engine.tasks import LABEL_SET_NAMES, Job, LabelSet, custom_label_set, load_label_set, question_prompt
 
 TOP_K = 5  # top-5 accuracy, as the official classification eval reports
 CAPTION_EXTRA = "eval"  # pip install 'malmm[eval]' brings pycocoevalcap
@@ -133,11 +133,11 @@ def run_case(analyzer, job: Job, case: Case, *, open_source: Callable | None = N
     "error" is one sentence (a broken or missing video). An interrupt is never swallowed."""
     from models import ModelError
 
-    from .errors import MalmmError
-    from .runner import _failure, _reraise_interrupt
+    from malmm_cli.errors import MalmmError
+    from malmm_cli.runs.command import _failure, _reraise_interrupt
 
     if open_source is None:
-        from .inputs import open_source
+        from malmm_cli.sources.inputs import open_source
     try:
         result = analyzer.run(open_source(case.video), case_job(job, case))
     except (MalmmError, ModelError, RuntimeError, ValueError, OSError) as err:
@@ -154,8 +154,8 @@ def run_cases(analyzer, job: Job, cases: Sequence[Case], batch: int = 1) -> Iter
         for case in cases:
             yield case, run_case(analyzer, job, case)
         return
-    from .results import ErrorResult
-    from .runner import lockstep_outcomes
+    from malmm_cli.results.records import ErrorResult
+    from malmm_cli.runs.command import lockstep_outcomes
 
     for start in range(0, len(cases), batch):
         group = list(cases[start : start + batch])
@@ -347,7 +347,7 @@ def plan(task: str, items: Sequence[Item], opts, model_label: str, *, labels: st
          label_set: str | None = None, prompt: str | None = None) -> tuple[Job, list[Case]]:
     """The job (task defaults + options, as runner.build_job makes them) and the checked cases.
     Everything a user can get wrong in the data or options is found here, before a model loads."""
-    from .runner import build_job
+    from malmm_cli.runs.command import build_job
 
     check_options(task, labels=labels, label_set=label_set, prompt=prompt)
     cases = cases_for(items, task)
@@ -380,9 +380,9 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     `batch` > 1 reads that many videos at a time in lockstep (as `malmm eval --batch`).
     `on_record` is called with each case's record as it finishes.
     """
-    from .analyze import Analyzer
-    from .runner import CommonOptions, validate
-    from .tasks import with_trained_defaults
+    from malmm_cli.engine.analyze import Analyzer
+    from malmm_cli.runs.command import CommonOptions, validate
+    from malmm_cli.engine.tasks import with_trained_defaults
 
     opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch)
     validate(opts)
@@ -404,7 +404,7 @@ def _model_id(model) -> str:
     for the same source and checkpoint."""
     from types import SimpleNamespace
 
-    from .loader import model_id
+    from malmm_cli.engine.loader import model_id
 
     checkpoint = model.overlay_report.path if model.overlay_report is not None else None
     return model_id(SimpleNamespace(source=model.name), SimpleNamespace(checkpoint=checkpoint), model)

@@ -11,8 +11,8 @@ The ViT runs once per video, through the feature cache; the features of the whol
 are then kept in one temporary file (constant RAM whatever its size), so an epoch costs the
 Q-Former and the LLM only.
 
-    from malmm_cli.dataset import load_dataset
-    from malmm_cli.train import TrainOptions, load_for_training, train
+    from malmm_cli.learn.dataset import load_dataset
+    from malmm_cli.learn.train import TrainOptions, load_for_training, train
 
     model = load_for_training("tiny-random")
     items = load_dataset("train.csv", "classify")
@@ -36,11 +36,11 @@ from models.training import (answer_log_likelihood, candidate_log_likelihoods, f
                              official_config, save_checkpoint, tokenize_instructions, visual_tokens)
 
 from .dataset import Item
-from .errors import UsageError, VideoError
-from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
-from .presets import TASK_DEFAULTS
-from .tasks import question_prompt
-from .video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.errors import UsageError, VideoError
+from malmm_cli.engine.features import FeatureCache, FrameStore, feature_key, video_fingerprint
+from malmm_cli.engine.presets import TASK_DEFAULTS
+from malmm_cli.engine.tasks import question_prompt
+from malmm_cli.sources.video import plan_sampling, preprocess, probe, stream_frames
 
 # ---- defaults (the official run scripts and configs) -------------------------------------------
 
@@ -400,7 +400,7 @@ def train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: st
 
 def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: str | Path, *, val_items, cache,
            model_id, events, run_info) -> TrainReport:
-    from .inputs import open_source
+    from malmm_cli.sources.inputs import open_source
 
     options = options.resolved(model.trained_config)
     if not items:
@@ -436,7 +436,7 @@ def _thread_team(model: MALMM):
     tiny-random training 13x slower than 1), a real-size one on all of them (large GEMMs)."""
     if model.device.type != "cpu":
         return contextlib.nullcontext()
-    from .threads import plan_threads, torch_threads
+    from malmm_cli.engine.threads import plan_threads, torch_threads
 
     large = model.vision_model.config.hidden_size >= 1024  # ViT-g: 1408; tiny-random: 32
     plan = plan_threads(large)

@@ -79,8 +79,8 @@ def train(
 
 
 def _validate(o: dict) -> None:
-    from .errors import UsageError
-    from .runner import MAX_FPS, MAX_FRAMES, MAX_MEMORY
+    from malmm_cli.errors import UsageError
+    from malmm_cli.runs.command import MAX_FPS, MAX_FRAMES, MAX_MEMORY
 
     if o["epochs"] is not None and o["epochs"] < 1:
         raise UsageError("--epochs must be 1 or more.")
@@ -114,7 +114,7 @@ def _identity(path: Path) -> tuple[int, int] | None:
 def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
     """-o may name a new file, or an existing one with --overwrite; never a folder, nor any
     input of the run (the data, the validation data, the starting checkpoint, a video)."""
-    from .errors import UsageError
+    from malmm_cli.errors import UsageError
 
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; name the checkpoint file to write, e.g. {output / 'ckpt.pth'}.")
@@ -140,8 +140,8 @@ def run_train(o: dict) -> int:
     (the progress so far saved)."""
     from models import ModelError
 
-    from .errors import MalmmError
-    from .runner import Terminated, _setup_logging, _sigterm_as_interrupt
+    from malmm_cli.errors import MalmmError
+    from malmm_cli.runs.command import Terminated, _setup_logging, _sigterm_as_interrupt
     from .train import Interrupted
 
     _setup_logging(o["quiet"])
@@ -171,7 +171,7 @@ def run_train(o: dict) -> int:
 def _prepare(o: dict):
     """Options, model choice, data and output, all checked before anything heavy."""
     from .dataset import load_dataset
-    from .presets import resolve_model
+    from malmm_cli.engine.presets import resolve_model
 
     _validate(o)
     choice = resolve_model(o["model"])
@@ -188,8 +188,8 @@ def _prepare(o: dict):
 def _check_videos(data: Path, items) -> None:
     """Every local video of the data exists: training needs all of them, so a missing one is
     a mistake in the data file, found before the model loads (URLs are fetched later)."""
-    from .errors import UsageError
-    from .inputs import is_url
+    from malmm_cli.errors import UsageError
+    from malmm_cli.sources.inputs import is_url
 
     for item in items:
         if not is_url(item.video) and not Path(item.video).is_file():
@@ -199,10 +199,10 @@ def _check_videos(data: Path, items) -> None:
 def _run(o: dict, choice, items, val_items):
     from types import SimpleNamespace
 
-    from .errors import UsageError
-    from .features import FeatureCache
-    from .inputs import cache_root
-    from .loader import model_id
+    from malmm_cli.errors import UsageError
+    from malmm_cli.engine.features import FeatureCache
+    from malmm_cli.sources.inputs import cache_root
+    from malmm_cli.engine.loader import model_id
     from .train import TrainOptions, load_for_training, train
 
     options = TrainOptions(task=o["task"], epochs=o["epochs"], lr=o["lr"], batch_size=o["batch_size"],

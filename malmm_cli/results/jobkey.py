@@ -18,8 +18,8 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from .presets import ModelChoice
-from .tasks import Job
+from malmm_cli.engine.presets import ModelChoice
+from malmm_cli.engine.tasks import Job
 
 JOB_KEY_VERSION = 1  # bump when the meaning of a Job field changes, so old records are redone
 JOB_KEY_HEX = 16

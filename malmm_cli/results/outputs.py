@@ -48,9 +48,9 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from .errors import MalmmError, UsageError
-from .inputs import is_url
-from .results import ErrorResult, Result
+from malmm_cli.errors import MalmmError, UsageError
+from malmm_cli.sources.inputs import is_url
+from .records import ErrorResult, Result
 from .writers import EXTENSIONS, get_writer
 
 if os.name == "posix":

@@ -27,8 +27,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from .analyze import Events
-from .results import Result
+from malmm_cli.engine.analyze import Events
+from .records import Result
 from .writers import short_clock
 
 _BARS = " ▁▂▃▄▅▆▇█"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from typing import TextIO
 
-from .errors import UsageError
-from .results import ErrorResult, Result
+from malmm_cli.errors import UsageError
+from .records import ErrorResult, Result
 
 
 def clock(seconds: float, sep: str = ".", hours: bool = True) -> str:

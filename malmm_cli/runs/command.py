@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .errors import MalmmError, UsageError
-from .presets import LOCKSTEP_TASKS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
-from .outputs import Output
-from .results import ErrorResult
+from malmm_cli.errors import MalmmError, UsageError
+from malmm_cli.engine.presets import LOCKSTEP_TASKS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
+from malmm_cli.results.outputs import Output
+from malmm_cli.results.records import ErrorResult
 
 log = logging.getLogger("malmm")
 
@@ -133,7 +133,7 @@ def _ray_env() -> str:
 
 def build_job(task: str, opts: CommonOptions, model_label: str, **args):
     """Task defaults (presets.py) overridden by the options: the one place they are combined."""
-    from .tasks import Job, custom_label_set, load_label_set, question_prompt
+    from malmm_cli.engine.tasks import Job, custom_label_set, load_label_set, question_prompt
 
     defaults = TASK_DEFAULTS[task]
     if opts.fps is None and opts.frames is None:
@@ -208,7 +208,7 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         if (opts.batch or 1) > 1 and task not in LOCKSTEP_TASKS:
             raise UsageError(f"--batch reads whole videos in lockstep: {', '.join(LOCKSTEP_TASKS)} only.")
         _check_environment(opts)
-        from .inputs import expand_inputs
+        from malmm_cli.sources.inputs import expand_inputs
 
         specs = expand_inputs(inputs)
         output = Output(task, opts.output, args.get("fmt"), opts.json_, specs)
@@ -233,22 +233,22 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
 
 def _check_environment(opts: CommonOptions) -> None:
     """Bad environment values are usage errors before any model loads, not failures later."""
-    from .download import download_limits
-    from .inputs import cache_root
-    from .threads import configured_threads
+    from malmm_cli.sources.download import download_limits
+    from malmm_cli.sources.inputs import cache_root
+    from malmm_cli.engine.threads import configured_threads
 
     cache_root()  # MALMM_CACHE_DIR
     download_limits()  # MALMM_DOWNLOAD_STALL_S, MALMM_DOWNLOAD_DEADLINE_S
     configured_threads()  # MALMM_THREADS
     if not opts.no_cache:
-        from .features import cache_limit_from_env
+        from malmm_cli.engine.features import cache_limit_from_env
 
         cache_limit_from_env()  # MALMM_FEATURE_CACHE_GB
 
 
 def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOptions) -> int:
     """Check and lock the output (before the model loads: a refusal costs nothing), then run."""
-    from .jobkey import job_key
+    from malmm_cli.results.jobkey import job_key
 
     mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
     # Whether the checkpoint's trained frames and memory may replace the task defaults:
@@ -263,7 +263,7 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     if not todo:
         return 0
     if opts.ray is not None:
-        from .ray_batch import run_on_ray
+        from .runners import run_on_ray
 
         return run_on_ray(choice, job, todo, output, opts, given)
     loaded = load_analyzer(choice, job, opts, len(todo), given)
@@ -278,7 +278,7 @@ def load_analyzer(choice, job, opts: CommonOptions, n_inputs: int, given: dict):
     none), or None when the model does not load (said in one sentence on stderr)."""
     from models import ModelError
 
-    from .tasks import with_trained_defaults
+    from malmm_cli.engine.tasks import with_trained_defaults
 
     try:
         analyzer = _analyzer(choice, opts, n_inputs)
@@ -296,7 +296,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
 
 
 def _run_batch(analyzer, job, todo: list[str], output: Output, opts: CommonOptions) -> int:
-    from .inputs import open_source
+    from malmm_cli.sources.inputs import open_source
 
     failures = 0
     output.open()
@@ -334,7 +334,7 @@ def lockstep_outcomes(analyzer, job, specs: list[str]):
     """Open each input and read those that open in lockstep (Analyzer.run_batch; `job`: one,
     or one per input). Yields (i, Result or ErrorResult) for specs[i] as each comes, exactly
     once per input: an error of the whole batch's step fails those it left without one."""
-    from .inputs import open_source
+    from malmm_cli.sources.inputs import open_source
 
     jobs = [job] * len(specs) if not isinstance(job, (list, tuple)) else list(job)
     opened = []  # positions in specs of the inputs that open, and their sources
@@ -423,11 +423,11 @@ def _sigterm_as_interrupt():
 
 
 def _analyzer(choice, opts: CommonOptions, n_inputs: int):
-    from .loader import load_model, model_id
-    from .live import make_events
-    from .analyze import Analyzer
-    from .features import FeatureCache
-    from .inputs import cache_root
+    from malmm_cli.engine.loader import load_model, model_id
+    from malmm_cli.results.progress import make_events
+    from malmm_cli.engine.analyze import Analyzer
+    from malmm_cli.engine.features import FeatureCache
+    from malmm_cli.sources.inputs import cache_root
 
     model = load_model(choice, opts)
     cache = None if opts.no_cache else FeatureCache(cache_root() / "features")

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import MalmmError, UsageError
+from malmm_cli.errors import MalmmError, UsageError
 
 log = logging.getLogger("malmm")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
-from .inputs import is_url
-from .outputs import Output
-from .results import ErrorResult, Result
+from malmm_cli.sources.inputs import is_url
+from malmm_cli.results.outputs import Output
+from malmm_cli.results.records import ErrorResult, Result
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,8 @@ class AnalyzerWork:
     given: dict = field(default_factory=dict)  # frames_set, memory_set: see runner._claim_and_run
 
     def __call__(self) -> Callable[[Any], Any]:
-        from .runner import _analyzer, _setup_logging
-        from .tasks import with_trained_defaults
+        from .command import _analyzer, _setup_logging
+        from malmm_cli.engine.tasks import with_trained_defaults
 
         _setup_logging(quiet=False)  # warnings go to the worker's log (Ray's logs directory)
         analyzer = _analyzer(self.choice, replace(self.opts, quiet=True), 1)
@@ -46,8 +46,8 @@ class AnalyzerWork:
     def run(self, analyzer, job, item: tuple[str, str]) -> Result | ErrorResult:
         """One input, (spec as given, where this worker finds it): its Result or ErrorResult,
         exactly as the plain run makes them."""
-        from .inputs import open_source
-        from .runner import _failure, input_errors
+        from malmm_cli.sources.inputs import open_source
+        from .command import _failure, input_errors
 
         spec, where = item
         try:
@@ -86,7 +86,7 @@ def run_on_ray(choice, job, todo: list[str], output: Output, opts, given: dict,
     """The batch of runner._claim_and_run on Ray: records written here as inputs finish.
     `work` is what the workers run (a subclass of AnalyzerWork changes how an input is run)."""
     from .ray_exec import Failure
-    from .runner import record, report_end
+    from .command import record, report_end
 
     failures = 0
     output.open()

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from malmm_cli.errors import UsageError, VideoError
-from malmm_cli.video import Sampling, VideoInfo, _decord_msg, _open_reader, probe
+from .video import Sampling, VideoInfo, _decord_msg, _open_reader, probe
 
 log = logging.getLogger("malmm")
 

@@ -147,7 +147,7 @@ def download(url: str, downloads: Path, options: Mapping[str, Any], *,
 
 
 def _is_video_suffix(suffix: str) -> bool:
-    from malmm_cli.inputs import VIDEO_EXTENSIONS
+    from .inputs import VIDEO_EXTENSIONS
 
     return suffix.lower() in VIDEO_EXTENSIONS or suffix == _OTHER_SUFFIX
 
@@ -158,7 +158,7 @@ def _video_suffix(path: Path) -> str:
 
 def _not_a_video(path: Path) -> str | None:
     """Why a file is certainly not a video (empty, or text such as an HTML page), or None."""
-    from malmm_cli.video import _looks_like_text
+    from .video import _looks_like_text
 
     with open(path, "rb") as f:
         head = f.read(512)
@@ -382,7 +382,7 @@ def _http_only_handler(activity: _Activity):
 
     from yt_dlp.networking._urllib import UrllibRH
 
-    from malmm_cli.inputs import URL_SCHEMES
+    from .inputs import URL_SCHEMES
 
     class HopCheck(urllib.request.BaseHandler):
         handler_order = 400  # before yt-dlp's RedirectHandler (500), which would follow the hop

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from malmm_cli.download import (  # noqa: F401  (re-exported: callers import them from here)
+from .download import (  # noqa: F401  (re-exported: callers import them from here)
     DOWNLOAD_OPTIONS,
     DownloadLimits,
     cached_download,

@@ -35,7 +35,7 @@ _STREAMING = ("FrameChunk", "FrameStream", "stream_frames")  # live in decoding.
 def __getattr__(name: str):
     # Lazy so that decoding.py can import probe and the reader helpers from this module.
     if name in _STREAMING:
-        from . import decoding
+        from malmm_cli.sources import decoding
 
         return getattr(decoding, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
