@@ -379,7 +379,7 @@ def preprocess(
         x = x.unsqueeze(0)
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != torch.uint8:
         raise ValueError(f"expected uint8 frames [n, H, W, 3], got {x.dtype} {tuple(x.shape)}")
-    from models.malmm import ImageSpec
+    from models.constants import ImageSpec
 
     spec = spec if spec is not None else ImageSpec((224, 224))
     size = size if size is not None else spec.size
