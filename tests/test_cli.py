@@ -455,7 +455,8 @@ def _interrupt_decoder_start(monkeypatch, when: str) -> None:
 @pytest.mark.parametrize("when", ["before starting", "while starting"])
 def test_ctrl_c_while_decoder_threads_start_is_a_clean_interrupt(monkeypatch, when):
     """It used to join a thread that had not started: RuntimeError, exit 1 instead of 130."""
-    from malmm_cli.sources.video import plan_sampling, probe, stream_frames
+    from malmm_cli.sources.decoding import stream_frames
+    from malmm_cli.sources.video import plan_sampling, probe
 
     info = probe(SAMPLE)
     _interrupt_decoder_start(monkeypatch, when)

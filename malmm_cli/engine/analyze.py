@@ -27,7 +27,8 @@ from .presets import LOCKSTEP_TASKS
 from malmm_cli.results.records import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
-from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
 
 
 class Events:

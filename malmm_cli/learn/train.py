@@ -40,7 +40,8 @@ from malmm_cli.errors import UsageError, VideoError
 from malmm_cli.engine.features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from malmm_cli.engine.presets import TASK_DEFAULTS
 from malmm_cli.engine.tasks import question_prompt
-from malmm_cli.sources.video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.video import plan_sampling, preprocess, probe
 
 # ---- defaults (the official run scripts and configs) -------------------------------------------
 

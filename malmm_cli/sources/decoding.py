@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from malmm_cli.errors import UsageError, VideoError
-from .video import Sampling, VideoInfo, _decord_msg, _open_reader, probe
+from .video import Sampling, VideoInfo, decord_message, open_reader, probe
 
 log = logging.getLogger("malmm")
 
@@ -259,7 +259,7 @@ class _Decoder:
             if self.stop.is_set():
                 raise _Stopped
             if self.readers[worker] is None:
-                self.readers[worker] = _open_reader(self.path)
+                self.readers[worker] = open_reader(self.path)
             q = min(p + self.chunk, hi)
             try:
                 frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
@@ -309,7 +309,7 @@ class _Decoder:
         (fresh reader, frame by frame), skip the damage, return the position to go on from."""
         import decord
 
-        reader = _open_reader(self.path)
+        reader = open_reader(self.path)
         good: list[np.ndarray] = []
         for j in range(p, q):
             try:
@@ -340,7 +340,7 @@ class _Decoder:
             if resume >= hi:
                 return hi
             try:
-                _open_reader(self.path).get_batch([int(self.indices[resume])])
+                open_reader(self.path).get_batch([int(self.indices[resume])])
                 return resume
             except (decord.DECORDError, RuntimeError):
                 pos, step = resume, step * 2
@@ -355,7 +355,7 @@ class _Decoder:
             msg = f"{self.path}: too many damaged regions; stopped decoding at {t_bad:.2f} s."
         else:
             msg = f"{self.path}: corrupt data near {t_bad:.2f} s could not be decoded; skipped {until}."
-        log.debug("decord error for %s: %s", self.path, _decord_msg(error))
+        log.debug("decord error for %s: %s", self.path, decord_message(error))
         self.put(worker, _Warning(msg))  # in band, so warnings arrive in video order
         if give_up:
             raise _GiveUp

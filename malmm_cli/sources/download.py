@@ -35,6 +35,8 @@ from urllib.parse import urljoin, urlparse
 
 from malmm_cli.errors import DownloadError, UsageError
 
+from .media import URL_SCHEMES, VIDEO_EXTENSIONS
+
 log = logging.getLogger("malmm")
 
 # yt-dlp settings: one video, no playlists, and a format decord can read. decord's bundled
@@ -147,8 +149,6 @@ def download(url: str, downloads: Path, options: Mapping[str, Any], *,
 
 
 def _is_video_suffix(suffix: str) -> bool:
-    from .inputs import VIDEO_EXTENSIONS
-
     return suffix.lower() in VIDEO_EXTENSIONS or suffix == _OTHER_SUFFIX
 
 
@@ -158,13 +158,13 @@ def _video_suffix(path: Path) -> str:
 
 def _not_a_video(path: Path) -> str | None:
     """Why a file is certainly not a video (empty, or text such as an HTML page), or None."""
-    from .video import _looks_like_text
+    from .video import looks_like_text
 
     with open(path, "rb") as f:
         head = f.read(512)
     if not head:
         return "the server sent an empty file, not a video"
-    if not _looks_like_text(head):
+    if not looks_like_text(head):
         return None
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     kind = ("an HTML page" if text.startswith((b"<!doctype html", b"<html")) or b"<body" in text
@@ -381,8 +381,6 @@ def _http_only_handler(activity: _Activity):
     import urllib.request
 
     from yt_dlp.networking._urllib import UrllibRH
-
-    from .inputs import URL_SCHEMES
 
     class HopCheck(urllib.request.BaseHandler):
         handler_order = 400  # before yt-dlp's RedirectHandler (500), which would follow the hop

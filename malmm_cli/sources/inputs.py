@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from malmm_cli.errors import InputError, UsageError
+
 from .download import (  # noqa: F401  (re-exported: callers import them from here)
     DOWNLOAD_OPTIONS,
     DownloadLimits,
@@ -25,17 +27,8 @@ from .download import (  # noqa: F401  (re-exported: callers import them from he
     download_limits,
     url_key,
 )
-from malmm_cli.errors import InputError, UsageError
+from .media import URL_SCHEMES, VIDEO_EXTENSIONS
 
-VIDEO_EXTENSIONS: frozenset[str] = frozenset(
-    {
-        ".3g2", ".3gp", ".asf", ".avi", ".divx", ".f4v", ".flv", ".m2ts", ".m2v", ".m4v",
-        ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".mts", ".mxf", ".ogv", ".ts", ".vob",
-        ".webm", ".wmv",
-    }
-)
-
-URL_SCHEMES = ("http", "https")
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 

@@ -2,8 +2,8 @@
 
 decord reads the video. Every sampled frame carries its presentation time (seconds) from
 the stream, so variable frame rates and 29.97 fps come out right. Frames arrive in chunks
-from background threads through bounded queues (`stream_frames`, in decoding.py and
-importable from here), so memory does not grow with the video.
+from background threads through bounded queues (`stream_frames`, in decoding.py), so memory
+does not grow with the video.
 torch is imported only by `preprocess`, so the CLI can show --help without it.
 """
 
@@ -28,19 +28,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("malmm")
-
-_STREAMING = ("FrameChunk", "FrameStream", "stream_frames")  # live in decoding.py, importable from here
-
-
-def __getattr__(name: str):
-    # Lazy so that decoding.py can import probe and the reader helpers from this module.
-    if name in _STREAMING:
-        from malmm_cli.sources import decoding
-
-        return getattr(decoding, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 
 
 # ----------------------------------------------------------------------------- probe
@@ -79,7 +66,7 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     Raises VideoError with one sentence for anything that is not a readable video.
     """
     path = Path(path)
-    reader = _open_reader(path, quiet=True)
+    reader = open_reader(path, quiet=True)
     count = len(reader)
     try:
         stamps = reader.get_frame_timestamp(np.arange(count))
@@ -127,7 +114,7 @@ def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int]:
             return int(frame.shape[1]), int(frame.shape[2])
         except (decord.DECORDError, RuntimeError) as e:
             error = e
-    raise VideoError(f"{path} cannot be decoded: none of the frames tried could be read ({_decord_msg(error)}).")
+    raise VideoError(f"{path} cannot be decoded: none of the frames tried could be read ({decord_message(error)}).")
 
 
 @contextlib.contextmanager
@@ -146,7 +133,7 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _open_reader(path: Path, quiet: bool = False) -> Any:
+def open_reader(path: Path, quiet: bool = False) -> Any:
     """A decord VideoReader, or VideoError naming the file and what is wrong with it."""
     _check_file(path)
     import decord
@@ -177,11 +164,12 @@ def _check_file(path: Path) -> None:
         raise VideoError(f"{path} cannot be read ({e.strerror or type(e).__name__}).") from None
     if size == 0:
         raise VideoError(f"{path} is empty (0 bytes), not a video.")
-    if _looks_like_text(head):
+    if looks_like_text(head):
         raise VideoError(f"{path} is a text file, not a video.")
 
 
-def _looks_like_text(head: bytes) -> bool:
+def looks_like_text(head: bytes) -> bool:
+    """Whether the first bytes of a file are text (a page or a note saved as .mp4), not a video."""
     if b"\0" in head:  # every video container has NUL bytes in its first 512 bytes
         return False
     try:
@@ -192,7 +180,7 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def _open_error(path: Path, e: BaseException) -> str:
-    msg = _decord_msg(e)
+    msg = decord_message(e)
     if "cannot find video stream" in msg:
         if _mentions_av1(path):
             return f"{path} is AV1 video, which decord's FFmpeg cannot decode; re-encode it to H.264."
@@ -208,7 +196,7 @@ def _open_error(path: Path, e: BaseException) -> str:
     return f"{path} is not a video file (its format is not recognised)."
 
 
-def _decord_msg(e: BaseException) -> str:
+def decord_message(e: BaseException) -> str:
     """decord's message without its '[time] /path/file.cc:123:' prefixes."""
     import re
 
