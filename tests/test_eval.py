@@ -134,19 +134,22 @@ def test_ask_and_caption_end_to_end(synth):
 
 
 def test_resume_after_an_interrupt_redoes_nothing(synth, tmp_path, monkeypatch):
+    from malmm_cli.engine.session import Session
+
     test_csv, _, _ = synth
     out_file = tmp_path / "preds.jsonl"
-    real = ev.run_case
+    real = Session.attempt
+    videos = [item.video for item in load_dataset(test_csv, "classify")]  # one per case, in case order
     calls, interrupt = [], [True]
 
-    def stop_at_third(*args, **kwargs):  # Ctrl-C while the third case runs, in the first run only
-        calls.append(args[2].index)
+    def stop_at_third(self, spec, *args, **kwargs):  # Ctrl-C while the third case runs, in the first run only
+        calls.append(videos.index(spec))
         if len(calls) == 3 and interrupt:
             interrupt.clear()
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, spec, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "run_case", stop_at_third)
+    monkeypatch.setattr(Session, "attempt", stop_at_third)
     out = malmm("eval", test_csv, "--task", "classify", *TINY, *FAST, "-o", out_file)
     assert out.exit_code == 130 and "interrupted; 2 prediction(s) kept" in out.stderr
     assert not summary_path(out_file).exists()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from malmm_cli.results import outputs
-from malmm_cli.runs import command as runner
+from malmm_cli.engine import loader
 from malmm_cli.results.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
 from tests.cli import SAMPLE, malmm
 from tests.cli import TINY as CLI_TINY
@@ -46,7 +46,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "_analyzer", refuse)
+    monkeypatch.setattr(loader, "load_model", refuse)
 
 
 @pytest.fixture
@@ -158,7 +158,7 @@ def test_a_run_that_cannot_start_leaves_no_empty_file(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise UsageError("Unknown model 'x'.")
 
-    monkeypatch.setattr(runner, "_analyzer", fail)
+    monkeypatch.setattr(loader, "load_model", fail)
     output = tmp_path / "new.jsonl"
     one_error(malmm("caption", SAMPLE, "-o", output, *TINY), 2, "Unknown model")
     assert not output.exists()
@@ -563,7 +563,6 @@ def test_a_model_folder_is_one_model_by_any_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
     def key(label: str) -> str:
-        return job_key(Job(task="caption", model_label=label, memory=4), ModelChoice(label, label, None), None,
-                       frames_set=False, memory_set=False)
+        return job_key(Job(task="caption", model_label=label, memory=4), ModelChoice(label, label, None), None)
 
     assert key("m") == key("./m") == key(str(tmp_path / "m")) != key("tiny-random")

@@ -4,7 +4,8 @@ One pass over the video feeds every stream that needs the frames: the whole-vide
 and, for summaries, the stream of the current segment. Vision features come from the
 feature cache when this video was seen before with the same sampling and model; otherwise
 frames are decoded (in a background thread), preprocessed, encoded on whole chunks and
-written to the cache as they go.
+written to the cache as they go. A video read once (engine/session.py) is answered again
+from its kept features (kept.py): no decoding, no ViT.
 """
 
 from __future__ import annotations
@@ -18,40 +19,20 @@ import numpy as np
 import torch
 
 from models import MALMM, VideoStream
-from models.memory_bank import BankStatus
 
 from malmm_cli.errors import VideoError
-from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
-from malmm_cli.sources.inputs import VideoSource
-from .presets import LOCKSTEP_TASKS
-from malmm_cli.results.records import Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
-from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
-from .threads import ThreadPlan, plan_threads, torch_threads
+from malmm_cli.results.events import Events
+from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
+                                       SegmentText, VideoMeta)
 from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
 
-
-class Events:
-    """Progress callbacks (the live view implements them; the default does nothing)."""
-
-    def started(self, source: str, info: VideoInfo, sampling: Sampling, capacity: int) -> None: ...
-
-    def frames(self, done: int, timestamp: float, memory: BankStatus) -> None: ...
-
-    def stage(self, text: str) -> None: ...
-
-    def finished(self, result: Result) -> None: ...
-
-    def batch_started(self, sources: Sequence[str], samplings: Sequence[Sampling], capacity: int) -> None:
-        """Several videos start together, read in lockstep (--batch); `sources` are their inputs
-        as given, `samplings` their frame plans."""
-
-    def batch_frames(self, done: Sequence[int], memories: Sequence[BankStatus]) -> None:
-        """Frames each video of the batch has taken so far (in the order of batch_started), and
-        each one's visual memory bank."""
-
-    def close(self) -> None:
-        """Tidy the display after an error or an interrupt."""
+from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
+from .kept import KeptFeatures
+from .presets import LOCKSTEP_TASKS
+from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
+from .threads import ThreadPlan, plan_threads, torch_threads
 
 
 @dataclass
@@ -65,6 +46,7 @@ class _Run:
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("decode", "vision", "qformer", "llm"), 0.0))
     warnings: list[str] = field(default_factory=list)
     frames_done: int = 0
+    kept: KeptFeatures | None = None  # features kept by a read: replayed instead of decoded
 
     @property
     def planned(self) -> int:
@@ -152,10 +134,13 @@ class Analyzer:
         self.chunk_size = chunk_size
         self.threads: ThreadPlan | None = None
 
-    def run(self, source: VideoSource, job: Job) -> Result:
+    def run(self, source: VideoSource, job: Job, kept: KeptFeatures | None = None) -> Result:
+        """One video through `job`, in one pass. With `kept` (from :meth:`read` of this
+        source, sampled as `job` samples), its kept features replace decoding and the ViT:
+        the same Result, timings aside."""
         started = time.perf_counter()
         self._plan_threads()  # other work may have started or stopped since the last video
-        run = self._prepare(source, job)
+        run = self._prepare(source, job, kept)
         self.events.started(source.input, run.info, run.sampling, job.memory)
         fields, stream = getattr(self, f"_{job.task}")(run)
         result = self._result(run, fields, stream.memory.compressions, time.perf_counter() - started)
@@ -288,10 +273,13 @@ class Analyzer:
             lane.run.timings["llm"] += share
         return fields
 
-    def _prepare(self, source: VideoSource, job: Job) -> _Run:
-        info = probe(source.path)
-        sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
-        run = _Run(job, source, info, sampling)
+    def _prepare(self, source: VideoSource, job: Job, kept: KeptFeatures | None = None) -> _Run:
+        if kept is not None:  # read before: the video is not opened again
+            info, sampling = kept.info, kept.sampling
+        else:
+            info = probe(source.path)
+            sampling = plan_sampling(info, fps=job.fps, num_frames=job.frames, start=job.start, end=job.end)
+        run = _Run(job, source, info, sampling, kept=kept)
         if job.end is not None and job.end > sampling.end + 1e-6:
             run.warnings.append(f"--end {job.end:g} s is past the end of the video ({info.duration:.3f} s); "
                                 "used the video up to its end")
@@ -317,7 +305,7 @@ class Analyzer:
 
     def _plan_threads(self) -> None:
         """On a CPU: small ops (the Q-Former step) on the cores others leave free, the
-        real-size ViT and LLM on all of them (malmm_cli/threads.py says why)."""
+        real-size ViT and LLM on all of them (engine/threads.py says why)."""
         if self.model.device.type != "cpu":
             self.threads = None
             return
@@ -339,6 +327,9 @@ class Analyzer:
         cheap next to the ViT): features fed to the streams cannot be taken back, so a damaged
         entry must be caught before any is used. It is then discarded and rebuilt from the video.
         """
+        if run.kept is not None:
+            yield from run.kept.replay(run.timings, run.warnings, self.chunk_size)
+            return
         writer = None
         if self.cache is not None:
             vision = self.model.vision_model.config
@@ -385,6 +376,37 @@ class Analyzer:
         finally:
             if writer is not None:
                 writer.abort()
+
+    def read(self, source: VideoSource, job: Job, keep: FrameStore) -> KeptFeatures:
+        """Decode `source` and run the ViT once, as `job` samples it (or take the features from
+        the cache), appending them to `keep`; no Q-Former, no LLM. What comes back replays them
+        through :meth:`run` for any question of the same sampling."""
+        started = time.perf_counter()
+        self._plan_threads()
+        run = self._prepare(source, job)
+        decoded_from = len(run.warnings)  # what decoding adds after the range's own warning
+        self.events.reading(source.input, run.info, run.sampling)
+        stamps = []
+        for timestamps, feats in self._features(run):
+            keep.append(feats)
+            stamps.append(timestamps)
+            run.frames_done += feats.shape[0]
+            self.events.features(run.frames_done, float(timestamps[-1]))
+        if run.frames_done == 0:
+            raise run.nothing_decoded()
+        run.timings["total"] = time.perf_counter() - started
+        return KeptFeatures(keep, run.info, run.sampling, np.concatenate(stamps), tuple(run.warnings[decoded_from:]),
+                            {k: round(v, 4) for k, v in run.timings.items()})
+
+    def features_of(self, source: VideoSource, job: Job) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """(timestamps, features) of `source` sampled as `job` says, chunk by chunk, from the
+        cache or through the ViT (and into the cache): the vision pass alone (train's)."""
+        run = self._prepare(source, job)
+        for timestamps, feats in self._features(run):
+            run.frames_done += feats.shape[0]
+            yield timestamps, feats
+        if run.frames_done == 0:
+            raise run.nothing_decoded()
 
     def _feed(self, run: _Run, streams: list[VideoStream], per_frame: PerFrame | None = None) -> None:
         """Run the video through `streams`, and through `per_frame` frame by frame."""

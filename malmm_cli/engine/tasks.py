@@ -92,6 +92,9 @@ class Job:
     every: float | None = None
     scenes: bool = False
     antialias: bool = True
+    # Which of "frames" and "memory" were left to the task defaults: a finetuned checkpoint's
+    # trained values replace those once the model is known (with_trained_defaults).
+    trained_defaults: tuple[str, ...] = ()
 
 
 _QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
@@ -115,15 +118,17 @@ def question_prompt(question: str) -> str:
     return TASK_DEFAULTS["ask"].prompt.format(question=normalize_question(question))
 
 
-def with_trained_defaults(job: Job, trained, *, frames_set: bool, memory_set: bool) -> Job:
-    """A finetuned checkpoint's own settings where the user set none: its frame count (for the
-    tasks sampled by frame count; summaries keep their rate) and its memory bank length."""
+def with_trained_defaults(job: Job, trained) -> Job:
+    """A finetuned checkpoint's own settings where the user set none (job.trained_defaults):
+    its frame count (for the tasks sampled by frame count; summaries keep their rate) and its
+    memory bank length. `trained` is the model's TrainedConfig, or None. Applying it twice
+    changes nothing more."""
     if trained is None:
         return job
     changes = {}
-    if not memory_set and trained.memory_bank_length is not None:
+    if "memory" in job.trained_defaults and trained.memory_bank_length is not None:
         changes["memory"] = trained.memory_bank_length
-    if not frames_set and trained.num_frames and job.frames is not None:
+    if "frames" in job.trained_defaults and trained.num_frames and job.frames is not None:
         changes["frames"] = trained.num_frames
     return replace(job, **changes) if changes else job
 

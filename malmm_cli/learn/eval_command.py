@@ -1,86 +1,26 @@
-"""`malmm eval DATA --task classify|ask|caption`: score the model on a labelled data file.
+"""`malmm eval DATA --task classify|ask|caption`, from its options to the exit code: score the
+model on a labelled data file (the command's options: cli/eval.py).
 
 Per-case predictions go to `-o FILE` (JSON Lines) as each case finishes, under the same rules
-as the batch commands' results (outputs.py: never clobbered, one writer, --resume/--overwrite,
-Ctrl-C keeps everything); the final record goes to stdout (a table, or one JSON line with
---json) and, with -o, to FILE's name with the suffix .summary.json. The scoring itself is
-evaluate.py's. With --ray the cases run on Ray workers (eval_ray.py) and this process still
-writes every record and the metrics.
-
-No `from __future__ import annotations` here: the command is defined inside register(), with
-the option types app.py defines, and Typer evaluates its annotations where it is defined.
+as the batch commands' results (results/outputs.py: never clobbered, one writer,
+--resume/--overwrite, Ctrl-C keeps everything); the final record goes to stdout (a table, or
+one JSON line with --json) and, with -o, to FILE's name with the suffix .summary.json. The
+scoring itself is evaluate.py's. The cases run through the batch commands' runners
+(runs/runners.py: one by one, --batch lockstep, --ray workers); this process writes every
+record and computes the metrics.
 """
+
+from __future__ import annotations
 
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
 
 from malmm_cli.errors import MalmmError, UsageError
 
-SUMMARY_SUFFIX = ".summary.json"
+SUMMARY_SUFFIX = ".summary.json"  # where the final record goes, beside the predictions file
 SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
-
-
-class EvalTask(str, Enum):
-    classify = "classify"
-    ask = "ask"
-    caption = "caption"
-
-
-def register(app, *, examples, command_class) -> None:
-    """Add the `eval` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
-    from malmm_cli.cli.app import (BeamsOpt, CheckpointOpt, CpusPerWorkerOpt, Device, DeviceOpt, FpsOpt, FramesOpt,
-                      GpusPerWorkerOpt, MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, OverwriteOpt, Quant, QuantOpt,
-                      QuietOpt, RayOpt, WorkersOpt, BatchOpt, _common)
-
-    def eval_command(
-        data: Annotated[Path, typer.Argument(
-            metavar="DATA", show_default=False,
-            help="CSV (with a header row) or JSONL: video,label (classify), video,question,answer (ask) or "
-            "video,caption (caption). Video paths are relative to DATA's folder.")],
-        task: Annotated[EvalTask, typer.Option(
-            "--task", "-t", metavar="classify|ask|caption", show_default=False, help="What DATA holds.")],
-        labels: Annotated[Optional[str], typer.Option(
-            metavar="FILE|LIST", show_default=False,
-            help='classify: the label set, a file (one per line, or a JSON list) or "a,b,c". '
-            "\\[default: the data's labels]")] = None,
-        label_set: Annotated[Optional[str], typer.Option(
-            "--label-set", metavar="NAME", show_default=False,
-            help="classify: a built-in label set: lvu_relationship, lvu_way_speaking, lvu_scene, lvu_director, "
-            "lvu_genre, lvu_writer, lvu_year, coin, breakfast.")] = None,
-        prompt: Annotated[Optional[str], typer.Option(
-            metavar="TEXT", show_default=False, help="Instruction for caption, or for classify with your labels. "
-            "\\[default: per task]")] = None,
-        model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-        memory: MemoryOpt = None, quant: QuantOpt = Quant.auto, device: DeviceOpt = Device.auto,
-        json_: Annotated[bool, typer.Option("--json", help="Print the final record as one JSON line.")] = False,
-        output: Annotated[Optional[Path], typer.Option(
-            "--output", "-o", metavar="FILE", show_default=False,
-            help=f"Write each prediction to FILE (JSON Lines) as it finishes, and the final record to FILE "
-            f"with the suffix {SUMMARY_SUFFIX}.")] = None,
-        resume: Annotated[bool, typer.Option(
-            "--resume", help="Skip the items already predicted in the --output file with the same data, options "
-            "and model.")] = False,
-        overwrite: OverwriteOpt = False, quiet: QuietOpt = False,
-        no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
-        batch: BatchOpt = None,
-        ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
-        gpus_per_worker: GpusPerWorkerOpt = None,
-    ):
-        """Score the model on labelled videos: accuracy (classify, ask) or CIDEr and BLEU-4 (caption)."""
-        opts = _common(locals())
-        raise typer.Exit(run_eval(data, task.value, opts, labels=labels, label_set=label_set, prompt=prompt))
-
-    app.command("eval", cls=command_class, epilog=examples(
-        "malmm eval val.csv --task classify",
-        "malmm eval qa.jsonl --task ask --json -o qa-preds.jsonl --resume",
-        "malmm eval captions.csv --task caption --checkpoint msrvtt_cap.pth",
-    ))(eval_command)
 
 
 # ---- the run ----------------------------------------------------------------------------------
@@ -89,38 +29,40 @@ def register(app, *, examples, command_class) -> None:
 def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None) -> int:
     """The command: exit code 0 (all scored), 1 (some cases failed, or the model did not load),
     2 (usage), 130/143 (interrupted; the predictions so far are kept)."""
-    from malmm_cli.runs.command import Terminated, _check_environment, _setup_logging, _sigterm_as_interrupt, validate
+    from malmm_cli.engine.presets import resolve_model
+    from malmm_cli.interrupts import exit_code, sigterm_as_interrupt
+    from malmm_cli.messages import error, setup_logging
+    from malmm_cli.runs.command import check_environment, validate
 
-    _setup_logging(opts.quiet)
+    from .dataset import load_dataset
+    from .evaluate import check_options, plan
+
+    setup_logging(opts.quiet)
     output = None
     try:
         validate(opts)
-        from .dataset import load_dataset
-        from .evaluate import check_options, plan
-        from malmm_cli.engine.presets import resolve_model
-
         check_options(task, labels=labels, label_set=label_set, prompt=prompt)
         choice = resolve_model(opts.model)
         items = load_dataset(data, task)
-        job, cases = plan(task, items, opts, choice.label, labels=labels, label_set=label_set, prompt=prompt)
-        _check_environment(opts)
+        job, cases = plan(task, items, choice.label, labels=labels, label_set=label_set, prompt=prompt,
+                          **opts.job_options())
+        check_environment(opts)
         output = _output(task, data, cases, opts)
         summary = _claim_summary(opts.output, data, cases) if opts.output is not None else None
     except MalmmError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
+        error(str(err))
         return err.exit_code
-    with _sigterm_as_interrupt() as fired:
+    with sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, cases, data, output, summary, opts)
         except MalmmError as err:
-            sys.stderr.write(f"malmm: error: {err}\n")
+            error(str(err))
             return err.exit_code
         except KeyboardInterrupt as stop:
             where = f" in {output.path}" if output is not None else ""
             kept = output.written if output is not None else 0
             sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
-            # Under --ray, ray.wait turns SIGTERM's Terminated into a plain KeyboardInterrupt.
-            return 143 if isinstance(stop, Terminated) or fired else 130
+            return exit_code(stop, fired)
         finally:
             if output is not None:
                 output.close()
@@ -173,8 +115,7 @@ def eval_job_key(job, choice, opts) -> str:
 
     from malmm_cli.results.jobkey import JOB_KEY_HEX, job_key
 
-    given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
-    base = job_key(job, choice, opts.checkpoint, **given)
+    base = job_key(job, choice, opts.checkpoint)
     return hashlib.sha256(f"eval|{base}".encode()).hexdigest()[:JOB_KEY_HEX]
 
 
@@ -206,17 +147,13 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     records: dict[int, dict] = dict(kept)
     failures = 0
     if todo:
-        given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
-        if opts.ray is not None:
-            job, failures = _run_cases_on_ray(choice, job, todo, output, records, opts, given)
-        else:
-            from malmm_cli.runs.command import load_analyzer
+        from malmm_cli.runs.command import open_session
 
-            loaded = load_analyzer(choice, job, opts, len(todo), given)
-            if loaded is None:
-                return 1
-            analyzer, job = loaded
-            failures = _run_cases(analyzer, job, todo, output, records, opts.batch or 1)
+        session = open_session(opts, len(todo))
+        if session is None:
+            return 1
+        failures = _run_cases(session, job, todo, output, records, opts.runner())
+        job = session.resolve(job)  # the frames and memory the cases ran with, for the final record
     labels = job.label_set.labels if job.label_set is not None else ()
     final = report(job.task, [records[i] for i in sorted(records)], labels=labels,
                    extra=_extra(job, choice, data, opts))
@@ -231,46 +168,30 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     return 1 if failures else 0
 
 
-def _run_cases(analyzer, job, todo, output, records: dict[int, dict], batch: int) -> int:
-    """Run the cases in order (`batch` at a time in lockstep), each record written as it
-    finishes; returns how many failed."""
+def _run_cases(session, job, todo, output, records: dict[int, dict], runner) -> int:
+    """Run the cases through `runner`, each record written as it finishes; returns how many
+    failed."""
     from .evaluate import run_cases
 
     failures = 0
     if output is not None:
         output.open()
     try:
-        for case, record in run_cases(analyzer, job, todo, batch):
+        for case, record in run_cases(session, job, todo, runner):
             failures += _keep(case, record, output, records)
     except KeyboardInterrupt:
-        analyzer.events.close()
+        session.events.close()
         raise
     return failures
-
-
-def _run_cases_on_ray(choice, job, todo, output, records: dict[int, dict], opts, given: dict):
-    """--ray: the cases on Ray workers (eval_ray.py), each record written here as it comes
-    back. Returns (the job as the workers ran it, how many cases failed)."""
-    from malmm_cli.eval_ray import run_cases_on_ray
-
-    failed = []
-    if output is not None:
-        output.open()
-
-    def on_record(case, record):
-        failed.append(_keep(case, record, output, records))
-
-    ran = run_cases_on_ray(choice, job, todo, opts, given, on_record)
-    return ran, sum(failed)
 
 
 def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
     """One case's record: said on stderr if it failed (and its warnings), written to the
     predictions file, kept for the metrics. True if the case failed."""
-    from malmm_cli.runs.command import _error, log
+    from malmm_cli.messages import error, log
 
     if "error" in record:
-        _error(case.video, f"item {case.index + 1}: {record['error']}")
+        error(f"item {case.index + 1}: {record['error']}", about=case.video)
     for warning in record.get("warnings", ()):
         log.warning("%s: %s", case.video, warning)
     if output is not None:

@@ -2,10 +2,10 @@
 
 Three layers, so that each can be used (and run elsewhere) on its own:
 
-- `plan_job` / `cases_for`: what to ask of every case, checked before any model loads.
-- `run_case(analyzer, job, case)`: one case -> one record (a prediction, or an error with one
-  sentence). It touches nothing but the analyzer, so a distributed executor can run cases on
-  other workers and hand the records back.
+- `plan` / `cases_for`: what to ask of every case, checked before any model loads.
+- `run_cases(session, job, cases, runner)`: each case is a unit (its video, its job) for the
+  batch commands' runners (runs/runners.py: one by one, lockstep, Ray workers) -> one record
+  per case (a prediction, or an error with one sentence).
 - `report(task, records, ...)`: the records -> an EvalReport (metrics only; no model).
 
 `evaluate(model, items, task)` puts them together for Python users.
@@ -125,45 +125,37 @@ def case_job(job: Job, case: Case) -> Job:
     return replace(job, questions=(case.question,), prompts=(question_prompt(case.question),))
 
 
-# ---- one case -------------------------------------------------------------------------------
+# ---- running the cases ------------------------------------------------------------------------
 
 
-def run_case(analyzer, job: Job, case: Case, *, open_source: Callable | None = None) -> dict[str, Any]:
-    """Run one case through the analyzer: its prediction record, or an error record whose
-    "error" is one sentence (a broken or missing video). An interrupt is never swallowed."""
-    from models import ModelError
+def case_units(job: Job, cases: Sequence[Case]) -> list:
+    """Each case as a unit of work for a runner: its video, and its job (case_job)."""
+    from malmm_cli.engine.session import Unit
 
-    from malmm_cli.errors import MalmmError
-    from malmm_cli.runs.command import _failure, _reraise_interrupt
-
-    if open_source is None:
-        from malmm_cli.sources.inputs import open_source
-    try:
-        result = analyzer.run(open_source(case.video), case_job(job, case))
-    except (MalmmError, ModelError, RuntimeError, ValueError, OSError) as err:
-        _reraise_interrupt(err)
-        analyzer.events.close()
-        return error_record(case, _failure(err))
-    return prediction_record(case, job.task, result)
+    return [Unit(case.video, case_job(job, case)) for case in cases]
 
 
-def run_cases(analyzer, job: Job, cases: Sequence[Case], batch: int = 1) -> Iterator[tuple[Case, dict[str, Any]]]:
-    """(case, its record) for every case, as each finishes: one at a time, or `batch` videos at
-    a time in lockstep (Analyzer.run_batch; caption, ask and classify)."""
-    if batch <= 1:
-        for case in cases:
-            yield case, run_case(analyzer, job, case)
-        return
+def run_cases(session, job: Job, cases: Sequence[Case], runner=None) -> Iterator[tuple[Case, dict[str, Any]]]:
+    """(case, its record) for every case, as each finishes, through `runner` (runs/runners.py:
+    OneByOne, the default; Lockstep(n); OnRay(...)). An unreadable video is its case's error
+    record; an interrupt is never swallowed."""
+    import contextlib
+
+    from malmm_cli.runs.runners import OneByOne
+
+    runner = runner or OneByOne()
+    with contextlib.closing(runner.run(session, case_units(job, cases))) as outcomes:
+        for i, outcome in outcomes:
+            yield cases[i], case_record(cases[i], job.task, outcome)
+
+
+def case_record(case: Case, task: str, outcome) -> dict[str, Any]:
+    """A case's record from its outcome: a Result's prediction, or an ErrorResult's sentence."""
     from malmm_cli.results.records import ErrorResult
-    from malmm_cli.runs.command import lockstep_outcomes
 
-    for start in range(0, len(cases), batch):
-        group = list(cases[start : start + batch])
-        jobs = [case_job(job, case) for case in group]
-        for i, outcome in lockstep_outcomes(analyzer, jobs, [case.video for case in group]):
-            case = group[i]
-            yield case, (error_record(case, outcome.error) if isinstance(outcome, ErrorResult)
-                         else prediction_record(case, job.task, outcome))
+    if isinstance(outcome, ErrorResult):
+        return error_record(case, outcome.error)
+    return prediction_record(case, task, outcome)
 
 
 def _head(case: Case) -> dict[str, Any]:
@@ -343,25 +335,26 @@ def check_options(task: str, *, labels: str | None, label_set: str | None, promp
                          "paper's prompt.")
 
 
-def plan(task: str, items: Sequence[Item], opts, model_label: str, *, labels: str | None = None,
-         label_set: str | None = None, prompt: str | None = None) -> tuple[Job, list[Case]]:
-    """The job (task defaults + options, as runner.build_job makes them) and the checked cases.
-    Everything a user can get wrong in the data or options is found here, before a model loads."""
-    from malmm_cli.runs.command import build_job
+def plan(task: str, items: Sequence[Item], model_label: str, *, labels: str | None = None,
+         label_set: str | None = None, prompt: str | None = None, **options) -> tuple[Job, list[Case]]:
+    """The job (task defaults + `options`: fps, frames, memory, beams, max_tokens, as
+    engine.jobs.build_job takes them) and the checked cases. Everything a user can get wrong in
+    the data or options is found here, before a model loads."""
+    from malmm_cli.engine.jobs import build_job
 
     check_options(task, labels=labels, label_set=label_set, prompt=prompt)
     cases = cases_for(items, task)
     if task == "caption":
         caption_scorers()  # missing pycocoevalcap is found before hours of captioning
-        return build_job("caption", opts, model_label, prompt=prompt), cases
+        return build_job("caption", model_label, prompt=prompt, **options), cases
     if task == "ask":
         check_questions(cases)
-        return build_job("ask", opts, model_label, questions=()), cases
+        return build_job("ask", model_label, questions=(), **options), cases
     chosen = choose_label_set(cases, labels=labels, label_set=label_set, prompt=prompt)
     cases = align_targets(cases, chosen)
     # build_job resolves sampling, memory and generation for classify; its label set is
     # replaced by the chosen one, and every label is ranked so each record has the target's rank.
-    job = build_job("classify", opts, model_label, labels="-,+")
+    job = build_job("classify", model_label, labels="-,+", **options)
     return replace(job, label_set=chosen, top_k=len(chosen.labels)), cases
 
 
@@ -380,34 +373,22 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     `batch` > 1 reads that many videos at a time in lockstep (as `malmm eval --batch`).
     `on_record` is called with each case's record as it finishes.
     """
-    from malmm_cli.engine.analyze import Analyzer
+    from malmm_cli.engine.session import Session
     from malmm_cli.runs.command import CommonOptions, validate
-    from malmm_cli.engine.tasks import with_trained_defaults
 
     opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch)
     validate(opts)
-    job, cases = plan(task, items, opts, model.name or "python", labels=labels, label_set=label_set, prompt=prompt)
-    job = with_trained_defaults(job, model.trained_config, frames_set=frames is not None or fps is not None,
-                                memory_set=memory is not None)
-    analyzer = Analyzer(model, model_id or _model_id(model), cache=cache)
+    session = Session.from_model(model, model_id=model_id, cache=cache)
+    job, cases = plan(task, items, session.label, labels=labels, label_set=label_set, prompt=prompt,
+                      **opts.job_options())
+    job = session.resolve(job)
     records = []
-    for _, record in run_cases(analyzer, job, cases, batch):
+    for _, record in run_cases(session, job, cases, opts.runner()):
         records.append(record)
         if on_record is not None:
             on_record(record)
     return report(task, records, labels=job.label_set.labels if job.label_set else (),
                   extra=job_summary(job))
-
-
-def _model_id(model) -> str:
-    """The feature-cache identity of a model loaded in Python: as the CLI's (loader.model_id)
-    for the same source and checkpoint."""
-    from types import SimpleNamespace
-
-    from malmm_cli.engine.loader import model_id
-
-    checkpoint = model.overlay_report.path if model.overlay_report is not None else None
-    return model_id(SimpleNamespace(source=model.name), SimpleNamespace(checkpoint=checkpoint), model)
 
 
 def job_summary(job: Job) -> dict[str, Any]:

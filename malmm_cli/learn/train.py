@@ -35,13 +35,13 @@ from models import MALMM
 from models.training import (answer_log_likelihood, candidate_log_likelihoods, freeze_for_training,
                              official_config, save_checkpoint, tokenize_instructions, visual_tokens)
 
-from .dataset import Item
-from malmm_cli.errors import UsageError, VideoError
-from malmm_cli.engine.features import FeatureCache, FrameStore, feature_key, video_fingerprint
+from malmm_cli.engine.features import FeatureCache, FrameStore
 from malmm_cli.engine.presets import TASK_DEFAULTS
+from malmm_cli.engine.session import Session
 from malmm_cli.engine.tasks import question_prompt
-from malmm_cli.sources.decoding import stream_frames
-from malmm_cli.sources.video import plan_sampling, preprocess, probe
+from malmm_cli.errors import UsageError
+
+from .dataset import Item
 
 # ---- defaults (the official run scripts and configs) -------------------------------------------
 
@@ -143,41 +143,6 @@ class Clip:
     target: str
     start: int  # first row in the FeatureStore
     frames: int
-
-
-def video_features(model: MALMM, model_id: str, path: Path, *, frames: int | None, fps: float | None,
-                   cache: FeatureCache | None) -> torch.Tensor:
-    """[T, P, C] vision features of a video sampled as the commands sample it: from the cache
-    when this video, sampling and model were seen before, else through the ViT (and into the
-    cache). The same entries serve `malmm eval` and the other commands."""
-    info = probe(path)
-    sampling = plan_sampling(info, fps=fps, num_frames=frames)
-    vision = model.vision_model.config
-    entry = dict(key=feature_key(video_fingerprint(path), sampling.indices, model_id), count=len(sampling.indices),
-                 torch_dtype=str(model.vision_dtype),
-                 shape=((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size))
-    hit = cache.get(**entry) if cache is not None else None
-    if hit is not None:
-        return torch.cat([feats for _, feats in hit.chunks(64)])
-    writer = cache.writer(**entry) if cache is not None else None
-    chunks = []
-    try:
-        with stream_frames(path, sampling, info=info) as stream:
-            for chunk in stream:
-                feats = model.encode_frames(preprocess(chunk.frames, spec=model.image_spec)).cpu()
-                if writer is not None:
-                    writer.append(feats)
-                chunks.append(feats)
-            clean = not stream.warnings
-        if writer is not None and clean:
-            writer.commit()
-            writer = None
-    finally:
-        if writer is not None:
-            writer.abort()
-    if not chunks:
-        raise VideoError(f"No frames could be decoded from '{path}'.")
-    return torch.cat(chunks)
 
 
 class FeatureStore:
@@ -370,13 +335,13 @@ def _loop(run: _Run) -> TrainReport:
     return run.report
 
 
-def prepare_clips(model: MALMM, model_id: str, items: Sequence[Item], options: TrainOptions, store: FeatureStore,
-                  *, cache: FeatureCache | None, open_source, progress: Callable[[int], None] | None = None) -> list[Clip]:
-    """Features of every item into `store` (the ViT once per video), as Clips."""
+def prepare_clips(session: Session, items: Sequence[Item], options: TrainOptions, store: FeatureStore,
+                  progress: Callable[[int], None] | None = None) -> list[Clip]:
+    """Features of every item into `store` (the ViT once per video, through the session's
+    feature path: the cache entries `malmm eval` and the other commands use), as Clips."""
     clips = []
     for i, item in enumerate(items):
-        source = open_source(item.video)
-        feats = video_features(model, model_id, source.path, frames=options.frames, fps=options.fps, cache=cache)
+        feats = session.features(item.video, frames=options.frames, fps=options.fps)
         start, count = store.add(feats)
         clips.append(Clip(item, training_prompt(options.task, item, options.prompt), item.target, start, count))
         if progress is not None:
@@ -401,8 +366,6 @@ def train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: st
 
 def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: str | Path, *, val_items, cache,
            model_id, events, run_info) -> TrainReport:
-    from malmm_cli.sources.inputs import open_source
-
     options = options.resolved(model.trained_config)
     if not items:
         raise UsageError("There is nothing to train on: the data has no items.")
@@ -414,8 +377,8 @@ def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: s
     run = None
     try:
         every = list(items) + list(val_items or [])
-        clips = prepare_clips(model, model_id or "", every, options, store, cache=cache, open_source=open_source,
-                              progress=lambda done: events.features(done, len(every)))
+        session = Session.from_model(model, model_id=model_id, cache=cache)
+        clips = prepare_clips(session, every, options, store, progress=lambda done: events.features(done, len(every)))
         train_clips, val_clips = clips[: len(items)], clips[len(items) :]
         labels = list(dict.fromkeys(c.target for c in clips)) if options.task == "classify" else None
 

@@ -1,9 +1,10 @@
-"""`malmm train`: finetune MA-LMM on a labelled data file and write a checkpoint in the
-official layout (loads with --checkpoint here and in the official code).
+"""`malmm train`, from its options to the exit code: finetune MA-LMM on a labelled data file
+and write a checkpoint in the official layout (loads with --checkpoint here and in the
+official code).
 
 Everything that can be checked before the model loads is: the options, the data files, and
-what -o may touch. The loop itself is malmm_cli/train.py; this module is the command and its
-progress display.
+what -o may touch. The loop itself is learn/train.py; this module is the run and its
+progress display (the command's options: cli/train.py).
 """
 
 from __future__ import annotations
@@ -13,74 +14,14 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
-
-import typer
-
-
-class TrainTask(str, Enum):
-    classify = "classify"
-    ask = "ask"
-    caption = "caption"
-
-
-def register(app, *, examples, command_class) -> None:
-    """Add the `train` command to the Typer app (examples() builds epilogs, command_class is the help class)."""
-    app.command("train", cls=command_class, epilog=examples(
-        "malmm train train.csv --task classify --epochs 5 -o ckpt.pth",
-        "malmm train train.csv --task classify --val val.csv --epochs 5 -o ckpt2.pth",
-        "malmm train qa.jsonl --task ask --frames 20 --memory 10 -o qa.pth",
-    ))(train)
-
-
-def train(
-    data: Annotated[Path, typer.Argument(
-        metavar="DATA", show_default=False,
-        help="CSV or JSONL: video,label (classify), video,question,answer (ask) or video,caption (caption); "
-        "video paths relative to the file.")],
-    task: Annotated[TrainTask, typer.Option(metavar="classify|ask|caption", show_default=False,
-                                            help="What the model learns to answer.")],
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="CKPT", show_default=False,
-                                         help="Checkpoint file to write (.pth), saved after every epoch.")],
-    val: Annotated[Optional[Path], typer.Option(
-        metavar="FILE", show_default=False, help="Validation data (same columns): loss, and accuracy for "
-        "classify, after every epoch.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(
-        metavar="N", show_default=False, help="Passes over the data. \\[default: per task, as the paper: 20, 5, 10]")] = None,
-    lr: Annotated[Optional[float], typer.Option(
-        metavar="LR", show_default=False, help="Peak learning rate. \\[default: 1e-4; caption 1e-5]")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
-        "--batch-size", metavar="N", show_default=False, help="Clips per step. \\[default: 16; ask 32]")] = None,
-    frames: Annotated[Optional[int], typer.Option(
-        metavar="N", show_default=False, help="Frames per clip, spread evenly. \\[default: per task]")] = None,
-    fps: Annotated[Optional[float], typer.Option(
-        metavar="FPS", show_default=False, help="Sample this many frames per second instead.")] = None,
-    memory: Annotated[Optional[int], typer.Option(
-        "--memory", metavar="M", show_default=False, help="Memory bank length; 0 = no memory. \\[default: per task]")] = None,
-    prompt: Annotated[Optional[str], typer.Option(
-        metavar="TEXT", show_default=False, help="Instruction for classify and caption. \\[default: the task's]")] = None,
-    model: Annotated[Optional[str], typer.Option(
-        "--model", "-m", metavar="MODEL", show_default=False,
-        help="Preset, local directory or hub id. \\[default: $MALMM_MODEL, else instructblip-vicuna-7b]")] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        metavar="FILE", show_default=False, help="Start from these MA-LMM weights (.pth).")] = None,
-    seed: Annotated[int, typer.Option(metavar="N", help="Seed for shuffling and dropout.")] = 42,
-    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where to train.")] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing CKPT.")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")] = False,
-):
-    """Finetune the Q-Former, query tokens, temporal embedding and projection on your clips
-    (ViT and LLM frozen), as MA-LMM trains; write a checkpoint for --checkpoint."""
-    raise typer.Exit(run_train(locals()))
 
 
 # ---- checks before the model loads ------------------------------------------------------------
 
 
 def _validate(o: dict) -> None:
+    from malmm_cli.engine.jobs import MAX_FPS, MAX_FRAMES, MAX_MEMORY
     from malmm_cli.errors import UsageError
-    from malmm_cli.runs.command import MAX_FPS, MAX_FRAMES, MAX_MEMORY
 
     if o["epochs"] is not None and o["epochs"] < 1:
         raise UsageError("--epochs must be 1 or more.")
@@ -141,17 +82,19 @@ def run_train(o: dict) -> int:
     from models import ModelError
 
     from malmm_cli.errors import MalmmError
-    from malmm_cli.runs.command import Terminated, _setup_logging, _sigterm_as_interrupt
+    from malmm_cli.interrupts import Terminated, sigterm_as_interrupt
+    from malmm_cli.messages import setup_logging
+
     from .train import Interrupted
 
-    _setup_logging(o["quiet"])
+    setup_logging(o["quiet"])
     o = dict(o, task=o["task"].value if isinstance(o["task"], Enum) else o["task"])
     try:
         prepared = _prepare(o)
     except MalmmError as err:
         sys.stderr.write(f"malmm: error: {err}\n")
         return err.exit_code
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             report = _run(o, *prepared)
         except (MalmmError, ModelError) as err:
@@ -248,7 +191,7 @@ def _epoch_line(stats) -> str:
 
 class TrainView:
     """A bar for the vision features, then one per epoch with the running loss (a terminal),
-    or a line per epoch (a log). Implements malmm_cli.train.TrainEvents."""
+    or a line per epoch (a log). Implements learn.train.TrainEvents."""
 
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -27,7 +27,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
-from malmm_cli.engine.analyze import Events
+from .events import Events
 from .records import Result
 from .writers import short_clock
 
@@ -289,6 +289,16 @@ class RichEvents(Events):
             self.view.note = (text + " …", "yellow")
             self._refresh()
 
+    def reading(self, source, info, sampling):
+        self.index += 1
+        self._show(_Panel(_counter(self.index, 1, self.total_inputs) + source, len(sampling.indices),
+                          f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to keep"))
+
+    def features(self, done, timestamp):
+        self.view.advance(done)
+        self.view.note = (f"at {short_clock(timestamp)}", "dim")
+        self._refresh()
+
     def _refresh(self) -> None:
         if self.live is not None:
             self.live.refresh()
@@ -351,6 +361,16 @@ class LogEvents(Events):
 
     def stage(self, text):
         self._line(f"{self.source}: {text}")
+
+    def reading(self, source, info, sampling):
+        self.index += 1
+        self.source, self.total, self.next_report = source, len(sampling.indices), 0.1
+        self._line(f"{_counter(self.index, 1, self.total_inputs)}{source}: reading {self.total} frames from "
+                   f"{short_clock(sampling.start)} to {short_clock(sampling.end)}")
+
+    def features(self, done, timestamp):
+        if self._due(done):
+            self._line(f"{self.source}: {done}/{self.total} frames read")
 
     def finished(self, result):
         self._line(f"{result.input}: done, {result.sampling.frames} frames in {result.timings['total']:.1f} s")

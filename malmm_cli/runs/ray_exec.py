@@ -15,7 +15,7 @@ sentence.
 
 `ray` is imported only here and only when asked for (it adds ~0.6 s to start-up).
 `run_items` is generic: any picklable factory whose product maps an item to an outcome
-(malmm_cli/ray_batch.py for the analysis commands; `malmm eval` can use it the same way).
+(runs/runners.py's OnRay, for the batch commands and `malmm eval` alike).
 """
 
 from __future__ import annotations
@@ -415,5 +415,5 @@ def _probed(ray, ref, probes: dict, idle: list, joined: set, notify) -> None:
 
 
 def _name(item: Any) -> str:
-    """How notices name an item: its first element for tuples (ray_batch sends (spec, path))."""
+    """How notices name an item: its first element for tuples (OnRay sends the input first)."""
     return str(item[0] if isinstance(item, tuple) and item else item)

@@ -1,10 +1,15 @@
-"""The batch commands on Ray (--ray): the same records as one process, from many workers.
+"""Many inputs behind one interface: a runner takes a session and its units (an input and its
+job) and yields each unit's outcome, a Result or an ErrorResult, in the order they finish.
 
-The driver (this process) claims the output, sends each input to a worker and writes what
-comes back: it stays the only writer, so --resume, Ctrl-C and error records mean what they
-mean without Ray. Records are written in the order inputs finish. Workers get local inputs
-as absolute paths (a shared filesystem must hold them at the same path on every node) and
-URLs as they are; video bytes never travel through Ray. Records and error sentences keep
+- OneByOne: each input in turn, in this process.
+- Lockstep(n): n videos at a time, one batched Q-Former step per frame for all of them.
+- OnRay(address): a pool of Ray workers, each with its own session built from the session's
+  picklable options (engine SessionOptions), one input at a time per worker.
+
+The batch commands and `malmm eval` both run through them; the caller writes the records, so
+it stays the only writer of the output whatever runs the work. With OnRay, local inputs
+travel as absolute paths (a shared filesystem must hold them at the same path on every node)
+and URLs as they are; video bytes never travel through Ray. Records and error sentences keep
 the input as the user spelled it.
 """
 
@@ -12,49 +17,68 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
-from malmm_cli.sources.inputs import is_url
-from malmm_cli.results.outputs import Output
+from malmm_cli.engine.session import Session, SessionOptions, Unit
+from malmm_cli.messages import note, setup_logging
 from malmm_cli.results.records import ErrorResult, Result
+from malmm_cli.sources.inputs import is_url
+
+Outcome = Result | ErrorResult
+
+
+class Runner:
+    """How many units are run. `run` yields (position in `units`, outcome) for every unit,
+    exactly once, in the order they finish."""
+
+    def run(self, session: Session, units: Sequence[Unit]) -> Iterator[tuple[int, Outcome]]:
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
-class AnalyzerWork:
-    """What each Ray worker builds once: the model and the job as the plain run has them,
-    and `run(analyzer, job, item)` for each item. Picklable (it travels to the workers);
-    subclasses change `run` (an eval's cases instead of inputs)."""
+class OneByOne(Runner):
+    """Each input in turn, in this process."""
 
-    choice: Any  # presets.ModelChoice
-    opts: Any  # runner.CommonOptions
-    job: Any  # tasks.Job, before the checkpoint's trained defaults (applied in the worker)
-    given: dict = field(default_factory=dict)  # frames_set, memory_set: see runner._claim_and_run
+    def run(self, session: Session, units: Sequence[Unit]) -> Iterator[tuple[int, Outcome]]:
+        for i, unit in enumerate(units):
+            yield i, session.attempt(unit.input, unit.job)
 
-    def __call__(self) -> Callable[[Any], Any]:
-        from .command import _analyzer, _setup_logging
-        from malmm_cli.engine.tasks import with_trained_defaults
 
-        _setup_logging(quiet=False)  # warnings go to the worker's log (Ray's logs directory)
-        analyzer = _analyzer(self.choice, replace(self.opts, quiet=True), 1)
-        job = with_trained_defaults(self.job, analyzer.model.trained_config, **self.given)
-        return partial(self.run, analyzer, job)
+@dataclass(frozen=True)
+class Lockstep(Runner):
+    """`size` videos at a time in lockstep (caption, ask, classify): each keeps its own memory,
+    and its record is what reading it alone gives, up to float rounding. A group ends with its
+    longest video."""
 
-    def run(self, analyzer, job, item: tuple[str, str]) -> Result | ErrorResult:
-        """One input, (spec as given, where this worker finds it): its Result or ErrorResult,
-        exactly as the plain run makes them."""
-        from malmm_cli.sources.inputs import open_source
-        from .command import _failure, input_errors
+    size: int
 
-        spec, where = item
-        try:
-            return analyzer.run(replace(open_source(where), input=spec), job)
-        except input_errors() as err:
-            # Sentences name the path the worker was given; the record names the user's spelling.
-            return ErrorResult(spec, _failure(err).replace(where, spec) if where != spec else _failure(err))
+    def run(self, session: Session, units: Sequence[Unit]) -> Iterator[tuple[int, Outcome]]:
+        for start in range(0, len(units), self.size):
+            for k, outcome in session.lockstep(units[start : start + self.size]):
+                yield start + k, outcome
+
+
+@dataclass(frozen=True)
+class SessionWorker:
+    """What each Ray worker runs: a session built once from the driver's options (the model
+    loads here), then one unit at a time, exactly as the plain run makes its outcome.
+    Picklable (it travels to the workers); a subclass may change `run`."""
+
+    options: SessionOptions
+
+    def __call__(self):
+        setup_logging(quiet=False)  # warnings go to the worker's log (Ray's logs directory)
+        session = Session(replace(self.options, quiet=True))
+        session.model  # noqa: B018 - a worker that cannot load its model says so before taking work
+        return partial(self.run, session)
+
+    def run(self, session: Session, item: tuple) -> Outcome:
+        """One unit: (the input as given, where this worker finds it, its position, its job)."""
+        spec, found_at, _, job = item
+        return session.attempt(found_at, job, name=spec)
 
 
 def where(spec: str) -> str:
@@ -62,47 +86,40 @@ def where(spec: str) -> str:
     return spec if is_url(spec) else os.path.abspath(os.path.expanduser(spec))
 
 
-def on_ray(opts, items: Sequence[Any], factory: Callable[[], Callable[[Any], Any]]) -> Iterator[tuple[Any, Any]]:
-    """(item, outcome) for every item, in the order they finish, from a pool of workers on
-    the Ray cluster that --ray names (sized by --workers, --cpus-per-worker,
-    --gpus-per-worker). An outcome is what the factory's work returned, or a ray_exec.Failure.
-    Close the generator (contextlib.closing) to end the workers and the Ray session."""
-    from .ray_exec import PoolSpec, alive_nodes, plan_pool, ray_session, run_items, worker_env
+@dataclass(frozen=True)
+class OnRay(Runner):
+    """A pool of Ray workers on the cluster at `address` (local, auto or HOST:PORT), sized by
+    `workers`, `cpus_per_worker` and `gpus_per_worker` (None: chosen from the cluster). Each
+    worker builds `worker(session.options)` once and takes one unit at a time, so a short video
+    never waits behind a long one; a worker that dies is restarted and its unit tried again."""
 
-    device = str(getattr(opts.device, "value", opts.device))
-    spec = PoolSpec(opts.workers, opts.cpus_per_worker, opts.gpus_per_worker, use_gpus=device != "cpu")
-    with ray_session(opts.ray) as ray:
-        plan = plan_pool(alive_nodes(ray), spec, len(items))
-        if not opts.quiet:
-            fit = "" if plan.workers <= plan.fit else f"; {plan.fit} fit at once, the others wait for room"
-            _note(f"Ray: {plan.workers} worker(s) on {plan.nodes} node(s), {plan.cpus:g} CPU(s) and {plan.gpus:g} "
-                  f"GPU(s) each{fit}; each loads the model ...")
-        yield from run_items(ray, items, factory, plan, env=worker_env(),
-                             notify=None if opts.quiet else _note)
+    address: str
+    workers: int | None = None
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
+    quiet: bool = False
+    worker: Any = SessionWorker  # SessionOptions -> the picklable work factory each worker builds
 
+    def run(self, session: Session, units: Sequence[Unit]) -> Iterator[tuple[int, Outcome]]:
+        from .ray_exec import Failure, PoolSpec, alive_nodes, plan_pool, ray_session, run_items, worker_env
 
-def run_on_ray(choice, job, todo: list[str], output: Output, opts, given: dict,
-               work: type[AnalyzerWork] = AnalyzerWork) -> int:
-    """The batch of runner._claim_and_run on Ray: records written here as inputs finish.
-    `work` is what the workers run (a subclass of AnalyzerWork changes how an input is run)."""
-    from .ray_exec import Failure
-    from .command import record, report_end
-
-    failures = 0
-    output.open()
-    items = [(spec, where(spec)) for spec in todo]
-    with contextlib.closing(on_ray(opts, items, work(choice, opts, job, given))) as finished:
-        for n, ((spec, _), outcome) in enumerate(finished, 1):
-            if isinstance(outcome, Failure):
-                outcome = ErrorResult(spec, outcome.message)
-            failures += record(output, spec, outcome)
-            if not opts.quiet and isinstance(outcome, Result):
-                _note(f"[{n}/{len(todo)}] {spec}: done, {outcome.sampling.frames} frames in "
-                      f"{outcome.timings['total']:.1f} s")
-    report_end(output, failures, opts)
-    return 1 if failures else 0
-
-
-def _note(line: str) -> None:
-    sys.stderr.write(f"malmm: {line}\n")
-    sys.stderr.flush()
+        items = [(unit.input, where(unit.input), i, unit.job) for i, unit in enumerate(units)]
+        spec = PoolSpec(self.workers, self.cpus_per_worker, self.gpus_per_worker,
+                        use_gpus=str(session.options.device) != "cpu")
+        with ray_session(self.address) as ray:
+            plan = plan_pool(alive_nodes(ray), spec, len(items))
+            if not self.quiet:
+                fit = "" if plan.workers <= plan.fit else f"; {plan.fit} fit at once, the others wait for room"
+                note(f"Ray: {plan.workers} worker(s) on {plan.nodes} node(s), {plan.cpus:g} CPU(s) and {plan.gpus:g} "
+                     f"GPU(s) each{fit}; each loads the model ...")
+            finished = run_items(ray, items, self.worker(session.options), plan, env=worker_env(),
+                                 notify=None if self.quiet else note)
+            with contextlib.closing(finished):
+                for n, (item, outcome) in enumerate(finished, 1):
+                    spec_as_given, _, i, _ = item
+                    if isinstance(outcome, Failure):
+                        outcome = ErrorResult(spec_as_given, outcome.message)
+                    elif not self.quiet and isinstance(outcome, Result):
+                        note(f"[{n}/{len(items)}] {spec_as_given}: done, {outcome.sampling.frames} frames in "
+                             f"{outcome.timings['total']:.1f} s")
+                    yield i, outcome

@@ -2,7 +2,7 @@
 
 `expand_inputs` turns command-line arguments into a flat, stable list of specs (paths or
 URLs); `open_source` turns one spec into a local file, downloading URLs once with yt-dlp
-into a cache keyed by the URL (malmm_cli/download.py, whose names are re-exported here).
+into a cache keyed by the URL (sources/download.py, whose names are re-exported here).
 """
 
 from __future__ import annotations
