@@ -6,12 +6,16 @@ It is imported on first use, so that the command line can import presets.py from
 without the model code.
 """
 
-_PUBLIC = ("Session", "SessionOptions", "Unit", "VideoState")
-__all__ = list(_PUBLIC)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time on first use (below)
+    from .session import Session, SessionOptions, Unit, VideoState
+
+__all__ = ["Session", "SessionOptions", "Unit", "VideoState"]
 
 
 def __getattr__(name: str):
-    if name in _PUBLIC:
+    if name in __all__:
         from . import session
 
         return getattr(session, name)

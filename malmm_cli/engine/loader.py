@@ -111,6 +111,8 @@ def _announce_download(choice, quiet: bool) -> None:
 
 
 def load_model(choice, opts) -> MALMM:
+    """The model `choice` (presets.ModelChoice) names, as `opts` (session.SessionOptions: device,
+    quant, checkpoint, quiet) asks, saying what it does on stderr unless quiet."""
     from malmm_cli.sources.inputs import cache_root
 
     _quiet_libraries()

@@ -87,14 +87,15 @@ class Session:
     """A model with its options resolved once, and the feature cache and progress listener
     that go with it. Nothing loads until it is needed (:meth:`load` loads at once)."""
 
-    def __init__(self, options: SessionOptions | None = None, *, events: Events | None = None):
+    def __init__(self, options: SessionOptions | None = None, *, events: Events | None = None,
+                 choice: ModelChoice | None = None):
         self.options = options or SessionOptions()
-        self.choice: ModelChoice = resolve_model(self.options.model)  # a UsageError for an unknown name
+        # What options.model names (a UsageError for an unknown name), unless the caller knows.
+        self.choice: ModelChoice = choice or resolve_model(self.options.model)
         self._events = events or Events()
         self._model = None
         self._analyzer = None
-        self._label: str | None = None
-        self._model_id: str | None = None
+        self._model_id: str | None = None  # None: from the model and options (loader.model_id)
         self._cache: Any = _FROM_OPTIONS  # from_model: the caller's FeatureCache or None
 
     @classmethod
@@ -115,14 +116,10 @@ class Session:
         must change when the vision weights do (default: the model's name and overlaid
         checkpoint, right unless the ViT was changed in memory)."""
         checkpoint = model.overlay_report.path if model.overlay_report is not None else None
-        session = cls.__new__(cls)
-        session.options = SessionOptions(model.name, None if checkpoint is None else Path(checkpoint),
-                                         str(model.device.type), str(model.quantization or "none"), cache is not None)
-        session.choice = ModelChoice(label or model.name or "python", model.name, None)
-        session._events = events or Events()
-        session._model, session._analyzer = model, None
-        session._label = label or model.name or "python"
-        session._model_id, session._cache = model_id, cache
+        options = SessionOptions(model.name, None if checkpoint is None else Path(checkpoint), str(model.device.type),
+                                 str(model.quantization or "none"), cache is not None)
+        session = cls(options, events=events, choice=ModelChoice(label or model.name or "python", model.name, None))
+        session._model, session._model_id, session._cache = model, model_id, cache
         return session
 
     # ---- what it holds ----------------------------------------------------------------------
@@ -143,7 +140,7 @@ class Session:
     @property
     def label(self) -> str:
         """How records name the model (the preset's name, the folder, the hub id)."""
-        return self._label or self.choice.label
+        return self.choice.label
 
     @property
     def events(self) -> Events:
@@ -293,14 +290,14 @@ class Session:
             raise
         return VideoState(self, source, kept, job)
 
-    def features(self, source: str | Path | VideoSource, *, fps: float | None = None, frames: int | None = None,
-                 start: float | None = None, end: float | None = None):
+    def features(self, source: str | Path | VideoSource, *, task: str = "caption", fps: float | None = None,
+                 frames: int | None = None, start: float | None = None, end: float | None = None):
         """The vision features [T, P, C] of `source` (on the CPU), from the cache or through the
         ViT and into the cache: what training needs of a clip. Sampling as in :meth:`read`."""
         import torch
 
         source = _opened(source)
-        job = sampling_job("caption", self.label, fps=fps, frames=frames, start=start, end=end)
+        job = sampling_job(task, self.label, fps=fps, frames=frames, start=start, end=end)
         return torch.cat([feats.cpu() for _, feats in self.analyzer.features_of(source, job)])
 
 
@@ -325,6 +322,11 @@ class VideoState:
     def frames(self) -> int:
         """Frames kept (those the read decoded)."""
         return self.kept.count
+
+    @property
+    def timings(self) -> dict[str, float]:
+        """What the read cost, in seconds: decode, vision, total (the answers cost none of it)."""
+        return dict(self.kept.timings)
 
     def caption(self, *, prompt: str | None = None, memory: int | None = None, beams: int | None = None,
                 max_tokens: int | None = None) -> Result:

@@ -4,12 +4,16 @@
 commands' driver, from options to exit code, is runs/command.py.
 """
 
-_PUBLIC = ("Runner", "OneByOne", "Lockstep", "OnRay", "SessionWorker")
-__all__ = list(_PUBLIC)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for readers and type checkers; at run time on first use (below)
+    from .runners import Lockstep, OnRay, OneByOne, Runner, SessionWorker
+
+__all__ = ["Runner", "OneByOne", "Lockstep", "OnRay", "SessionWorker"]
 
 
 def __getattr__(name: str):
-    if name in _PUBLIC:
+    if name in __all__:
         from . import runners
 
         return getattr(runners, name)
