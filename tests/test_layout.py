@@ -27,8 +27,8 @@ BOTTOM = {"malmm_cli", "malmm_cli.errors", "malmm_cli.times", "malmm_cli.interru
 ENTRY_POINTS = {"malmm_cli.__main__": "malmm_cli.cli"}  # `python -m malmm_cli` is the command line
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -37,7 +37,7 @@ def read_modules(root: Path = ROOT) -> dict[str, tuple[Path, ast.Module]]:
     found = {}
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
-            found[module_name(path)] = (path, ast.parse(path.read_text(encoding="utf-8"), str(path)))
+            found[module_name(path, root)] = (path, ast.parse(path.read_text(encoding="utf-8"), str(path)))
     return found
 
 
@@ -187,13 +187,7 @@ def _fake(tmp_path: Path, files: dict[str, str]) -> dict[str, tuple[Path, ast.Mo
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((tmp_path / package).rglob("*.py")):
-            parts = path.relative_to(tmp_path).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            found[name] = (path, ast.parse(path.read_text()))
-    return found
+    return read_modules(tmp_path)
 
 
 def test_the_checks_find_a_circle_inside_a_function_a_private_name_and_an_upward_import(tmp_path):
