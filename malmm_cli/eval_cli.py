@@ -144,24 +144,32 @@ def summary_path(output: Path) -> Path:
 
 
 def _claim_summary(output: Path, data: Path, cases) -> Path | None:
-    """Where the final record goes, checked before the model loads: a file there must be a
-    summary of ours (a JSON object naming its predictions file), never the data or a video.
-    None when the predictions go to a device (/dev/null)."""
+    """Where the final record goes, checked before the model loads: a file there must be the
+    summary malmm wrote there, unchanged since (written.py), never the data or a video. One
+    written before malmm kept records is recognised by its content (a JSON object naming its
+    predictions file). None when the predictions go to a device (/dev/null)."""
     if output.exists() and not output.is_file():
         return None
     path = summary_path(output)
     if not path.exists():
         return path
     from .outputs import input_ids
+    from .written import Record, file_content
 
     st = os.stat(path)
     ours = False
     if (st.st_dev, st.st_ino) not in input_ids([str(data), *(c.video for c in cases)]) and path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            ours = isinstance(record, dict) and {"task", "n", "predictions"} <= record.keys()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            ours = False
+        record = Record(path, "summary")
+        if st.st_size == 0:
+            ours = True
+        elif record.exists:
+            ours = record.holds(file_content(path))
+        else:
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                ours = isinstance(old, dict) and {"task", "n", "predictions"} <= old.keys()
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                ours = False
     if not ours:
         raise UsageError(f"{path} exists and is not an eval summary written by malmm; move it away or choose "
                          "another --output name.")
@@ -294,13 +302,13 @@ def _extra(job, choice, data: Path, opts) -> dict:
 
 
 def _write_summary(path: Path, record: dict) -> None:
-    """Replaced whole (a temporary file renamed over it): a reader never sees half a record."""
-    tmp = path.with_name(f".{path.name}.partial")
+    """Replaced whole (a temporary file renamed over it): a reader never sees half a record;
+    its content recorded (written.py), so the next run may replace it."""
+    from .written import replace_file
+
     try:
-        tmp.write_text(to_json(record) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, lambda tmp: tmp.write_text(to_json(record) + "\n", encoding="utf-8"), "summary")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         sys.stderr.write(f"malmm: warning: the final record could not be written to {path} "
                          f"({(e.strerror or type(e).__name__).lower()}); it is printed above.\n")
 
