@@ -97,6 +97,8 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     output = None
     try:
         validate(opts)
+        if sys.stdout is None and opts.output is None:  # started with `>&-`: the final record would be lost
+            raise UsageError("Standard output is closed, so results have nowhere to go; give -o FILE.")
         from .dataset import load_dataset
         from .evaluate import check_options, plan
         from .presets import resolve_model
@@ -317,6 +319,8 @@ def _write_summary(path: Path, record: dict) -> None:
 
 
 def _print(record: dict, opts) -> None:
+    if sys.stdout is None:
+        return  # stdout closed: the final record is in FILE.summary.json (checked before the run)
     if opts.json_:
         sys.stdout.write(to_json(record) + "\n")
         sys.stdout.flush()

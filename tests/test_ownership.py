@@ -236,8 +236,10 @@ def test_stdout_on_a_full_device_is_one_sentence():
                                        "(no space left on device)."]
 
 
-def test_stdout_closed_is_one_sentence_before_anything_runs():
-    out = _cli("caption", str(SAMPLE), *TINY, *FAST, preexec_fn=lambda: os.close(1))
+@pytest.mark.parametrize("command", [["caption", str(SAMPLE), *TINY, *FAST],
+                                     ["eval", "data.csv", "--task", "classify", *TINY]])
+def test_stdout_closed_is_one_sentence_before_anything_runs(command):
+    out = _cli(*command, preexec_fn=lambda: os.close(1))
     assert out.returncode == 2
     assert out.stderr.splitlines() == ["malmm: error: Standard output is closed, so results have nowhere to go; "
                                        "give -o FILE."]
