@@ -18,8 +18,8 @@ from typer.core import TyperArgument, TyperCommand
 
 from . import __version__
 from .errors import MalmmError
-from .terminal import error_line, shown
 from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .terminal import error_line, shown
 from .times import parse_time
 
 class _HelpInWords(TyperCommand):
