@@ -6,6 +6,8 @@ argument errors are instant; models, video decoding and torch load inside the co
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -17,6 +19,7 @@ from typer.core import TyperArgument, TyperCommand
 from . import __version__
 from .errors import MalmmError
 from .presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .terminal import error_line, shown
 from .times import parse_time
 
 class _HelpInWords(TyperCommand):
@@ -372,7 +375,7 @@ def _click_error(err: Exception) -> int | None:
         return 2
     if "ClickException" not in names:
         return None
-    message = " ".join(err.format_message().split())
+    message = shown(" ".join(err.format_message().split()))
     ctx = getattr(err, "ctx", None)
     if "UsageError" in names and ctx is not None:
         message += f" (see: {ctx.command_path} --help)"
@@ -382,16 +385,64 @@ def _click_error(err: Exception) -> int | None:
 
 def main() -> None:
     """Console entry point: user errors become one sentence on stderr and a non-zero exit."""
+    _occupy_closed_std_fds()
     try:
         code = app(standalone_mode=False)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a failure is one sentence, not at exit
     except MalmmError as err:
-        typer.echo(f"malmm: error: {err}", err=True)
+        typer.echo(error_line(err), err=True, nl=False)
         code = err.exit_code
     except KeyboardInterrupt:
         typer.echo("malmm: interrupted", err=True)
         code = 130
+    except BrokenPipeError:
+        code = _reader_gone()
+    except OSError as err:
+        code = _stdout_failed(err)
+        if code is None:
+            raise
     except Exception as err:
         code = _click_error(err)
         if code is None:
             raise
     sys.exit(code or 0)
+
+
+def _occupy_closed_std_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`), the next file opened would take its
+    number, and whatever is written to "stdout" would land in it (a results file, a
+    checkpoint). /dev/null takes the number instead; sys.stdout stays None, so the commands
+    that print results say that stdout is closed."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (`malmm ... | head -1`): stop quietly, as Unix tools do, exit 1
+    (as Typer does when that happens inside a command)."""
+    from .results_file import silence_stdout
+
+    silence_stdout()  # what is still buffered goes nowhere, and the flush at exit raises nothing
+    return 1
+
+
+def _stdout_failed(err: OSError) -> int | None:
+    """A write that failed for want of room, or on a device that refuses it (`> /dev/full`): one
+    sentence, exit 1. The commands catch what their own files raise (each names its file): an
+    error of this kind without a file name that reaches here is a print to stdout. None for
+    any other OSError (a bug: its traceback is wanted)."""
+    from .results_file import silence_stdout
+
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) or err.filename is not None:
+        return None
+    silence_stdout()  # what is still buffered goes nowhere, and the flush at exit raises nothing
+    reason = (err.strerror or type(err).__name__).lower()
+    typer.echo(f"malmm: error: Cannot write to standard output ({reason}).", err=True)
+    return 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .ray_batch import AnalyzerWork, on_ray, where
+from .terminal import shown
 
 
 @dataclass(frozen=True)
@@ -67,5 +68,5 @@ def _as_given(record: dict, case, sent: str) -> dict:
 
 
 def _note(line: str) -> None:
-    sys.stderr.write(f"malmm: {line}\n")
+    sys.stderr.write(f"malmm: {shown(line)}\n")  # names a video: escaped for the terminal
     sys.stderr.flush()

@@ -21,6 +21,7 @@ from typing import Any
 from .inputs import is_url
 from .outputs import Output
 from .results import ErrorResult, Result
+from .terminal import shown
 
 
 @dataclass(frozen=True)
@@ -104,5 +105,5 @@ def run_on_ray(choice, job, todo: list[str], output: Output, opts, given: dict,
 
 
 def _note(line: str) -> None:
-    sys.stderr.write(f"malmm: {line}\n")
+    sys.stderr.write(f"malmm: {shown(line)}\n")  # names a video: escaped for the terminal
     sys.stderr.flush()

@@ -22,6 +22,7 @@ from .errors import MalmmError, UsageError
 from .presets import LOCKSTEP_TASKS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, resolve_model
 from .outputs import Output
 from .results import ErrorResult
+from .terminal import ShownFormatter, error_line, shown
 
 log = logging.getLogger("malmm")
 
@@ -182,7 +183,7 @@ def build_job(task: str, opts: CommonOptions, model_label: str, **args):
 
 def _setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("malmm: %(message)s"))
+    handler.setFormatter(ShownFormatter("malmm: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
     log.propagate = False
@@ -193,7 +194,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def _error(spec: str, message: str) -> None:
     # Error sentences name their input already ("clip.mp4 does not exist.").
-    sys.stderr.write(f"malmm: error: {message if spec in message else f'{spec}: {message}'}\n")
+    sys.stderr.write(error_line(message if spec in message else f"{spec}: {message}"))
     sys.stderr.flush()
 
 
@@ -213,16 +214,16 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, **args) -> in
         specs = expand_inputs(inputs)
         output = Output(task, opts.output, args.get("fmt"), opts.json_, specs)
     except MalmmError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
+        sys.stderr.write(error_line(err))
         return err.exit_code
     with _sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, specs, output, opts)
         except MalmmError as err:
-            sys.stderr.write(f"malmm: error: {err}\n")
+            sys.stderr.write(error_line(err))
             return err.exit_code
         except KeyboardInterrupt as stop:
-            where = f" in {output.path}" if output.path else ""
+            where = f" in {shown(str(output.path))}" if output.path else ""
             sys.stderr.write(f"malmm: interrupted; {output.written} result(s) kept{where}\n")
             # Ray's ray.wait turns any exception from a signal handler into a plain
             # KeyboardInterrupt: whether SIGTERM fired says which it was.
@@ -259,7 +260,7 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:
         sys.stderr.write(f"malmm: --resume: {len(specs) - len(todo)} input(s) already done, {len(todo)} to go"
-                         + (f" ({other})" if other else "") + "\n")
+                         + (f" ({shown(other)})" if other else "") + "\n")
     if not todo:
         return 0
     if opts.ray is not None:
@@ -283,7 +284,7 @@ def load_analyzer(choice, job, opts: CommonOptions, n_inputs: int, given: dict):
     try:
         analyzer = _analyzer(choice, opts, n_inputs)
     except ModelError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
+        sys.stderr.write(error_line(err))
         return None
     return analyzer, with_trained_defaults(job, analyzer.model.trained_config, **given)
 
@@ -370,7 +371,7 @@ def record(output: Output, spec: str, outcome) -> bool:
 
 def report_end(output: Output, failures: int, opts: CommonOptions) -> None:
     if output.path is not None and not opts.quiet:
-        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {output.path}"
+        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {shown(str(output.path))}"
                          + (f"; {failures} input(s) failed" if failures else "") + "\n")
 
 

@@ -41,6 +41,7 @@ from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .presets import TASK_DEFAULTS
 from .tasks import question_prompt
 from .video import plan_sampling, preprocess, probe, stream_frames
+from .written import replace_file
 
 # ---- defaults (the official run scripts and configs) -------------------------------------------
 
@@ -338,7 +339,13 @@ def _train_epoch(run: _Run, trained, rng: np.random.Generator, warmup: int) -> f
 
 
 def _save(run: _Run, **state) -> None:
-    save_checkpoint(run.output, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
+    """Write the checkpoint atomically, its content recorded (written.py): the file malmm
+    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other."""
+
+    def write(path: Path) -> None:
+        save_checkpoint(path, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
+
+    replace_file(run.output, write, "checkpoint")
 
 
 def _loop(run: _Run) -> TrainReport:
