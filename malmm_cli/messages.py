@@ -1,6 +1,7 @@
 """What a command says on stderr: the `malmm` logger, one-sentence errors, and notes.
 
-Results go to stdout; everything here goes to stderr, prefixed with "malmm: ".
+Results go to stdout; everything here goes to stderr, prefixed with "malmm: ", with names and
+labels shown escaped (terminal.py): a file name may hold a newline or an escape sequence.
 """
 
 from __future__ import annotations
@@ -8,12 +9,14 @@ from __future__ import annotations
 import logging
 import sys
 
+from .terminal import ShownFormatter, error_line, shown
+
 log = logging.getLogger("malmm")
 
 
 def setup_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("malmm: %(message)s"))
+    handler.setFormatter(ShownFormatter("malmm: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.ERROR if quiet else logging.WARNING)
     log.propagate = False
@@ -27,10 +30,10 @@ def error(message: str, about: str | None = None) -> None:
     ("clip.mp4 does not exist.")."""
     if about is not None and about not in message:
         message = f"{about}: {message}"
-    sys.stderr.write(f"malmm: error: {message}\n")
+    sys.stderr.write(error_line(message))
     sys.stderr.flush()
 
 
 def note(line: str) -> None:
-    sys.stderr.write(f"malmm: {line}\n")
+    sys.stderr.write(f"malmm: {shown(line)}\n")
     sys.stderr.flush()

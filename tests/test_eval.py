@@ -218,6 +218,20 @@ def test_outputs_never_clobber_the_data_or_a_foreign_summary(synth, tmp_path):
     assert summary_path(out_file).read_text() == "my notes\n" and not out_file.exists()
 
 
+def test_a_summary_edited_since_malmm_wrote_it_is_kept(synth, tmp_path):
+    """The summary beside -o was recognised by its keys alone: an edited one was replaced."""
+    test_csv, _, _ = synth
+    out_file = tmp_path / "preds.jsonl"
+    run = ("eval", test_csv, "--task", "classify", *TINY, *FAST, "-o", out_file, "-q")
+    assert malmm(*run).exit_code in (0, 1)
+    assert malmm(*run, "--overwrite").exit_code in (0, 1)  # its own, untouched: replaced
+    edited = {**json.loads(summary_path(out_file).read_text()), "note": "my reading of these numbers"}
+    summary_path(out_file).write_text(json.dumps(edited))
+    out = malmm(*run, "--overwrite")
+    assert out.exit_code == 2 and "is not an eval summary written by malmm" in out.stderr
+    assert json.loads(summary_path(out_file).read_text()) == edited
+
+
 def test_the_help_examples_run_as_printed(synth, tiny_model, tmp_path, monkeypatch):
     """Every example under `malmm eval --help`, in a folder holding the files they name (the
     checkpoint built as the official runner saves one), with MALMM_MODEL=tiny-random."""

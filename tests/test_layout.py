@@ -3,7 +3,7 @@ models/ have no import circle, import no underscore name from another file, and 
 downwards:
 
     cli -> learn -> runs -> engine -> results -> sources -> models
-    (and the bottom modules malmm_cli/{errors,times,interrupts,messages}.py, importable by all)
+    (and the bottom modules malmm_cli/{errors,times,interrupts,messages,terminal}.py, importable by all)
 
 An import counts wherever it is written: at the top of a module, inside a function, under
 `if TYPE_CHECKING`. A module may import its own package's modules freely (circles aside).
@@ -23,7 +23,8 @@ PACKAGES = ("malmm_cli", "models")
 # any layer below it, never above. `models` is below everything and imports none of malmm_cli.
 LAYERS = ("models", "malmm_cli.bottom", "malmm_cli.sources", "malmm_cli.results", "malmm_cli.engine",
           "malmm_cli.runs", "malmm_cli.learn", "malmm_cli.cli")
-BOTTOM = {"malmm_cli", "malmm_cli.errors", "malmm_cli.times", "malmm_cli.interrupts", "malmm_cli.messages"}
+BOTTOM = {"malmm_cli", "malmm_cli.errors", "malmm_cli.times", "malmm_cli.interrupts", "malmm_cli.messages",
+          "malmm_cli.terminal"}
 ENTRY_POINTS = {"malmm_cli.__main__": "malmm_cli.cli"}  # `python -m malmm_cli` is the command line
 
 
@@ -169,6 +170,29 @@ def test_no_private_name_is_imported_from_another_file(found):
 
 def test_imports_point_one_way(found):
     assert upward(found) == []
+
+
+def test_every_import_of_ours_names_a_module_that_exists():
+    """An import left pointing where a module used to be (a merge across the move, a moved
+    module's relative import) fails here, not only when that line first runs. In strings too:
+    code run in a child process (`python -c "from malmm_cli... import ..."`) names modules."""
+    import re
+
+    modules = read_modules()
+    missing = []
+    for name, (path, tree) in modules.items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                targets = [_absolute(name, path.name == "__init__.py", node)]
+            elif isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                targets = re.findall(r"(?:from|import) ((?:malmm_cli|models)(?:\.\w+)*)", node.value)
+            else:
+                continue
+            missing += [f"{name} (line {node.lineno}): {target}" for target in targets
+                        if target.split(".")[0] in PACKAGES and target not in modules]
+    assert missing == []
 
 
 def test_every_package_says_its_one_job():

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from malmm_cli.results import outputs
 from malmm_cli.engine import loader
-from malmm_cli.results.outputs import INDEX_NAME, input_key, looks_like_ours, plan_names, recorded_inputs
+from malmm_cli.results import outputs
+from malmm_cli.results.outputs import INDEX_NAME, input_key, plan_names, recorded_inputs
+from malmm_cli.results.results_file import legacy_results
 from tests.cli import SAMPLE, malmm
 from tests.cli import TINY as CLI_TINY
 from tests.cli import records as text_records
@@ -101,20 +102,19 @@ def test_existing_files_that_are_not_ours_are_refused_even_with_overwrite(tmp_pa
     assert target.read_text() == content
 
 
-def test_what_counts_as_ours():
-    record = b'{"input": "a.mp4", "task": "caption", "text": "caf\xc3\xa9"}\n'
-    assert looks_like_ours(b"", "json", Path("r.jsonl"))
-    assert looks_like_ours(record + b'{"input": "b.mp4", "error": "x."}\n', "json", Path("r.jsonl"))
-    assert looks_like_ours(record + record[:30], "json", Path("r.jsonl"))  # cut short by an interrupt
-    assert looks_like_ours(record + b'{"in', "json", Path("r.jsonl"))
-    assert not looks_like_ours(b'{"id": 1}\n', "json", Path("r.jsonl"))
-    assert not looks_like_ours(b"\x00\x00\x00\x18ftypmp42", "json", Path("r.jsonl"))
-    assert not looks_like_ours(b"\x00\x00\x00\x18ftypmp42", "text", Path("r.txt"))
-    assert looks_like_ours(b"WEBVTT\n\n00:00:00.000 --> 00:00:02.000\nhi\n", "vtt", Path("s.vtt"))
-    assert not looks_like_ours(b"WEBVTT\n", "vtt", Path("s.srt"))
-    assert looks_like_ours(b"1\n00:00:00,000 --> 00:00:02,000\nhi\n", "srt", Path("s.srt"))
-    assert not looks_like_ours(b"\xff\xfe1\n", "srt", Path("s.srt"))  # not UTF-8
-    assert looks_like_ours(b"caption text\n", "text", Path("c.txt"))
+def test_what_counts_as_ours_without_a_record():
+    """Files that older versions wrote have no record of their digest: JSON Lines of our records,
+    each with its job key, are verifiably ours; nothing else is (text, md, srt, vtt included)."""
+    job = b', "job": "0123456789abcdef"}'
+    record = b'{"input": "a.mp4", "task": "caption", "text": "caf\xc3\xa9"' + job + b"\n"
+    assert legacy_results(record + b'{"input": "b.mp4", "error": "x."' + job + b"\n")
+    assert legacy_results(record + record[:30])  # cut short by an interrupt
+    assert legacy_results(record + record[:30] + b"\n" + record)  # older versions went on after a fresh line
+    assert not legacy_results(b"")  # empty is simply used, elsewhere
+    assert not legacy_results(b'{"input": "a.mp4", "text": "x"}\n')  # no job key: not verifiably ours
+    assert not legacy_results(b'{"id": 1, "input": "x", "job": "0123456789abcdef"}\n')
+    assert not legacy_results(record + b"my own notes\n")
+    assert not legacy_results(b"\x00\x00\x00\x18ftypmp42")
 
 
 # ---- 2. existing results: --resume appends, --overwrite replaces, neither refuses ------------
@@ -205,7 +205,9 @@ def test_each_record_is_one_write(tmp_path, videos, monkeypatch):
     assert output.read_bytes() == b"".join(calls)
 
 
-def test_resume_after_a_line_cut_inside_a_character(tmp_path, videos):
+def test_resume_cuts_a_torn_last_line_off_into_a_file_beside_it(tmp_path, videos):
+    """A last line cut inside a UTF-8 character used to stay in the file, before the new records:
+    a UTF-8 reader, jq or pandas then failed on the whole file."""
     output = tmp_path / "torn.jsonl"
     assert malmm("caption", videos["a"], "-o", output, *TINY, *FAST).exit_code == 0
     whole = output.read_bytes()
@@ -215,11 +217,20 @@ def test_resume_after_a_line_cut_inside_a_character(tmp_path, videos):
     out = malmm("caption", videos["a"], videos["b"], "-o", output, "--model", "tiny-random", *FAST, "--resume")
     assert out.exit_code == 0, out.stderr
     assert "1 input(s) already done, 1 to go" in out.stderr  # the torn line does not count as done
+    aside = tmp_path / "torn.jsonl.torn"
+    assert aside.read_bytes() == cut  # nothing lost: the cut bytes are kept, and the warning says where
+    assert f"{output} ended in a line cut short" in out.stderr and str(aside) in out.stderr
     data = output.read_bytes()
-    assert data.startswith(whole + cut + b"\n")  # nothing lost; the new record starts on a fresh line
-    rows = [json.loads(line) for line in data.splitlines()[:1] + data.splitlines()[2:]]
+    assert data.startswith(whole) and data.endswith(b"}\n")
+    with open(output, encoding="utf-8") as f:  # strict UTF-8, every line a whole record
+        rows = [json.loads(line) for line in f]
     assert [r["input"] for r in rows] == [str(videos["a"]), str(videos["b"])] and "text" in rows[1]
-    assert recorded_inputs(data) == {str(videos["a"]), str(videos["b"])}
+    # Torn again (a second crash): the first fragment is kept, the second goes beside it.
+    output.write_bytes(data + cut)
+    again = malmm("caption", videos["a"], videos["b"], "-o", output, "--model", "tiny-random", *FAST, "--resume")
+    assert again.exit_code == 0 and "2 input(s) already done, 0 to go" in again.stderr
+    assert (tmp_path / "torn.jsonl.torn-2").read_bytes() == cut and aside.read_bytes() == cut
+    assert output.read_bytes() == data
 
 
 def test_a_full_disk_is_one_sentence_and_earlier_records_stay_whole(tmp_path, videos, monkeypatch):
@@ -331,20 +342,28 @@ def test_a_file_named_like_another_inputs_old_name_is_not_taken_for_done(tmp_pat
 
 
 def test_per_video_files_not_written_for_that_input_are_kept(tmp_path, videos):
+    """A hand-made subtitle file where malmm would write one is refused whatever the options: it
+    used to be replaced with --overwrite."""
     subs = tmp_path / "subs"
     subs.mkdir()
     hand_made = "1\n00:00:00,000 --> 00:00:01,000\nmy own subtitle\n\n"
     (subs / "a.srt").write_text(hand_made)
-    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs), 2, "a.srt", "--resume", "--overwrite")
-    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--resume"]), 2,
-              "not written by malmm for", "--overwrite")
+    for mode in ([], ["--resume"], ["--overwrite"]):
+        line = one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=mode), 2, "a.srt",
+                         "is not a srt file that malmm wrote", "move it away")
+        assert "--overwrite" not in line
     assert (subs / "a.srt").read_text() == hand_made and not (subs / "b.srt").exists()
+    (subs / "a.srt").rename(tmp_path / "mine.srt")
+    assert _summarize_srt(videos["a"], videos["b"], out_dir=subs).exit_code == 0
     assert _summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--overwrite"]).exit_code == 0
     assert (subs / "a.srt").read_text().count("-->") == 3
     (subs / "b.srt").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # a video that got an .srt name
     one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--overwrite"]), 2,
-              "b.srt", "is not a srt file written by malmm")
+              "b.srt", "is not a srt file that malmm wrote")
     assert (subs / "b.srt").read_bytes() == b"\x00\x00\x00\x18ftypmp42"
+    (subs / "b.srt").write_text("1\n00:00:00,000 --> 00:00:01,000\nmalmm's, then edited\n\n")
+    one_error(_summarize_srt(videos["a"], videos["b"], out_dir=subs, mode=["--overwrite"]), 2,
+              "b.srt", "(or it was changed since)")
 
 
 def test_per_video_output_over_an_existing_file_is_refused(tmp_path, videos, no_model):
@@ -482,12 +501,19 @@ def test_a_failed_input_retried_is_counted_once(tmp_path, videos):
 
 
 def test_a_record_without_a_job_key_is_done_again(tmp_path):
-    """Records written before job keys cannot say which work they are: they are not done."""
+    """Records without a job key (an older malmm's, or written from Python without one) cannot say
+    which work they are: they are not done."""
+    from malmm_cli.results.outputs import Output
+
     output = tmp_path / "r.jsonl"
     _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output)
     (old,) = records(output)
     del old["job"]
-    output.write_text(json.dumps(old) + "\n")
+    rewrite = Output("caption", output, "json", True, [str(SAMPLE)])  # malmm's own writing: recorded
+    rewrite.claim("overwrite")
+    rewrite.open()
+    rewrite.write_record(old)
+    rewrite.close()
     err = _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output, "--resume")
     assert "0 input(s) already done, 1 to go (1 of them recorded in" in err and "older malmm" in err
     assert [("job" in r) for r in records(output)] == [False, True]
@@ -504,12 +530,14 @@ def test_per_video_files_from_other_options_are_written_again(tmp_path, videos):
     assert (subs / "a.srt").read_text().count("-->") == 2  # 6 s in 3 s cues
     again = malmm(*run, "--every", "3", "--resume")
     assert again.exit_code == 0 and "2 input(s) already done, 0 to go\n" in again.stderr
-    # An index from before job keys says whose files they are, not how they were made.
+    # An index from before job keys and digests says whose files they are, neither how they were
+    # made nor what they held: they may have been edited since, so they are not replaced.
     index = json.loads((subs / INDEX_NAME).read_text())
-    (subs / INDEX_NAME).write_text(json.dumps({"files": index["files"]}))
-    again = malmm(*run, "--every", "3", "--resume")
-    assert again.exit_code == 0 and "0 input(s) already done, 2 to go" in again.stderr
-    assert json.loads((subs / INDEX_NAME).read_text()) == index
+    old = json.dumps({"files": index["files"]})
+    (subs / INDEX_NAME).write_text(old)
+    content = (subs / "a.srt").read_text()
+    one_error(malmm(*run, "--every", "2", "--resume"), 2, "a.srt", "is not a srt file that malmm wrote", "move it away")
+    assert (subs / INDEX_NAME).read_text() == old and (subs / "a.srt").read_text() == content
 
 
 def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):

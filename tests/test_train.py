@@ -188,7 +188,7 @@ def test_train_refuses_before_loading_anything(data, tmp_path):
     existing = tmp_path / "taken.pth"
     existing.write_bytes(b"keep me")
     cases = [
-        (["-o", existing], "already exists; pass --overwrite"),
+        (["-o", existing], "exists and is not a checkpoint that malmm wrote"),
         (["-o", data.train, "--overwrite"], "is one of this run's inputs"),
         (["-o", tmp_path / "new.pth", "--memory", -1], "--memory must be from 0"),
         (["-o", tmp_path / "missing" / "c.pth"], "does not exist"),
@@ -202,6 +202,69 @@ def test_train_refuses_before_loading_anything(data, tmp_path):
     bad.write_text("video,answer\nclip.mp4,yes\n")
     out = malmm("train", bad, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
     assert out.exit_code == 2 and "no 'label' column" in out.output
+
+
+TRAIN_FAST = ["--task", "classify", *TINY, "--frames", 2, "--epochs", 1, "--batch-size", 4, "-q"]
+
+
+def test_train_replaces_only_a_checkpoint_it_wrote_and_never_what_is_not_a_file(data, tmp_path):
+    """`--overwrite` used to replace anything: a user's notes, a video, a FIFO, /dev/null (as root)."""
+    import os
+    import stat
+
+    notes, video, fifo = tmp_path / "notes.txt", tmp_path / "clip.mp4", tmp_path / "pipe"
+    notes.write_text("my notes\n")
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 a video")
+    os.mkfifo(fifo)
+    for target, message in ((notes, "is not a checkpoint that malmm wrote"),
+                            (video, "is not a checkpoint that malmm wrote"),
+                            (fifo, "is not a regular file")):
+        out = malmm("train", data.train, *TRAIN_FAST, "-o", target, "--overwrite")
+        assert out.exit_code == 2 and message in out.output and "--overwrite" not in out.output, out.output
+    assert notes.read_text() == "my notes\n" and video.read_bytes().endswith(b"a video")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    # A device is refused before anything is written (not tried with --overwrite: as root, the old
+    # code replaced /dev/null itself with a regular file).
+    out = malmm("train", data.train, *TRAIN_FAST, "-o", "/dev/null")
+    assert out.exit_code == 2 and "is not a regular file" in out.output
+    assert stat.S_ISCHR(os.lstat("/dev/null").st_mode)
+    # Its own checkpoint, untouched since: replaced with --overwrite only; once edited, never.
+    ckpt = tmp_path / "c.pth"
+    assert malmm("train", data.train, *TRAIN_FAST, "-o", ckpt).exit_code == 0
+    out = malmm("train", data.train, *TRAIN_FAST, "-o", ckpt)
+    assert out.exit_code == 2 and "pass --overwrite to replace it" in out.output
+    assert malmm("train", data.train, *TRAIN_FAST, "-o", ckpt, "--overwrite").exit_code == 0
+    with open(ckpt, "ab") as f:
+        f.write(b"changed")
+    out = malmm("train", data.train, *TRAIN_FAST, "-o", ckpt, "--overwrite")
+    assert out.exit_code == 2 and "(or it was changed since)" in out.output
+    assert ckpt.read_bytes().endswith(b"changed")
+    empty = tmp_path / "empty.pth"  # an empty file holds nothing: simply used
+    empty.touch()
+    assert malmm("train", data.train, *TRAIN_FAST, "-o", empty).exit_code == 0 and empty.stat().st_size > 0
+
+
+def test_a_second_training_to_the_same_output_is_refused_at_once(data, tmp_path, monkeypatch):
+    """Two trainings with one -o both said "saved", and one checkpoint was lost."""
+    from malmm_cli.learn import train_command as train_cli
+
+    ckpt = tmp_path / "c.pth"
+    seen = []
+    real_run = train_cli._run
+
+    def run_while_another_starts(o, *prepared):
+        if not seen:  # the first training, while it holds the output: a second one starts
+            seen.append("started")
+            seen[0] = malmm("train", data.train, *TRAIN_FAST, "-o", ckpt, "--overwrite").output
+        return real_run(o, *prepared)
+
+    monkeypatch.setattr(train_cli, "_run", run_while_another_starts)
+    out = malmm("train", data.train, *TRAIN_FAST, "-o", ckpt)
+    assert out.exit_code == 0, out.output
+    (second,) = seen
+    assert second.count("\n") == 1 and "is being written by another malmm process" in second
+    monkeypatch.setattr(train_cli, "_run", real_run)
+    assert malmm("train", data.train, *TRAIN_FAST, "-o", ckpt, "--overwrite").exit_code == 0  # released
 
 
 def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):

@@ -7,6 +7,8 @@ errors are instant; models, video decoding and torch load inside the commands.
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from typing import Annotated
 
@@ -14,6 +16,7 @@ import typer
 
 from malmm_cli import __version__
 from malmm_cli.errors import MalmmError
+from malmm_cli.terminal import error_line, shown
 
 from .analysis import register as register_analysis
 from .eval import register as register_eval
@@ -65,7 +68,7 @@ def _click_error(err: Exception) -> int | None:
         return 2
     if "ClickException" not in names:
         return None
-    message = " ".join(err.format_message().split())
+    message = shown(" ".join(err.format_message().split()))
     ctx = getattr(err, "ctx", None)
     if "UsageError" in names and ctx is not None:
         message += f" (see: {ctx.command_path} --help)"
@@ -75,16 +78,64 @@ def _click_error(err: Exception) -> int | None:
 
 def main() -> None:
     """Console entry point: user errors become one sentence on stderr and a non-zero exit."""
+    _occupy_closed_std_fds()
     try:
         code = app(standalone_mode=False)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, where a failure is one sentence, not at exit
     except MalmmError as err:
-        typer.echo(f"malmm: error: {err}", err=True)
+        typer.echo(error_line(err), err=True, nl=False)
         code = err.exit_code
     except KeyboardInterrupt:
         typer.echo("malmm: interrupted", err=True)
         code = 130
+    except BrokenPipeError:
+        code = _reader_gone()
+    except OSError as err:
+        code = _stdout_failed(err)
+        if code is None:
+            raise
     except Exception as err:
         code = _click_error(err)
         if code is None:
             raise
     sys.exit(code or 0)
+
+
+def _occupy_closed_std_fds() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`), the next file opened would take its
+    number, and whatever is written to "stdout" would land in it (a results file, a
+    checkpoint). /dev/null takes the number instead; sys.stdout stays None, so the commands
+    that print results say that stdout is closed."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
+def _reader_gone() -> int:
+    """The reader of stdout left (`malmm ... | head -1`): stop quietly, as Unix tools do, exit 1
+    (as Typer does when that happens inside a command)."""
+    from malmm_cli.results.results_file import silence_stdout
+
+    silence_stdout()  # what is still buffered goes nowhere, and the flush at exit raises nothing
+    return 1
+
+
+def _stdout_failed(err: OSError) -> int | None:
+    """A write that failed for want of room, or on a device that refuses it (`> /dev/full`): one
+    sentence, exit 1. The commands catch what their own files raise (each names its file): an
+    error of this kind without a file name that reaches here is a print to stdout. None for
+    any other OSError (a bug: its traceback is wanted)."""
+    from malmm_cli.results.results_file import silence_stdout
+
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO) or err.filename is not None:
+        return None
+    silence_stdout()  # what is still buffered goes nowhere, and the flush at exit raises nothing
+    reason = (err.strerror or type(err).__name__).lower()
+    typer.echo(f"malmm: error: Cannot write to standard output ({reason}).", err=True)
+    return 1

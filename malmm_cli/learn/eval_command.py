@@ -19,6 +19,9 @@ from pathlib import Path
 
 from malmm_cli.errors import MalmmError, UsageError
 
+from malmm_cli.results.records import to_json
+from malmm_cli.terminal import shown
+
 SUMMARY_SUFFIX = ".summary.json"  # where the final record goes, beside the predictions file
 SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
 
@@ -41,6 +44,8 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     output = None
     try:
         validate(opts)
+        if sys.stdout is None and opts.output is None:  # started with `>&-`: the final record would be lost
+            raise UsageError("Standard output is closed, so results have nowhere to go; give -o FILE.")
         check_options(task, labels=labels, label_set=label_set, prompt=prompt)
         choice = resolve_model(opts.model)
         items = load_dataset(data, task)
@@ -59,7 +64,7 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
             error(str(err))
             return err.exit_code
         except KeyboardInterrupt as stop:
-            where = f" in {output.path}" if output is not None else ""
+            where = f" in {shown(str(output.path))}" if output is not None else ""
             kept = output.written if output is not None else 0
             sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
             return exit_code(stop, fired)
@@ -84,24 +89,32 @@ def summary_path(output: Path) -> Path:
 
 
 def _claim_summary(output: Path, data: Path, cases) -> Path | None:
-    """Where the final record goes, checked before the model loads: a file there must be a
-    summary of ours (a JSON object naming its predictions file), never the data or a video.
-    None when the predictions go to a device (/dev/null)."""
+    """Where the final record goes, checked before the model loads: a file there must be the
+    summary malmm wrote there, unchanged since (written.py), never the data or a video. One
+    written before malmm kept records is recognised by its content (a JSON object naming its
+    predictions file). None when the predictions go to a device (/dev/null)."""
     if output.exists() and not output.is_file():
         return None
     path = summary_path(output)
     if not path.exists():
         return path
     from malmm_cli.results.outputs import input_ids
+    from malmm_cli.results.written import Record, file_content
 
     st = os.stat(path)
     ours = False
     if (st.st_dev, st.st_ino) not in input_ids([str(data), *(c.video for c in cases)]) and path.is_file():
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            ours = isinstance(record, dict) and {"task", "n", "predictions"} <= record.keys()
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            ours = False
+        record = Record(path, "summary")
+        if st.st_size == 0:
+            ours = True
+        elif record.exists:
+            ours = record.holds(file_content(path))
+        else:
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                ours = isinstance(old, dict) and {"task", "n", "predictions"} <= old.keys()
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                ours = False
     if not ours:
         raise UsageError(f"{path} exists and is not an eval summary written by malmm; move it away or choose "
                          "another --output name.")
@@ -162,9 +175,9 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
         _write_summary(summary, record)
     _print(record, opts)
     if output is not None and not opts.quiet:
-        sys.stderr.write(f"malmm: {final.n} prediction(s) in {output.path}"
+        sys.stderr.write(f"malmm: {final.n} prediction(s) in {shown(str(output.path))}"
                          + (f"; {failures} case(s) failed" if failures else "")
-                         + (f"; final record in {summary}" if summary else "") + "\n")
+                         + (f"; final record in {shown(str(summary))}" if summary else "") + "\n")
     return 1 if failures else 0
 
 
@@ -213,13 +226,13 @@ def _extra(job, choice, data: Path, opts) -> dict:
 
 
 def _write_summary(path: Path, record: dict) -> None:
-    """Replaced whole (a temporary file renamed over it): a reader never sees half a record."""
-    tmp = path.with_name(f".{path.name}.partial")
+    """Replaced whole (a temporary file renamed over it): a reader never sees half a record;
+    its content recorded (written.py), so the next run may replace it."""
+    from malmm_cli.results.written import replace_file
+
     try:
-        tmp.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        replace_file(path, lambda tmp: tmp.write_text(to_json(record) + "\n", encoding="utf-8"), "summary")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         sys.stderr.write(f"malmm: warning: the final record could not be written to {path} "
                          f"({(e.strerror or type(e).__name__).lower()}); it is printed above.\n")
 
@@ -228,8 +241,10 @@ def _write_summary(path: Path, record: dict) -> None:
 
 
 def _print(record: dict, opts) -> None:
+    if sys.stdout is None:
+        return  # stdout closed: the final record is in FILE.summary.json (checked before the run)
     if opts.json_:
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        sys.stdout.write(to_json(record) + "\n")
         sys.stdout.flush()
         return
     from rich.console import Console
@@ -237,7 +252,7 @@ def _print(record: dict, opts) -> None:
     from rich.text import Text
 
     console = Console(file=sys.stdout, highlight=False)
-    console.print(Text(f"{record['task']}: {record['data']} ({record['model']})", style="bold"))
+    console.print(Text(shown(f"{record['task']}: {record['data']} ({record['model']})"), style="bold"))
     for table in _tables(record):
         console.print(table)
 
@@ -249,6 +264,7 @@ def _pct(value) -> str:
 def _tables(record: dict) -> list:
     """The metrics table, and for classify the per-class accuracy (the most frequent classes)."""
     from rich.table import Table
+    from rich.text import Text
 
     task = record["task"]
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), pad_edge=False)
@@ -274,7 +290,8 @@ def _tables(record: dict) -> list:
         per_class.add_column("accuracy", justify="right")
         ranked = sorted(record["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
         for label, stats in ranked[:SHOWN_CLASSES]:
-            per_class.add_row(label, str(stats["n"]), _pct(stats["accuracy"]))
+            # A Text, not a str: Rich would take "[...]" in a label for markup; escaped for the terminal.
+            per_class.add_row(Text(shown(label)), str(stats["n"]), _pct(stats["accuracy"]))
         if len(ranked) > SHOWN_CLASSES:
             per_class.add_row(f"... {len(ranked) - SHOWN_CLASSES} more (--json)", "", "")
         tables += ["", per_class]

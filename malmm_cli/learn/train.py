@@ -40,6 +40,7 @@ from malmm_cli.engine.presets import TASK_DEFAULTS
 from malmm_cli.engine.session import Session
 from malmm_cli.engine.tasks import question_prompt
 from malmm_cli.errors import UsageError
+from malmm_cli.results.written import replace_file
 
 from .dataset import Item
 
@@ -304,7 +305,13 @@ def _train_epoch(run: _Run, trained, rng: np.random.Generator, warmup: int) -> f
 
 
 def _save(run: _Run, **state) -> None:
-    save_checkpoint(run.output, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
+    """Write the checkpoint atomically, its content recorded (written.py): the file malmm
+    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other."""
+
+    def write(path: Path) -> None:
+        save_checkpoint(path, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
+
+    replace_file(run.output, write, "checkpoint")
 
 
 def _loop(run: _Run) -> TrainReport:

@@ -52,25 +52,45 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """-o may name a new file, or an existing one with --overwrite; never a folder, nor any
-    input of the run (the data, the validation data, the starting checkpoint, a video)."""
+def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> int:
+    """-o may name a new file, an empty one, or, with --overwrite, a checkpoint malmm wrote
+    there and nobody changed since (results/written.py); never a folder, a device, a pipe, a
+    user's file, nor any input of the run (the data, the validation data, the starting
+    checkpoint, a video). Takes the output's lock (a second training to the same file is
+    refused at once) and returns it, to be closed when the run ends. Nothing is written here."""
+    import stat
+
     from malmm_cli.errors import UsageError
+    from malmm_cli.results.written import Record, file_content, lock
 
     if output.is_dir():
         raise UsageError(f"-o {output} is a folder; name the checkpoint file to write, e.g. {output / 'ckpt.pth'}.")
     if not output.parent.is_dir():
         raise UsageError(f"-o {output}: the folder {output.parent} does not exist.")
     mine = _identity(output)
-    if mine is not None:
-        if any(_identity(p) == mine for p in inputs):
-            raise UsageError(f"-o {output} is one of this run's inputs; write the checkpoint to another file.")
-        if not overwrite:
-            raise UsageError(f"{output} already exists; pass --overwrite to replace it, or choose another -o.")
-        if not os.access(output, os.W_OK):
-            raise UsageError(f"{output} cannot be replaced (not writable).")
-    if not os.access(output.parent, os.W_OK):
-        raise UsageError(f"-o {output}: the folder {output.parent} is not writable.")
+    if mine is not None and any(_identity(p) == mine for p in inputs):
+        raise UsageError(f"-o {output} is one of this run's inputs; write the checkpoint to another file.")
+    if mine is not None and not stat.S_ISREG(os.stat(output).st_mode):
+        raise UsageError(f"-o {output} is not a regular file (a device, a pipe or a socket); name the checkpoint "
+                         "file to write.")
+    held = lock(output, f"-o {output} is being written by another malmm process; wait for it to finish or choose "
+                        "another -o.")
+    try:
+        if mine is not None and os.path.getsize(output) > 0:
+            if not Record(output, "checkpoint").holds(file_content(output)):
+                raise UsageError(f"{output} exists and is not a checkpoint that malmm wrote (or it was changed "
+                                 "since); choose another -o, or move it away.")
+            if not overwrite:
+                raise UsageError(f"{output} holds a checkpoint that malmm wrote; pass --overwrite to replace it, "
+                                 "or choose another -o.")
+            if not os.access(output, os.W_OK):
+                raise UsageError(f"{output} cannot be replaced (not writable).")
+        if not os.access(Path(os.path.realpath(output)).parent, os.W_OK):
+            raise UsageError(f"-o {output}: the folder {output.parent} is not writable.")
+    except BaseException:
+        os.close(held)
+        raise
+    return held
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -84,29 +104,32 @@ def run_train(o: dict) -> int:
     from malmm_cli.errors import MalmmError
     from malmm_cli.interrupts import Terminated, sigterm_as_interrupt
     from malmm_cli.messages import setup_logging
+    from malmm_cli.terminal import error_line, shown
 
     from .train import Interrupted
 
     setup_logging(o["quiet"])
     o = dict(o, task=o["task"].value if isinstance(o["task"], Enum) else o["task"])
     try:
-        prepared = _prepare(o)
+        *prepared, held = _prepare(o)
     except MalmmError as err:
-        sys.stderr.write(f"malmm: error: {err}\n")
+        sys.stderr.write(error_line(err))
         return err.exit_code
     with sigterm_as_interrupt():
         try:
             report = _run(o, *prepared)
         except (MalmmError, ModelError) as err:
-            sys.stderr.write(f"malmm: error: {err}\n")
+            sys.stderr.write(error_line(err))
             return getattr(err, "exit_code", 1)
         except Interrupted as stop:
-            kept = f"the progress so far is saved in {o['output']}" if stop.saved else "nothing was saved"
+            kept = f"the progress so far is saved in {shown(str(o['output']))}" if stop.saved else "nothing was saved"
             sys.stderr.write(f"malmm: interrupted {stop.where}; {kept}\n")
             return 143 if isinstance(stop.cause, Terminated) else 130
+        finally:
+            os.close(held)  # the output's lock
     if not o["quiet"]:
         last = report.epochs[-1]
-        sys.stderr.write(f"malmm: saved {o['output']} ({last.epochs} epochs, {report.steps} steps; "
+        sys.stderr.write(f"malmm: saved {shown(str(o['output']))} ({last.epochs} epochs, {report.steps} steps; "
                          f"frames {report.options.frames or report.options.fps}, memory {report.options.memory})\n")
     return 0
 
@@ -124,8 +147,8 @@ def _prepare(o: dict):
     for name, rows in ((o["data"], items), (o["val"], val_items or [])):
         _check_videos(name, rows)
     inputs += [Path(i.video) for i in items + (val_items or [])]
-    check_output(Path(o["output"]), o["overwrite"], inputs)
-    return choice, items, val_items
+    held = check_output(Path(o["output"]), o["overwrite"], inputs)
+    return choice, items, val_items, held
 
 
 def _check_videos(data: Path, items) -> None:

@@ -4,35 +4,43 @@ that nothing already on disk is lost.
 The rules, checked before any model loads (a refusal is one sentence and exit code 2):
 
 - `-o` never names one of the inputs (compared by file identity, so links count too).
-- An existing file is written to only if it is a results file of ours:
-  json: every non-blank line starts like our records, `{"input"` (a line cut short by an
-  interrupted run does too); text, md, srt, vtt: the matching extension (.txt, .md, .srt,
-  .vtt) and UTF-8 text that starts the way that format starts. Anything with a NUL byte
-  is binary, never ours. An empty file holds nothing and is simply used.
+- An existing file is written to only if its content is what malmm last wrote there: each
+  output file malmm writes has a record of its size and SHA-256 (written.py for one file,
+  DIR/.malmm-outputs.json for the files of a directory), checked before anything is written.
+  A user's file, or one of malmm's edited since, is refused whatever the options. Files that
+  older versions wrote, without a record: JSON Lines whose every line is a record of ours
+  with its job key (a line that older versions cut short aside) is malmm's own, verifiably;
+  any other file is not. An empty file holds nothing and is simply used.
 - A results file that holds something is replaced only with --overwrite and appended to
   only with --resume; without either it is refused.
 - One process at a time per output: an exclusive, non-blocking flock on the output file
-  (or on the directory of per-video files). A second process is refused at once.
+  (or on the directory of per-video files), and on the lock of its record. A second process
+  is refused at once.
 - Each record is rendered first and appended with one write() while SIGINT/SIGTERM are
   held back, so an interrupt never tears a record; a failed write (disk full) is cut back
-  off the file, so what was written before stays intact.
+  off the file, so what was written before stays intact. The digest is recorded before and
+  after each write, so a crash in between leaves a file that is still malmm's.
+- --resume on a file whose last line was cut short (a crash, a power cut) cuts that line
+  off into a file beside it, `<name>.torn` (named in a warning), so the file holds only whole
+  records and any JSON Lines reader reads it.
 - Every record (errors too) carries the run's job key (jobkey.py). --resume counts an input
   as done only if a successful record of that input has the same key: another task or other
   options are other work, and records without a key (older versions) count as not done.
+- Records are UTF-8 JSON; a file name that is not valid UTF-8 is recorded JSON-escaped
+  (results.to_json), so --resume recognises it and os.fsencode gives back its bytes.
 
 Per-video files (srt/vtt with several inputs, `-o DIR`) are named `<stem>.<ext>` when no
 other input of the run has the same stem, else `<stem>.<8 hex digits>.<ext>`, the digits
 hashing the input's real path (or URL). A plain name is never given to a stem that itself
 ends in `.<8 hex digits>`, so a hashed name of one input cannot be the plain name of
 another. DIR/.malmm-outputs.json maps each file name to the input it was written for (a
-name once given is kept on later runs) and to the job key it was written with. --resume
-counts a file as done only if it was written for that very input with the same key; a file
-of that input from other work is written again.
+name once given is kept on later runs), to the job key it was written with, and to the
+SHA-256 of its content. --resume counts a file as done only if it was written for that very
+input with the same key; a file of that input from other work is written again.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import hashlib
 import io
@@ -42,33 +50,35 @@ import os
 import re
 import signal
 import stat
-import sys
 import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from malmm_cli.errors import MalmmError, UsageError
-from malmm_cli.sources.inputs import is_url
-from .records import ErrorResult, Result
+from malmm_cli.errors import UsageError
+from malmm_cli.sources.inputs import VIDEO_EXTENSIONS, is_url
+from .records import ErrorResult, Result, to_json
+from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, TORN_SUFFIX: re-exported)
+    TORN_SUFFIX,
+    OutputWriteError,
+    ResultsFile,
+    Stdout,
+    is_input,
+    lock_exclusive,
+    os_reason,
+    recorded_inputs,
+    successes,
+)
 from .writers import EXTENSIONS, get_writer
-
-if os.name == "posix":
-    import fcntl
+from .written import file_content
 
 log = logging.getLogger("malmm")
 
 INDEX_NAME = ".malmm-outputs.json"
 MODES = ("new", "resume", "overwrite")
-_RECORD_START = '{"input"'  # every record (and error record) we write begins with its input
-_SNIFF_BYTES = 64 * 1024
-_SUFFIXES = {"text": (".txt",), "md": (".md",), "srt": (".srt",), "vtt": (".vtt",)}
 _HELD = (signal.SIGINT, signal.SIGTERM)
 _HASHED = re.compile(r".*\.[0-9a-f]{8}", re.IGNORECASE)
-
-
-class OutputWriteError(MalmmError):
-    """Results could not be written (disk full, device gone): the batch stops."""
+_FILE_SUFFIXES = frozenset(EXTENSIONS) | VIDEO_EXTENSIONS  # an -o with one of these names a file
 
 
 # ---- what counts as ours ---------------------------------------------------------------------
@@ -88,59 +98,6 @@ def input_ids(specs: list[str]) -> set[tuple[int, int]]:
                 st = os.stat(os.path.expanduser(spec))
                 ids.add((st.st_dev, st.st_ino))
     return ids
-
-
-def _is_input(path: Path, ids: set[tuple[int, int]]) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) in ids
-
-
-def looks_like_ours(data: bytes, fmt: str, path: Path) -> bool:
-    """Whether `data`, the start of (json: all of) the file at `path`, is a results file of
-    format `fmt` that malmm could have written. Empty counts as ours."""
-    if b"\0" in data:
-        return False
-    if fmt == "json":
-        lines = (line.decode("utf-8", "replace") for line in data.split(b"\n"))
-        return all(s.startswith(_RECORD_START) or _RECORD_START.startswith(s) for s in lines if s.strip())
-    if path.suffix.lower() not in _SUFFIXES[fmt]:
-        return False
-    try:  # incremental: a character cut at the end of the sniffed bytes is not an error
-        text = codecs.getincrementaldecoder("utf-8")().decode(data).lstrip("\ufeff")
-    except UnicodeDecodeError:
-        return False
-    if not text.strip() or fmt == "text":
-        return True
-    if fmt == "vtt":
-        return text.startswith("WEBVTT")
-    if fmt == "md":
-        return text.lstrip().startswith("#")
-    lines = text.lstrip().splitlines()  # srt: a cue number, then its timing line
-    return len(lines) >= 2 and lines[0].strip().isdigit() and "-->" in lines[1]
-
-
-def recorded_inputs(data: bytes, job: str | None = None) -> set[str]:
-    """Inputs with a successful record in JSON Lines `data` (with job key `job`, if given)."""
-    return {record["input"] for record in _successes(data) if job is None or record.get("job") == job}
-
-
-def _successes(data: bytes):
-    """The successful records in JSON Lines `data`. Lines are decoded one by one, so a line cut
-    inside a character by an interrupted run is merely not JSON, hence not a record."""
-    for line in data.split(b"\n"):
-        try:
-            record = json.loads(line.decode("utf-8", "replace"))
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("input"), str) and "error" not in record:
-            yield record
-
-
-def _os_reason(err: OSError) -> str:
-    return (err.strerror or type(err).__name__).lower()
 
 
 @contextlib.contextmanager
@@ -164,131 +121,7 @@ def _signals_held():
             signal.raise_signal(s)
 
 
-def _lock(fd: int, busy: str) -> None:
-    """Take the exclusive lock on `fd` or close it and refuse with `busy`."""
-    if os.name != "posix":
-        return  # no flock: concurrent runs on one output are not detected there
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UsageError(busy) from None
-
-
 # ---- the three places results go ------------------------------------------------------------
-
-
-class _Stdout:
-    other_work = frozenset()
-
-    def claim(self, mode: str, job: str | None) -> set[str]:
-        return set()
-
-    def open(self) -> None:
-        pass
-
-    def put(self, spec: str, text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        pass
-
-
-class _ResultsFile:
-    """One file, records appended as inputs finish."""
-
-    def __init__(self, path: Path, fmt: str, ids: set[tuple[int, int]]):
-        self.path, self.fmt, self.ids = path, fmt, ids
-        self.fd: int | None = None
-        self.regular = True  # False for devices and pipes (/dev/null, /dev/stdout): no checks, no lock
-        self.created = False
-        self.mode = "new"
-        self.other_work: set[str] = set()  # inputs whose only results are from other work (--resume)
-        self.kept = b""  # with --resume: the file as claimed, whose records are kept
-
-    def claim(self, mode: str, job: str | None) -> set[str]:
-        """Lock the file and check it may be written in `mode`; the inputs it records as done
-        by job `job`."""
-        p, self.mode = self.path, mode
-        if p.is_dir():
-            raise UsageError(f"--output {p} is a directory; give a file name.")
-        if _is_input(p, self.ids):
-            raise UsageError(f"--output {p} is one of the inputs; choose another name.")
-        if mode == "resume" and self.fmt != "json":
-            raise UsageError("--resume reads JSON records: use --json or an .jsonl/.json output file.")
-        self._open()
-        if not self.regular:
-            return set()
-        head = os.pread(self.fd, _SNIFF_BYTES, 0)
-        data = self._read_all() if self.fmt == "json" and b"\0" not in head else head
-        if data.strip():
-            if not looks_like_ours(data, self.fmt, p):
-                raise UsageError(f"--output {p} exists and is not a results file written by malmm; "
-                                 "choose another name.")
-            if mode == "new":
-                how = "--resume to skip the inputs recorded there" if self.fmt == "json" else \
-                    "--resume (JSON output only) to add to it"
-                raise UsageError(f"--output {p} already holds results; add {how} or --overwrite to replace it.")
-        if mode != "resume":
-            return set()
-        self.kept = data
-        done = recorded_inputs(data, job)
-        self.other_work = recorded_inputs(data) - done
-        return done
-
-    def _open(self) -> None:
-        p = self.path
-        try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            self.regular = not p.exists() or stat.S_ISREG(p.stat().st_mode)
-            self.created = not p.exists()
-            # No O_TRUNC: nothing is cut before the lock is ours and the checks have passed.
-            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT if self.regular else os.O_WRONLY | os.O_APPEND
-            fd = os.open(p, flags, 0o666)
-        except OSError as e:
-            raise UsageError(f"--output {p} cannot be opened for writing ({_os_reason(e)}).") from None
-        if self.regular:
-            _lock(fd, f"--output {p} is being written by another malmm process; "
-                      "wait for it to finish or choose another name.")
-        self.fd = fd
-
-    def _read_all(self) -> bytes:
-        with os.fdopen(os.dup(self.fd), "rb") as f:
-            f.seek(0)
-            return f.read()
-
-    def open(self) -> None:
-        """Start writing: empty the file for --overwrite; after a line cut short, a fresh line."""
-        if not self.regular:
-            return
-        size = os.fstat(self.fd).st_size
-        if self.mode == "overwrite":
-            os.ftruncate(self.fd, 0)
-        elif size and os.pread(self.fd, 1, size - 1) != b"\n":
-            os.write(self.fd, b"\n")
-
-    def put(self, spec: str, text: str) -> None:
-        data = memoryview(text.encode("utf-8"))
-        before = os.fstat(self.fd).st_size if self.regular else None
-        try:
-            while data:  # one write per record; more only if the OS takes part of it
-                data = data[os.write(self.fd, data):]
-        except OSError:
-            if before is not None:
-                with contextlib.suppress(OSError):  # best effort: leave no half record behind
-                    os.ftruncate(self.fd, before)
-            raise
-
-    def close(self) -> None:
-        if self.fd is None:
-            return
-        # A file this run created and never wrote to (the model failed to load) is not left behind.
-        if self.created and os.fstat(self.fd).st_size == 0:
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-        os.close(self.fd)  # releases the lock
-        self.fd = None
 
 
 class _PerVideoDir:
@@ -301,13 +134,15 @@ class _PerVideoDir:
         self.created = False
         self.index: dict[str, str] = {}  # file name -> input key it was written for
         self.jobs: dict[str, str] = {}  # file name -> job key it was written with
+        self.digests: dict[str, list[str]] = {}  # file name -> SHA-256 of what malmm left there (two mid-write)
+        self.current: dict[str, str] = {}  # file name -> SHA-256 of a file of ours there now, to be replaced
         self.names: dict[str, str] = {}  # spec -> file name
         self.job: str | None = None
         self.other_work: set[str] = set()  # inputs whose files are from other work (--resume)
 
     def claim(self, mode: str, job: str | None) -> set[str]:
         self._lock_dir()
-        self.index, self.jobs = self._load_index()
+        self.index, self.jobs, self.digests = self._load_index()
         self.job = job
         self.names = plan_names(self.specs, self.keys, self.fmt, self.index)
         done = set()
@@ -315,15 +150,18 @@ class _PerVideoDir:
             target = self.path / self.names[spec]
             if not os.path.lexists(target):
                 continue
-            if _is_input(target, self.ids):
+            if is_input(target, self.ids):
                 raise UsageError(f"{target} is one of the inputs; choose another -o directory.")
-            if not target.is_file() or not looks_like_ours(_head(target), self.fmt, target):
-                raise UsageError(f"{target} exists and is not a {self.fmt} file written by malmm; "
-                                 "move it away or choose another -o directory.")
             mine = self.index.get(target.name) == self.keys[spec]
             if mode == "resume" and mine and (job is None or self.jobs.get(target.name) == job):
-                done.add(spec)
-            elif mode == "resume" and mine:
+                done.add(spec)  # not written again: whatever it holds now is the user's to keep
+                continue
+            if not self._ours(target):
+                raise UsageError(f"{target} exists and is not a {self.fmt} file that malmm wrote (or it was changed "
+                                 "since); move it away or choose another -o directory.")
+            if target.name not in self.current:
+                continue  # empty: nothing to lose
+            if mode == "resume" and mine:
                 self.other_work.add(spec)
             elif mode == "resume":
                 raise UsageError(f"{target} exists but was not written by malmm for {spec}; move it away, "
@@ -332,6 +170,22 @@ class _PerVideoDir:
                 raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
                                  "there or --overwrite to replace them.")
         return done
+
+    def _ours(self, target: Path) -> bool:
+        """Whether the file at `target` is empty, or holds what malmm last wrote there (noted in
+        self.current). A link, a folder or a device is never ours."""
+        st = os.lstat(target)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size == 0:
+            return True
+        known = self.digests.get(target.name, [])
+        if not known:
+            return False  # no record of its content: a user's file, or written by an older malmm
+        digest = file_content(target).sha256
+        if digest in known:
+            self.current[target.name] = digest
+        return digest in known
 
     def _lock_dir(self) -> None:
         p = self.path
@@ -342,32 +196,34 @@ class _PerVideoDir:
             p.mkdir(parents=True, exist_ok=True)
             fd = os.open(p, os.O_RDONLY)
         except OSError as e:
-            raise UsageError(f"--output {p} cannot be used as a directory ({_os_reason(e)}).") from None
-        _lock(fd, f"--output {p} is being written by another malmm process; "
+            raise UsageError(f"--output {p} cannot be used as a directory ({os_reason(e)}).") from None
+        lock_exclusive(fd, f"--output {p} is being written by another malmm process; "
                   "wait for it to finish or choose another directory.")
         self.fd = fd
 
-    def _load_index(self) -> tuple[dict[str, str], dict[str, str]]:
-        """(file name -> input key, file name -> job key). "jobs" is a map of its own, so
-        that versions which know only "files" still read the index; an index without it
-        (written by them) leaves every file not done for --resume."""
+    def _load_index(self) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]]]:
+        """(file name -> input key, -> job key, -> SHA-256 digests). "jobs" and "digests" are
+        maps of their own, so that versions which know only "files" still read the index; an
+        index without "jobs" (written by them) leaves every file not done for --resume, one
+        without "digests" leaves every file not malmm's to replace."""
         index = self.path / INDEX_NAME
         try:
             data = json.loads(index.read_text(encoding="utf-8"))
             files = {str(k): str(v) for k, v in data["files"].items()}
         except FileNotFoundError:
-            return {}, {}
+            return {}, {}, {}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             log.warning("%s cannot be read; files in %s count as not written by malmm.", index, self.path)
-            return {}, {}
-        jobs = data.get("jobs")
-        if not isinstance(jobs, dict):
-            return files, {}
-        return files, {str(k): str(v) for k, v in jobs.items() if k in files}
+            return {}, {}, {}
+        jobs, digests = data.get("jobs"), data.get("digests")
+        jobs = {str(k): str(v) for k, v in jobs.items() if k in files} if isinstance(jobs, dict) else {}
+        digests = {str(k): [str(d) for d in v] for k, v in digests.items()
+                   if k in files and isinstance(v, list)} if isinstance(digests, dict) else {}
+        return files, jobs, digests
 
     def _save_index(self) -> None:
         tmp = self.path / f"{INDEX_NAME}.partial"
-        text = json.dumps({"files": self.index, "jobs": self.jobs}, ensure_ascii=False, indent=1)
+        text = to_json({"files": self.index, "jobs": self.jobs, "digests": self.digests}, indent=1)
         tmp.write_text(text + "\n", encoding="utf-8")
         os.replace(tmp, self.path / INDEX_NAME)
 
@@ -376,24 +232,30 @@ class _PerVideoDir:
 
     def put(self, spec: str, text: str) -> None:
         name = self.names[spec]
-        stale = self.jobs.get(name, self.job) != self.job
-        if self.index.get(name) != self.keys[spec] or stale:
-            # Claimed, and another job's key dropped, before the file is written: a crash in
-            # between leaves a claim without a file or a file without a key, which --resume
-            # redoes; never a file that no input owns, nor one taken for work it is not.
-            self.index[name] = self.keys[spec]
+        data = text.encode("utf-8", "backslashreplace")  # as _ResultsFile.put
+        new = hashlib.sha256(data).hexdigest()
+        # Before the file is replaced, the index names the input it is for, drops another job's
+        # key, and takes both the content there now and the new one for malmm's: a crash in
+        # between leaves a claim without a file or a file without a key, which --resume redoes;
+        # never a file that no input owns, nor one taken for work it is not, nor one of malmm's
+        # that malmm will not replace.
+        if self.jobs.get(name, self.job) != self.job or self.index.get(name) != self.keys[spec]:
             self.jobs.pop(name, None)
-            self._save_index()
+        self.index[name] = self.keys[spec]
+        self.digests[name] = [d for d in (self.current.get(name), new) if d]
+        self._save_index()
         tmp = self.path / f".{name}.partial"
         try:
-            tmp.write_text(text, encoding="utf-8")
+            tmp.write_bytes(data)
             os.replace(tmp, self.path / name)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        if self.job is not None and self.jobs.get(name) != self.job:
+        self.current[name] = new
+        self.digests[name] = [new]
+        if self.job is not None:
             self.jobs[name] = self.job
-            self._save_index()
+        self._save_index()
 
     def close(self) -> None:
         if self.fd is None:
@@ -403,11 +265,6 @@ class _PerVideoDir:
                 self.path.rmdir()
         os.close(self.fd)
         self.fd = None
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(_SNIFF_BYTES)
 
 
 def _stem(spec: str) -> str:
@@ -429,7 +286,8 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
         elif stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key:
             names[spec] = plain
         else:
-            names[spec] = f"{stem}.{hashlib.sha256(key.encode()).hexdigest()[:8]}.{fmt}"
+            digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
+            names[spec] = f"{stem}.{digest[:8]}.{fmt}"
     taken = Counter(n.casefold() for n in names.values())
     clash = next((n for n in names.values() if taken[n.casefold()] > 1), None)
     if clash is not None:
@@ -458,12 +316,16 @@ class Output:
         self.per_file = path is not None and not self.writer.many_per_file and (len(specs) > 1 or path.is_dir())
         if path is None and not self.writer.many_per_file and len(specs) > 1:
             raise UsageError(f"--format {fmt} makes one file per video: with several inputs, give -o DIRECTORY.")
+        if self.per_file and not path.is_dir() and path.suffix.lower() in _FILE_SUFFIXES:
+            # -o all.srt would become a folder named all.srt, holding one file per video.
+            raise UsageError(f"--output {path} names a file, but {fmt} makes one file per video: with "
+                             f"{len(specs)} inputs, give -o DIRECTORY (a name without {path.suffix}).")
         if path is None:
-            self.sink = _Stdout()
+            self.sink = Stdout()
         elif self.per_file:
             self.sink = _PerVideoDir(path, fmt, specs, input_ids(specs))
         else:
-            self.sink = _ResultsFile(path, fmt, input_ids(specs))
+            self.sink = ResultsFile(path, fmt, input_ids(specs))
         self.written = 0
         self.job: str | None = None
 
@@ -489,7 +351,7 @@ class Output:
         try:
             self.sink.open()
         except OSError as e:
-            raise OutputWriteError(f"Cannot write to {self.path} ({_os_reason(e)}).") from None
+            raise OutputWriteError(f"Cannot write to {self.path} ({os_reason(e)}).") from None
 
     def write(self, result: Result) -> None:
         if self.job is not None:
@@ -505,7 +367,7 @@ class Output:
         this run's job key. For commands whose unit of work is not an input (eval's data items,
         several of which may share a video), which match records to their own units."""
         data = getattr(self.sink, "kept", b"")
-        return [record for record in _successes(data) if self.job is None or record.get("job") == self.job]
+        return [record for record in successes(data) if self.job is None or record.get("job") == self.job]
 
     def write_record(self, record: dict) -> None:
         """Append one ready-made JSON record (its first key "input", as every record of ours),
@@ -514,7 +376,7 @@ class Output:
             raise ValueError("a record's first key must be 'input'")
         if self.job is not None:
             record = {**record, "job": self.job}
-        text = json.dumps(record, ensure_ascii=False) + "\n"
+        text = to_json(record) + "\n"
         with _signals_held():
             self._put(record["input"], text)
             if "error" not in record:
@@ -536,7 +398,7 @@ class Output:
             if self.path is None:
                 raise
             kept = f"the {self.written} result(s) written before are kept"
-            raise OutputWriteError(f"Cannot write to {self.path} ({_os_reason(e)}); {kept}.") from None
+            raise OutputWriteError(f"Cannot write to {self.path} ({os_reason(e)}); {kept}.") from None
 
     def close(self) -> None:
         self.sink.close()

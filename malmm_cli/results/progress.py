@@ -27,6 +27,8 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from malmm_cli.terminal import shown
+
 from .events import Events
 from .records import Result
 from .writers import short_clock
@@ -79,8 +81,9 @@ def shorten_middle(path: str, width: int) -> str:
     """`path` in at most `width` columns: its start, '…', and its end. The end is whole folders
     and the file name, up to half the room (the name always, cut at its start only if it alone
     does not fit)."""
-    # A newline or escape in a file name would break the layout of the lines around it.
-    path = "".join(ch if ch.isprintable() else "?" for ch in path)
+    # A newline or escape in a file name would break the layout of the lines around it: shown as
+    # escapes (`\\n`, `\\x1b`, an undecodable byte as `\\xff`); other unprintable characters as "?".
+    path = "".join(ch if ch.isprintable() else "?" for ch in shown(path))
     if cell_len(path) <= width:
         return path
     if width < 1:
@@ -227,24 +230,24 @@ class _BatchView(_Panel):
         self.note = (f"{read}/{len(self.names)} videos read", "dim")
 
     def body(self, inner: int) -> list[Text]:
-        shown = len(self.names) if len(self.names) <= _MAX_LANES else _MAX_LANES - 1
+        lanes = len(self.names) if len(self.names) <= _MAX_LANES else _MAX_LANES - 1
         parts = [(f"{count}/{planned} frames", f"{used}/{capacity} slots", f"{compressions} compressions")
                  for count, planned, (used, capacity, compressions)
-                 in zip(self.counts, self.planned, self.memory[:shown])]
+                 in zip(self.counts, self.planned, self.memory[:lanes])]
         for keep in (3, 2, 1):  # what gives way once the name is down to _MIN_NAME: compressions, slots
             numbers = [" · ".join(p[:keep]) for p in parts]
             room = inner - 4 - max(map(cell_len, numbers), default=0)  # 4: the "✓ " marker, the gap after the name
             if room >= _MIN_NAME:
                 break
-        room = max(0, min(room, max(map(cell_len, self.names[:shown]), default=0)))
+        room = max(0, min(room, max(map(cell_len, map(shown, self.names[:lanes])), default=0)))
         rows = []
         for name, count, planned, text in zip(self.names, self.counts, self.planned, numbers):
             name = shorten_middle(name, room)
             rows.append(Text.assemble(("✓ " if count >= planned else "  ", "green"),
                                       name + " " * (room - cell_len(name)) + "  ", (text, "cyan"),
                                       no_wrap=True, overflow="ellipsis"))
-        if shown < len(self.names):
-            rows.append(Text(f"… and {len(self.names) - shown} more", style="dim"))
+        if lanes < len(self.names):
+            rows.append(Text(f"… and {len(self.names) - lanes} more", style="dim"))
         return rows
 
 
@@ -324,7 +327,7 @@ class LogEvents(Events):
         self.index = 0
 
     def _line(self, text: str) -> None:
-        self.out.write(f"malmm: {text}\n")
+        self.out.write(f"malmm: {shown(text)}\n")  # names are the user's: a newline in one would make two lines
         self.out.flush()
 
     def _due(self, done: int) -> bool:

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """JSON as our records are written: UTF-8 text as is (not \\u-escaped), except lone
+    surrogates, which are JSON-escaped (`"\\udcff"`). A file name that is not valid UTF-8
+    holds them (Python decodes its bad bytes with surrogateescape): so the record is valid
+    UTF-8, and `os.fsencode(json.loads(line)["input"])` gives back the name's bytes."""
+    text = json.dumps(obj, ensure_ascii=False, **kwargs)
+    # json.dumps leaves characters inside strings raw, so each lone surrogate is in a string.
+    return _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 @dataclass(frozen=True)

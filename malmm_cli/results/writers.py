@@ -5,11 +5,12 @@ Time formatting lives here and nowhere else; everything upstream is float second
 
 from __future__ import annotations
 
-import json
 from typing import TextIO
 
 from malmm_cli.errors import UsageError
-from .records import ErrorResult, Result
+from malmm_cli.terminal import shown
+
+from .records import ErrorResult, Result, to_json
 
 
 def clock(seconds: float, sep: str = ".", hours: bool = True) -> str:
@@ -49,36 +50,40 @@ class JsonWriter(ResultWriter):
     name = "json"
 
     def write(self, result, out, *, header=False):
-        out.write(json.dumps(result.to_record(), ensure_ascii=False) + "\n")
+        out.write(to_json(result.to_record()) + "\n")
 
     def write_error(self, error, out):
-        out.write(json.dumps(error.to_record(), ensure_ascii=False) + "\n")
+        out.write(to_json(error.to_record()) + "\n")
 
 
 class TextWriter(ResultWriter):
-    """What a person reads: the caption, the answers, a table of labels, the segments."""
+    """What a person reads: the caption, the answers, a table of labels, the segments.
+
+    It is often read on a terminal: file names, questions and labels are shown with their
+    control characters escaped (terminal.shown), generated text keeps only its line breaks."""
 
     name = "text"
 
     def write(self, result, out, *, header=False):
         if header:
-            out.write(f"== {result.input}\n")
+            out.write(f"== {shown(result.input)}\n")
         if result.text is not None:
-            out.write(result.text + "\n")
+            out.write(shown(result.text, lines=True) + "\n")
         if result.answers is not None and len(result.answers) == 1 and not header:
             # One input, one question: the answer alone, so that $(malmm ask ...) is the answer.
-            out.write(result.answers[0].answer + "\n")
+            out.write(shown(result.answers[0].answer, lines=True) + "\n")
         else:
             for answer in result.answers or ():
-                out.write(f"Q: {answer.question}\nA: {answer.answer}\n")
+                out.write(f"Q: {shown(answer.question)}\nA: {shown(answer.answer, lines=True)}\n")
         if result.labels:
-            width = max(len(s.label) for s in result.labels)
-            for rank, s in enumerate(result.labels, 1):
-                out.write(f"{rank:>2}. {s.label:<{width}}  {s.score:6.1%}\n")
+            labels = [shown(s.label) for s in result.labels]
+            width = max(map(len, labels))
+            for rank, (label, s) in enumerate(zip(labels, result.labels), 1):
+                out.write(f"{rank:>2}. {label:<{width}}  {s.score:6.1%}\n")
         if result.segments is not None:
             for seg in result.segments:
-                out.write(f"[{short_clock(seg.start)} - {short_clock(seg.end)}] {seg.text}\n")
-            out.write(f"Summary: {result.summary}\n")
+                out.write(f"[{short_clock(seg.start)} - {short_clock(seg.end)}] {shown(seg.text, lines=True)}\n")
+            out.write(f"Summary: {shown(str(result.summary), lines=True)}\n")
         if header:
             out.write("\n")
 
@@ -88,7 +93,7 @@ class MarkdownWriter(ResultWriter):
     tasks = ("summarize",)
 
     def write(self, result, out, *, header=False):
-        out.write(f"# {result.input}\n\n{result.summary}\n\n")
+        out.write(f"# {shown(result.input)}\n\n{result.summary}\n\n")  # a newline in a name would end the heading
         for seg in result.segments or ():
             out.write(f"## {short_clock(seg.start)} - {short_clock(seg.end)}\n\n{seg.text}\n\n")
 

@@ -24,6 +24,7 @@ from malmm_cli.interrupts import exit_code, sigterm_as_interrupt
 from malmm_cli.messages import error, log, setup_logging
 from malmm_cli.results.outputs import Output
 from malmm_cli.results.records import ErrorResult
+from malmm_cli.terminal import shown
 
 from .runners import Lockstep, OneByOne, OnRay, Runner
 
@@ -157,7 +158,7 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, *, fmt: str |
             error(str(err))
             return err.exit_code
         except KeyboardInterrupt as stop:
-            where = f" in {output.path}" if output.path else ""
+            where = f" in {shown(str(output.path))}" if output.path else ""
             sys.stderr.write(f"malmm: interrupted; {output.written} result(s) kept{where}\n")
             return exit_code(stop, fired)
         finally:
@@ -174,7 +175,7 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:
         sys.stderr.write(f"malmm: --resume: {len(specs) - len(todo)} input(s) already done, {len(todo)} to go"
-                         + (f" ({other})" if other else "") + "\n")
+                         + (f" ({shown(other)})" if other else "") + "\n")
     if not todo:
         return 0
     session = open_session(opts, len(todo))
@@ -231,5 +232,5 @@ def record(output: Output, spec: str, outcome) -> bool:
 
 def report_end(output: Output, failures: int, quiet: bool) -> None:
     if output.path is not None and not quiet:
-        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {output.path}"
+        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {shown(str(output.path))}"
                          + (f"; {failures} input(s) failed" if failures else "") + "\n")

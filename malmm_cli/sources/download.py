@@ -60,8 +60,8 @@ _META_SUFFIX = ".meta.json"
 _OTHER_SUFFIX = ".video"
 _STALE_TMP_S = 24 * 3600.0
 _TICK_S = 0.2  # how often the child reports; also the resolution of both limits
-_CHILD_CODE = "import sys; sys.path.insert(0, sys.argv[1]); from malmm_cli.download import child_main; child_main()"
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+_CHILD_CODE = "import sys; sys.path.insert(0, sys.argv[1]); from malmm_cli.sources.download import child_main; child_main()"
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding malmm_cli/ (this is malmm_cli/sources/)
 
 
 @dataclass(frozen=True)

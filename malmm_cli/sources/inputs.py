@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +29,8 @@ from .download import (  # noqa: F401  (re-exported: callers import them from he
     url_key,
 )
 from .media import URL_SCHEMES, VIDEO_EXTENSIONS
+
+log = logging.getLogger("malmm")
 
 _SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -49,13 +52,31 @@ def expand_inputs(args: Sequence[str]) -> list[str]:
     that input's error). In "@list.txt" files, one input per line, blank lines and lines
     starting with # are skipped and relative paths are relative to the list file. A path
     that exists is never treated as a glob. Duplicates are dropped, keeping the first
-    spelling: the same URL, or the same real file (a symlinked folder can reach it twice).
+    spelling: the same URL, or the same real file (a symlinked folder can reach it twice);
+    a warning names them, once.
     """
     out: dict[str, str] = {}
+    dropped: list[tuple[str, str]] = []  # (spelling dropped, the one kept)
     for arg in args:
         for spec in _expand_one(arg, base=None, lists=()):
-            out.setdefault(spec if is_url(spec) else os.path.realpath(spec), spec)
+            key = spec if is_url(spec) else os.path.realpath(spec)
+            if key in out:
+                dropped.append((spec, out[key]))
+            else:
+                out[key] = spec
+    if dropped:
+        log.warning(duplicates_note(dropped))
     return list(out.values())
+
+
+def duplicates_note(dropped: Sequence[tuple[str, str]], shown: int = 5) -> str:
+    """'2 duplicate inputs dropped (each video is read once): a.mp4 (given twice), l.mp4 (the
+    same file as a.mp4)', naming the first `shown` of them."""
+    named = [f"{spec} (given twice)" if spec == kept else f"{spec} (the same file as {kept})"
+             for spec, kept in dropped[:shown]]
+    more = f", and {len(dropped) - shown} more" if len(dropped) > shown else ""
+    n = len(dropped)
+    return f"{n} duplicate input{'s' if n != 1 else ''} dropped (each video is read once): {', '.join(named)}{more}"
 
 
 def _expand_one(arg: str, base: Path | None, lists: tuple[Path, ...]) -> list[str]:

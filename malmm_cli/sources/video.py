@@ -13,9 +13,12 @@ import contextlib
 import logging
 import math
 import os
-import sys
-from collections.abc import Iterator
+import shutil
 import stat
+import sys
+import tempfile
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,12 +142,37 @@ def open_reader(path: Path, quiet: bool = False) -> Any:
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would bypass ours
+    name, alias = _utf8_name(path)
     try:
         with _native_stderr_silenced() if quiet else contextlib.nullcontext():
             # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
-            return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=0)
+            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=0)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
         raise VideoError(_open_error(path, e)) from None
+    finally:
+        if alias is not None and "reader" not in locals():
+            shutil.rmtree(alias, ignore_errors=True)
+    if alias is not None:
+        weakref.finalize(reader, shutil.rmtree, alias, ignore_errors=True)  # the link goes with the reader
+    return reader
+
+
+def _utf8_name(path: Path) -> tuple[str, str | None]:
+    """(a name of `path` that decord can pass on, the folder to remove once it is done with it, or
+    None). decord hands FFmpeg the name encoded as strict UTF-8, so a file name that is not valid
+    UTF-8 (its bad bytes reach Python as lone surrogates) would fail to encode: such a file is
+    opened through a symbolic link with a plain name, in a private temporary folder."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+        return name, None
+    except UnicodeEncodeError:
+        pass
+    folder = tempfile.mkdtemp(prefix="malmm-name-")
+    suffix = path.suffix if path.suffix.isascii() and path.suffix.isprintable() else ""
+    link = os.path.join(folder, "video" + suffix)  # FFmpeg guesses some formats by the extension
+    os.symlink(os.path.abspath(path), link)
+    return link, folder
 
 
 def _check_file(path: Path) -> None:
