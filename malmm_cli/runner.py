@@ -279,13 +279,20 @@ def load_analyzer(choice, job, opts: CommonOptions, n_inputs: int, given: dict):
     none), or None when the model does not load (said in one sentence on stderr)."""
     from models import ModelError
 
-    from .tasks import with_trained_defaults
+    from .tasks import label_set_name, with_trained_defaults
+    from .textfiles import check_label_tokens
 
     try:
         analyzer = _analyzer(choice, opts, n_inputs)
     except ModelError as err:
         sys.stderr.write(error_line(err))
         return None
+    if job.label_set is not None:  # the labels' length in this model's tokens, before any video
+        try:
+            check_label_tokens(analyzer.model.tokenizer, job.label_set.labels, label_set_name(job.label_set))
+        except MalmmError:
+            analyzer.events.close()
+            raise
     return analyzer, with_trained_defaults(job, analyzer.model.trained_config, **given)
 
 

@@ -40,6 +40,7 @@ from .errors import UsageError, VideoError
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .presets import TASK_DEFAULTS
 from .tasks import question_prompt
+from .textfiles import check_label_tokens
 from .video import plan_sampling, preprocess, probe, stream_frames
 from .written import replace_file
 
@@ -412,6 +413,9 @@ def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: s
     options = options.resolved(model.trained_config)
     if not items:
         raise UsageError("There is nothing to train on: the data has no items.")
+    if options.task == "classify":  # the labels are scored whole for the validation accuracy
+        check_label_tokens(model.tokenizer, dict.fromkeys(i.target for i in [*items, *(val_items or ())]),
+                           "The data's label set")
     events = events or TrainEvents()
     cache = cache if model_id is not None else None
     output = Path(output)

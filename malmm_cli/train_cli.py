@@ -203,6 +203,10 @@ def _prepare(o: dict):
     inputs = [Path(o["data"])] + ([Path(o["val"])] if o["val"] else []) + ([Path(o["checkpoint"])] if o["checkpoint"] else [])
     for name, rows in ((o["data"], items), (o["val"], val_items or [])):
         _check_videos(name, rows)
+    if o["task"] == "classify":
+        from .tasks import check_labels
+
+        check_labels(tuple(dict.fromkeys(i.target for i in items + (val_items or []))), "The data's label set")
     inputs += [Path(i.video) for i in items + (val_items or [])]
     held = check_output(Path(o["output"]), o["overwrite"], inputs)
     return choice, items, val_items, held
