@@ -162,7 +162,7 @@ class _Decoder:
 
     def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk: int,
                  workers: int, prefetch: int):
-        self.path, self.chunk = path, chunk
+        self.path, self.chunk, self.width = path, chunk, info.decode_width
         self.indices, self.times = sampling.indices, sampling.timestamps
         self.keys = info.keys()
         # Runs of >= 2 chunks: short runs balance the workers (measured: 5.3 s vs 6.5 s with
@@ -259,7 +259,7 @@ class _Decoder:
             if self.stop.is_set():
                 raise _Stopped
             if self.readers[worker] is None:
-                self.readers[worker] = _open_reader(self.path)
+                self.readers[worker] = _open_reader(self.path, width=self.width)
             q = min(p + self.chunk, hi)
             try:
                 frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
@@ -309,7 +309,7 @@ class _Decoder:
         (fresh reader, frame by frame), skip the damage, return the position to go on from."""
         import decord
 
-        reader = _open_reader(self.path)
+        reader = _open_reader(self.path, width=self.width)
         good: list[np.ndarray] = []
         for j in range(p, q):
             try:
@@ -340,7 +340,7 @@ class _Decoder:
             if resume >= hi:
                 return hi
             try:
-                _open_reader(self.path).get_batch([int(self.indices[resume])])
+                _open_reader(self.path, width=self.width).get_batch([int(self.indices[resume])])
                 return resume
             except (decord.DECORDError, RuntimeError):
                 pos, step = resume, step * 2

@@ -511,6 +511,36 @@ def test_no_decodable_frame_in_plan_is_an_error(clips, tmp_path):
     assert stream.warnings and time.monotonic() - start < 10 and not decode_threads()
 
 
+@pytest.mark.parametrize("width", [16, 24, 48, 72])
+def test_widths_decord_cannot_copy_decode_scaled(tmp_path, width):
+    """decord refuses to copy frames of some narrow widths (its buffer is padded to 32 px:
+    "from_size == to_size (3072 vs. 1536)"). Such a video decodes scaled to the next multiple
+    of 32 px wide, its own size still reported, every frame the right one."""
+    path = tmp_path / f"w{width}.mp4"
+    media.make_video(path, fps=10, n_frames=20, size=(width, 32), gop=5)
+    info = probe(path)
+    assert (info.width, info.height, info.decode_width) == (width, 32, -(-width // 32) * 32)
+    for workers in (1, 2):
+        _, idx, _, frames = collect(stream_frames(path, plan_sampling(info, fps=10.0), info=info, workers=workers))
+        assert idx.tolist() == list(range(20)) and media.decode_indices(frames).tolist() == list(range(20))
+        assert frames.shape[1:] == (32, info.decode_width, 3)
+    assert probe(media.bigbuckbunny_path()).decode_width is None  # a width decord copies: its own
+
+
+def test_narrow_videos_run_through_caption_eval_and_train(tmp_path):
+    from tests.cli import TINY, malmm
+
+    for width in (16, 48):
+        media.make_video(tmp_path / f"w{width}.mp4", fps=10, n_frames=10, size=(width, 32))
+    data = tmp_path / "d.csv"
+    data.write_text("video,label\nw16.mp4,cat\nw48.mp4,dog\n")
+    runs = [["caption", tmp_path / "w16.mp4", "--frames", 4], ["eval", data, "--task", "classify", "--frames", 4],
+            ["train", data, "--task", "classify", "--frames", 4, "--epochs", 1, "-o", tmp_path / "c.pth"]]
+    for run in runs:
+        out = malmm(*run, *TINY, "-q")
+        assert out.exit_code == 0 and "DECORD" not in out.output, (run, out.output)
+
+
 # ----------------------------------------------------------------------------- memory
 
 
