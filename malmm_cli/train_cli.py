@@ -160,7 +160,7 @@ def run_train(o: dict) -> int:
     (the progress so far saved)."""
     from models import ModelError
 
-    from .errors import MalmmError
+    from .errors import MalmmError, os_error_sentence
     from .runner import Terminated, _setup_logging, _sigterm_as_interrupt
     from .terminal import error_line, shown
     from .train import Interrupted
@@ -172,12 +172,18 @@ def run_train(o: dict) -> int:
     except MalmmError as err:
         sys.stderr.write(error_line(err))
         return err.exit_code
+    except OSError as err:  # a path the system refuses (a name over 255 bytes, a loop of links)
+        sys.stderr.write(error_line(os_error_sentence(err)))
+        return 2
     with _sigterm_as_interrupt():
         try:
             report = _run(o, *prepared)
         except (MalmmError, ModelError) as err:
             sys.stderr.write(error_line(err))
             return getattr(err, "exit_code", 1)
+        except OSError as err:  # a disk that filled up, a folder that went away
+            sys.stderr.write(error_line(f"training stopped: {os_error_sentence(err)}"))
+            return 1
         except Interrupted as stop:
             kept = f"the progress so far is saved in {shown(str(o['output']))}" if stop.saved else "nothing was saved"
             sys.stderr.write(f"malmm: interrupted {stop.where}; {kept}\n")
