@@ -183,9 +183,10 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _open_reader(path: Path, quiet: bool = False, width: int | None = None) -> Any:
-    """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given),
-    or VideoError naming the file and what is wrong with it."""
+def _open_reader(path: Path, quiet: bool = False, width: int | None = None, threads: int = 0) -> Any:
+    """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given;
+    `threads` decoding threads, 0: FFmpeg's choice), or VideoError naming the file and what is
+    wrong with it."""
     _check_file(path)
     import decord
 
@@ -194,7 +195,7 @@ def _open_reader(path: Path, quiet: bool = False, width: int | None = None) -> A
     try:
         with _native_stderr_silenced() if quiet else contextlib.nullcontext():
             # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
-            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=0, width=width or -1)
+            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads, width=width or -1)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
         raise VideoError(_open_error(path, e)) from None
     finally:

@@ -541,6 +541,29 @@ def test_narrow_videos_run_through_caption_eval_and_train(tmp_path):
         assert out.exit_code == 0 and "DECORD" not in out.output, (run, out.output)
 
 
+# VP9 as a web download has it: decord's frame-threaded VP9 decoding stops on FFmpeg's EAGAIN
+VP9 = ["-b:v", "200k", "-deadline", "realtime", "-cpu-used", "8"]
+
+
+@pytest.mark.parametrize("sizes", [((160, 120), (320, 240)), ((160, 120), (160, 120))], ids=["size-change", "same"])
+def test_vp9_every_planned_frame_whatever_the_decoder_layout(tmp_path, sizes):
+    """decord's frame-threaded VP9 decoder gives up partway (EAGAIN from send_packet), where
+    depending on how many packets a reader read since its last seek: one worker reading the
+    whole plan (a --batch lane) and two reading short runs skipped different frames as
+    damage. Decoding falls back to one thread instead, which reads every frame."""
+    path = tmp_path / "v.webm"
+    total = media.make_resolution_change(path, sizes, n_frames=125, codec="libvpx-vp9", extra_args=VP9)
+    info = probe(path)
+    assert info.frame_count == total and (info.width, info.height) == sizes[0]
+    for rate in (1.0, 5.0):
+        plan = plan_sampling(info, fps=rate)
+        for workers in (1, 2):
+            stream = stream_frames(path, plan, info=info, workers=workers, prefetch=1 if workers == 1 else 2)
+            _, idx, _, frames = collect(stream)
+            assert not stream.warnings and idx.tolist() == plan.indices.tolist()
+            assert media.decode_indices(frames).tolist() == plan.indices.tolist()  # the right frames
+
+
 # ----------------------------------------------------------------------------- memory
 
 
