@@ -255,7 +255,12 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     # Whether the checkpoint's trained frames and memory may replace the task defaults:
     # part of the job key (taken before the model loads), and applied once it has loaded.
     given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
-    done = output.claim(mode, job_key(job, choice, opts.checkpoint, **given))
+    try:
+        done = output.claim(mode, job_key(job, choice, opts.checkpoint, **given))
+    except OSError as err:  # a name the system refuses (over 255 bytes), a loop of links
+        from .errors import os_error_sentence
+
+        raise UsageError(os_error_sentence(err)) from None
     todo = [s for s in specs if s not in done]
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:

@@ -350,6 +350,9 @@ def test_names_over_255_bytes_are_one_sentence(data, tmp_path):
         out = malmm(*run, "--task", "classify", *TINY, "-q")
         assert out.exit_code == 2 and words in out.stderr and "Traceback" not in out.output, (run, out.output)
     assert not list(tmp_path.glob("*.pth"))
+    clip = load_dataset(data.train, "classify")[0].video
+    out = malmm("caption", clip, "-o", tmp_path / f"{long}.jsonl", *TINY, "-q")  # the batch commands' -o too
+    assert out.exit_code == 2 and "255 bytes" in out.stderr and "Traceback" not in out.output
 
 
 # ---- the help page ------------------------------------------------------------------------------
