@@ -113,6 +113,11 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     except MalmmError as err:
         sys.stderr.write(error_line(err))
         return err.exit_code
+    except OSError as err:  # a path the system refuses (a name over 255 bytes, a loop of links)
+        from .errors import os_error_sentence
+
+        sys.stderr.write(error_line(os_error_sentence(err)))
+        return 2
     with _sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, cases, data, output, summary, opts)

@@ -29,7 +29,8 @@ from typing import Any
 from .dataset import Item, columns
 from .errors import UsageError
 from .presets import TASK_DEFAULTS
-from .tasks import LABEL_SET_NAMES, Job, LabelSet, custom_label_set, load_label_set, question_prompt
+from .tasks import (LABEL_SET_NAMES, Job, LabelSet, check_labels, custom_label_set, load_label_set,
+                    question_prompt)
 
 TOP_K = 5  # top-5 accuracy, as the official classification eval reports
 CAPTION_EXTRA = "eval"  # pip install 'malmm[eval]' brings pycocoevalcap
@@ -72,6 +73,7 @@ def data_label_set(cases: Sequence[Case], prompt: str | None = None) -> LabelSet
     if len(labels) < 2:
         raise UsageError(f"The data has only one label ({labels[0]!r}); classification needs at least two: "
                          "add rows or give the label set with --labels or --label-set.")
+    check_labels(labels, "The data's label set")
     return LabelSet("data", prompt or TASK_DEFAULTS["classify"].prompt, labels)
 
 
@@ -382,13 +384,16 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     """
     from .analyze import Analyzer
     from .runner import CommonOptions, validate
-    from .tasks import with_trained_defaults
+    from .tasks import label_set_name, with_trained_defaults
+    from .textfiles import check_label_tokens
 
     opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch)
     validate(opts)
     job, cases = plan(task, items, opts, model.name or "python", labels=labels, label_set=label_set, prompt=prompt)
     job = with_trained_defaults(job, model.trained_config, frames_set=frames is not None or fps is not None,
                                 memory_set=memory is not None)
+    if job.label_set is not None:
+        check_label_tokens(model.tokenizer, job.label_set.labels, label_set_name(job.label_set))
     analyzer = Analyzer(model, model_id or _model_id(model), cache=cache)
     records = []
     for _, record in run_cases(analyzer, job, cases, batch):

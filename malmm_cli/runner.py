@@ -255,7 +255,12 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     # Whether the checkpoint's trained frames and memory may replace the task defaults:
     # part of the job key (taken before the model loads), and applied once it has loaded.
     given = dict(frames_set=opts.fps is not None or opts.frames is not None, memory_set=opts.memory is not None)
-    done = output.claim(mode, job_key(job, choice, opts.checkpoint, **given))
+    try:
+        done = output.claim(mode, job_key(job, choice, opts.checkpoint, **given))
+    except OSError as err:  # a name the system refuses (over 255 bytes), a loop of links
+        from .errors import os_error_sentence
+
+        raise UsageError(os_error_sentence(err)) from None
     todo = [s for s in specs if s not in done]
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:
@@ -279,13 +284,20 @@ def load_analyzer(choice, job, opts: CommonOptions, n_inputs: int, given: dict):
     none), or None when the model does not load (said in one sentence on stderr)."""
     from models import ModelError
 
-    from .tasks import with_trained_defaults
+    from .tasks import label_set_name, with_trained_defaults
+    from .textfiles import check_label_tokens
 
     try:
         analyzer = _analyzer(choice, opts, n_inputs)
     except ModelError as err:
         sys.stderr.write(error_line(err))
         return None
+    if job.label_set is not None:  # the labels' length in this model's tokens, before any video
+        try:
+            check_label_tokens(analyzer.model.tokenizer, job.label_set.labels, label_set_name(job.label_set))
+        except MalmmError:
+            analyzer.events.close()
+            raise
     return analyzer, with_trained_defaults(job, analyzer.model.trained_config, **given)
 
 

@@ -22,6 +22,7 @@ Q-Former and the LLM only.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -36,12 +37,15 @@ from models.training import (answer_log_likelihood, candidate_log_likelihoods, f
                              official_config, save_checkpoint, tokenize_instructions, visual_tokens)
 
 from .dataset import Item
-from .errors import UsageError, VideoError
+from .errors import MalmmError, UsageError, VideoError, write_failure
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .presets import TASK_DEFAULTS
 from .tasks import question_prompt
+from .textfiles import check_label_tokens
 from .video import plan_sampling, preprocess, probe, stream_frames
 from .written import replace_file
+
+log = logging.getLogger("malmm")
 
 # ---- defaults (the official run scripts and configs) -------------------------------------------
 
@@ -185,10 +189,19 @@ class FeatureStore:
 
     def __init__(self, directory: Path | None = None):
         self.store = FrameStore(directory)
+        self.directory = directory
 
     def add(self, features: torch.Tensor) -> tuple[int, int]:
         start = self.store.count
-        self.store.append(features)
+        try:
+            self.store.append(features)
+        except OSError as err:  # a full temporary folder: one sentence, not a traceback
+            import tempfile
+
+            where = self.directory or tempfile.gettempdir()
+            raise MalmmError(f"The clips' vision features do not fit in the temporary folder {where} "
+                             f"({write_failure(err, where)}); free some space there, or set TMPDIR to a folder "
+                             "with room.") from None
         return start, features.shape[0]
 
     def read(self, clip: Clip) -> torch.Tensor:
@@ -340,12 +353,18 @@ def _train_epoch(run: _Run, trained, rng: np.random.Generator, warmup: int) -> f
 
 def _save(run: _Run, **state) -> None:
     """Write the checkpoint atomically, its content recorded (written.py): the file malmm
-    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other."""
+    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other. A write
+    that fails (a full disk) leaves the previous checkpoint in place and is one sentence."""
 
     def write(path: Path) -> None:
         save_checkpoint(path, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
 
-    replace_file(run.output, write, "checkpoint")
+    try:
+        replace_file(run.output, write, "checkpoint")
+    except (OSError, RuntimeError) as err:  # torch reports a short write as RuntimeError
+        kept = "the previous one is kept" if run.output.exists() else "nothing was written"
+        raise MalmmError(f"The checkpoint could not be written to {run.output} "
+                         f"({write_failure(err, run.output.parent)}); {kept}.") from None
 
 
 def _loop(run: _Run) -> TrainReport:
@@ -412,6 +431,9 @@ def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: s
     options = options.resolved(model.trained_config)
     if not items:
         raise UsageError("There is nothing to train on: the data has no items.")
+    if options.task == "classify":  # the labels are scored whole for the validation accuracy
+        check_label_tokens(model.tokenizer, dict.fromkeys(i.target for i in [*items, *(val_items or ())]),
+                           "The data's label set")
     events = events or TrainEvents()
     cache = cache if model_id is not None else None
     output = Path(output)
@@ -457,7 +479,11 @@ def _interrupted(run: _Run | None, report: TrainReport, stop: BaseException) -> 
         return Interrupted(report, False, "before the first training step", stop)
     where = f"epoch {run.epoch + 1}/{run.options.epochs}, batch {run.step_in_epoch + 1}"
     run.model.eval()
-    _save(run, epochs_done=run.epoch, interrupted_at={"epoch": run.epoch + 1, "batch": run.step_in_epoch + 1})
+    try:
+        _save(run, epochs_done=run.epoch, interrupted_at={"epoch": run.epoch + 1, "batch": run.step_in_epoch + 1})
+    except MalmmError as err:
+        log.warning("%s", err)
+        return Interrupted(report, False, where, stop)
     return Interrupted(report, True, where, stop)
 
 
