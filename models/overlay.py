@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,10 +116,12 @@ def read_lavis_checkpoint(path: str | Path) -> LavisCheckpoint:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file '{path}' does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4 ...": a plain pickle, refused or read below either way
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for non-checkpoint files; all mean the same here
-        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({reason})") from err
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint ({_refusal(err)})") from err
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         state, config, epoch = obj["model"], obj.get("config"), obj.get("epoch")
         extra = set(obj) - _TOP_LEVEL
@@ -136,11 +139,29 @@ def read_trained_config(path: str | Path) -> TrainedConfig:
     is memory-mapped (weights_only, as always) and only its config is looked at. A checkpoint
     that cannot be read so is read whole, with read_lavis_checkpoint's checks and errors."""
     try:
-        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+        with warnings.catch_warnings():  # as in read_lavis_checkpoint
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # noqa: BLE001 - an old-format file cannot be mapped: the full read says what is wrong
         return read_lavis_checkpoint(path).config
     config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
     return TrainedConfig.from_config(config)
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _refusal(err: Exception) -> str:
+    """Why torch.load refused the file, in a few words. Never torch's own advice, which is to
+    load it again with weights_only=False (or to allow-list its classes): for a file from
+    elsewhere that means running whatever code its pickle names, the one thing not to do."""
+    text = str(err).strip()
+    if "weights only load failed" in text.lower():
+        name = _GLOBAL.search(text)
+        held = f"a Python object ({name.group(1)})" if name else "Python objects"
+        return f"it holds {held} beyond tensors and plain data, which malmm never unpickles"
+    first = text.splitlines()[0] if text else type(err).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", first)[:200]
 
 
 def lavis_to_hf_key(key: str) -> str | None:

@@ -82,8 +82,10 @@ def make_video(
     gop: int | None = None,
     faststart: bool = False,
     extra_args: Sequence[str] = (),
+    first_index: int = 0,
 ) -> np.ndarray:
-    """Encode `n_frames` index frames; returns each frame's intended presentation time (s).
+    """Encode `n_frames` index frames (indices from `first_index` on); returns each frame's
+    intended presentation time (s).
 
     `fps` may be "30000/1001" or a Fraction for NTSC rates. With `vfr=True` frame durations
     alternate between 1/fps and 2.5/fps (rounded to ms, on a 1 ms time base), so timestamps
@@ -114,13 +116,33 @@ def make_video(
     assert proc.stdin is not None
     try:
         for i in range(n_frames):  # streamed, so a 30-minute video never sits in memory
-            proc.stdin.write(index_frame(i, width, height).tobytes())
+            proc.stdin.write(index_frame(first_index + i, width, height).tobytes())
     finally:
         proc.stdin.close()
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.wait() != 0:
         raise RuntimeError(f"ffmpeg failed making {path}: {err.strip()}")
     return pts
+
+
+def make_resolution_change(path: str | Path, sizes: Sequence[tuple[int, int]], *, n_frames: int, fps: float = 25,
+                           codec: str = "libx264", extra_args: Sequence[str] = ()) -> int:
+    """A video whose frame size changes mid-file: one encode per size, `n_frames` index frames
+    each (numbered on across the parts), joined by ffmpeg's concat demuxer without
+    re-encoding. Returns the total frame count."""
+    path = Path(path)
+    parts = []
+    for k, size in enumerate(sizes):
+        parts.append(path.with_name(f"{path.stem}.part{k}{path.suffix}"))
+        make_video(parts[-1], fps=fps, n_frames=n_frames, size=size, codec=codec, extra_args=extra_args,
+                   first_index=k * n_frames)
+    listing = path.with_name(f"{path.stem}.parts.txt")
+    listing.write_text("".join(f"file '{p.name}'\n" for p in parts))
+    subprocess.run([ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "concat", "-safe", "0", "-i", str(listing),
+                    "-c", "copy", str(path)], check=True)
+    for p in [*parts, listing]:
+        p.unlink()
+    return n_frames * len(sizes)
 
 
 def make_audio(path: str | Path, seconds: float = 1.0) -> None:

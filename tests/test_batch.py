@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.cli import SAMPLE, TINY, malmm, records
-from tests.media import make_video
+from tests.media import make_resolution_change, make_video
 
 FAST = ["--fps", "2", "--memory", "3", "-q"]  # different lengths: 12, 6, 12 and 4 frames
 GEN = ["--beams", "1", "--max-tokens", "4"]
@@ -249,3 +249,19 @@ def test_a_failing_batch_step_fails_its_group_and_the_next_group_runs(clips, alo
     assert "out of memory (simulated)" in got[first_group[0]]["error"]
     later = [str(clips / f"{n}.mp4") for n in "de"]
     assert_same_records({k: got[k] for k in later}, {k: alone["caption"][1][k] for k in later})
+
+
+def test_a_batch_and_a_solo_run_read_the_same_frames_when_the_resolution_changes(tmp_path):
+    """Issue 18 (11a): on a VP9 stream whose frame size changes mid-file, --batch read 59
+    frames where a solo run read 41 (decord's threaded VP9 decoding failed at different places
+    for one worker reading the whole plan and two reading short runs). Both read the whole
+    plan now: every frame decodes (tests/test_video.py checks they are the right ones)."""
+    video = tmp_path / "changes.webm"
+    make_resolution_change(video, [(160, 120), (320, 240)], n_frames=125, codec="libvpx-vp9",
+                           extra_args=["-b:v", "200k", "-deadline", "realtime", "-cpu-used", "8"])
+    (solo,) = records(malmm("caption", video, *TINY, *GEN, "--json", "--no-cache", "-q").stdout)
+    batch = records(malmm("caption", video, SAMPLE, *TINY, *GEN, "--json", "--no-cache", "--batch", 2, "-q").stdout)
+    assert [r["input"] for r in batch] == [str(video), str(SAMPLE)]
+    planned = 80  # caption's frame count, all of a 10-second video's 250 frames being there to take
+    assert solo["sampling"]["frames"] == batch[0]["sampling"]["frames"] == planned
+    assert "warnings" not in solo and "warnings" not in batch[0]

@@ -88,3 +88,57 @@ def test_unknown_task_and_folder_are_usage_errors(tmp_path):
         load_dataset(write(tmp_path / "d.csv", "video,label\na,b\n"), "segment")
     with pytest.raises(UsageError, match="is a folder"):
         load_dataset(tmp_path, "classify")
+
+
+# ---- quoting: the csv module's rules, strictly (issue 18, point 7) ---------------------------------
+
+
+def test_a_line_break_in_a_quoted_caption_becomes_a_space_not_nothing(tmp_path):
+    data = write(tmp_path / "cap.csv", 'video,caption\na.mp4,"a man\nwalks"\nb.mp4,"two\r\nlines,  and ""quotes"""\n')
+    items = load_dataset(data, "caption")
+    assert [i.target for i in items] == ["a man walks", 'two lines,  and "quotes"']
+
+
+def test_line_breaks_in_questions_and_answers_become_spaces_and_line_numbers_stay_right(tmp_path):
+    data = write(tmp_path / "qa.csv", 'video,question,answer\na.mp4,"what is\n\n  shown?",dog\nb.mp4,why,\n')
+    with pytest.raises(UsageError, match=r"qa.csv, line 5: the 'answer' field is empty"):
+        load_dataset(data, "ask")
+    data.write_text('video,question,answer\na.mp4,"what is\n\n  shown?","a\n  dog"\n')
+    (item,) = load_dataset(data, "ask")
+    assert (item.question, item.target) == ("what is shown?", "a dog")
+
+
+def test_jsonl_lines_split_on_newlines_only(tmp_path):
+    """U+2028 and a lone \\r are legal inside a JSON string (json.dumps writes them raw with
+    ensure_ascii=False); they must not cut the line."""
+    rows = [{"video": "a.mp4", "caption": "one\u2028two"}, {"video": "b.mp4", "caption": "three\rfour\x85five"}]
+    data = write(tmp_path / "cap.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    assert [i.target for i in load_dataset(data, "caption")] == ["one two", "three four five"]
+
+
+@pytest.mark.parametrize("text, words", [
+    # closed on the last row: the label would swallow three rows ("dog\nc.mp4,cat\n...")
+    ('video,label\na.mp4,cat\nb.mp4,"dog\nc.mp4,cat\nd.mp4,dog\ne.mp4,cat"\n', "lines 3-6: the 'label' field spans several lines"),
+    # never closed: the rest of the file would be one field
+    ('video,label\na.mp4,cat\nb.mp4,"dog\nc.mp4,cat\nd.mp4,dog\ne.mp4,cat\n', "line 3: a quote opened on this row is never closed"),
+    ('video,caption\na.mp4,"a dog\nb.mp4,a cat\n', "line 2: a quote opened on this row is never closed"),
+    # text after a closing quote
+    ('video,label\na.mp4,cat\nb.mp4,"dog" x\n', "line 3: not valid CSV"),
+    ('video,label\n"a.mp4\nb.mp4",cat\n', "lines 2-3: the 'video' field spans several lines"),
+])
+def test_an_unbalanced_quote_is_an_error_naming_its_line(tmp_path, text, words):
+    data = write(tmp_path / "d.csv", text)
+    task = "caption" if "caption" in text else "classify"
+    with pytest.raises(UsageError) as err:
+        load_dataset(data, task)
+    assert words in str(err.value) and str(data) in str(err.value)
+
+
+def test_eval_and_train_refuse_the_swallowing_quote_before_the_model_loads(tmp_path):
+    from tests.cli import TINY, malmm
+
+    data = write(tmp_path / "d.csv", 'video,label\na.mp4,cat\nb.mp4,"dog\nc.mp4,cat\nd.mp4,dog\ne.mp4,cat"\n')
+    for command in (["eval", data, "--task", "classify"], ["train", data, "--task", "classify", "-o", tmp_path / "c.pth"]):
+        out = malmm(*command, *TINY, "-q")
+        assert out.exit_code == 2 and "lines 3-6" in out.stderr and "Traceback" not in out.output
+        assert not (tmp_path / "c.pth").exists()

@@ -233,7 +233,7 @@ def test_strict_overlay_changes_nothing_when_it_fails(tiny_dir, tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint", None])
+@pytest.mark.parametrize("content", [b"", b"this is not a checkpoint", None, "fraction"])
 def test_unreadable_checkpoints_give_one_clear_error(tiny_dir, tmp_path, content):
     path = tmp_path / "x.pth"
     if content is None:
@@ -245,10 +245,23 @@ def test_unreadable_checkpoints_give_one_clear_error(tiny_dir, tmp_path, content
                 return (os.system, ("echo pwned",))
 
         path.write_bytes(pickle.dumps({"model": Evil()}))
+    elif content == "fraction":  # a class torch would offer to allow-list
+        from fractions import Fraction
+
+        torch.save({"model": {"x": Fraction(1, 2)}}, path)
     else:
         path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="x.pth"):
+    with pytest.raises(CheckpointError, match="x.pth") as err:
         _load(tiny_dir, checkpoint=path)
+    # torch's advice (load it with weights_only=False, or allow-list its classes) is the unsafe
+    # thing to do with a file from elsewhere: never passed on. One line, no terminal codes.
+    message = str(err.value)
+    assert "weights_only" not in message and "False" not in message and "safe_globals" not in message
+    assert "\n" not in message and "\x1b" not in message
+    if content is None or content == "fraction":
+        assert "never unpickles" in message
+    if content == "fraction":
+        assert "fractions.Fraction" in message
     with pytest.raises(CheckpointError, match="does not exist"):
         _load(tiny_dir, checkpoint=tmp_path / "missing.pth")
 

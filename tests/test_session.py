@@ -126,3 +126,27 @@ def test_a_checkpoints_trained_defaults_apply_without_loading_the_model(tiny_mod
     given = session.job("caption", frames=10, memory=5)
     assert (given.frames, given.memory) == (10, 5)  # what the user gives wins
     assert session.job("summarize").frames is None  # summaries keep their rate
+
+
+def test_labels_too_long_in_the_models_tokens_fail_before_any_input(session, monkeypatch):
+    """Issue 18's token bound on labels lives in the session (Session.resolve, check_labels):
+    once the model has loaded, a classify job whose label is over 64 of its tokens is a
+    UsageError before any video opens. tiny-random spells an unknown word letter by letter."""
+    from malmm_cli.engine import session as session_module
+    from malmm_cli.engine.jobs import build_job
+    from malmm_cli.errors import UsageError
+
+    def no_input(*args, **kwargs):
+        raise AssertionError("an input was opened")
+
+    monkeypatch.setattr(session_module, "open_source", no_input)
+    long = "z" * 100
+    with pytest.raises(UsageError, match="--labels: the label 'zzz.*' is 100 tokens long for this model"):
+        session.job("classify", labels=f"cat,{long}", **FAST)
+    job = build_job("classify", session.label, labels=f"cat,{long}", **FAST)  # built without the session
+    for runner in (None, OneByOne(), Lockstep(2)):
+        with pytest.raises(UsageError, match="100 tokens long"):
+            next(session.run([str(SAMPLE)], job, runner=runner))
+    with pytest.raises(UsageError, match="The data's label set: the label 'zzz.*' is 100 tokens"):
+        session.check_labels(["cat", long], "The data's label set")
+    assert session.job("classify", labels=f"cat,{'z' * 60}", **FAST).label_set.labels == ("cat", "z" * 60)

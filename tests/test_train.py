@@ -276,6 +276,85 @@ def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
 
 
 
+# ---- a full disk, names the system refuses (issue 18, point 10) -----------------------------------
+
+
+def test_a_full_temporary_folder_is_one_sentence(data, tmp_path, monkeypatch):
+    import errno
+
+    from malmm_cli.engine.features import FrameStore
+
+    def full(self, features):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(FrameStore, "append", full)
+    out = malmm("train", data.train, "--task", "classify", "-o", tmp_path / "c.pth", *TINY, "--frames", 2,
+                "--no-cache", "-q")
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    assert "do not fit in the temporary folder" in out.stderr and "no space left on" in out.stderr
+    assert out.stderr.count("\n") == 1 and not (tmp_path / "c.pth").exists()
+
+
+def test_a_real_full_tmpfs_as_the_temporary_folder(data, tmp_path, monkeypatch):
+    """The same on a real 8 KiB tmpfs (needs root to mount; skipped elsewhere)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(mount))
+        out = malmm("train", data.train, "--task", "classify", "-o", tmp_path / "c.pth", *TINY, "--frames", 3,
+                    "--no-cache", "-q")
+        assert out.exit_code == 1 and f"temporary folder {mount}" in out.stderr and "Traceback" not in out.output
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(data, tmp_path, monkeypatch):
+    import malmm_cli.learn.train as train_module
+
+    saves = []
+
+    def save(path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 2:  # torch's own words for a short write on a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 48960 vs 48848")
+        return save_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    ckpt = tmp_path / "c.pth"
+    out = malmm("train", data.train, "--task", "classify", "-o", ckpt, *TINY, "--frames", 2, "--epochs", 3, "-q")
+    assert out.exit_code == 1 and "Traceback" not in out.output and out.stderr.count("\n") == 1
+    assert f"The checkpoint could not be written to {ckpt}" in out.stderr and "the previous one is kept" in out.stderr
+    assert torch.load(ckpt, weights_only=True)["config"]["malmm"]["epochs_done"] == 1
+
+
+def test_names_over_255_bytes_are_one_sentence(data, tmp_path):
+    long = "x" * 300
+    rows = data.train.read_text().splitlines()
+    long_video = data.train.parent / "long_video.csv"
+    long_video.write_text("\n".join(rows[:2] + [f"{long}.mp4,cat"]) + "\n")
+    runs = [
+        (["train", data.train, "-o", tmp_path / f"{long}.pth"], "may be at most 255 bytes"),
+        (["train", data.train, "-o", tmp_path / "c.pth", "--checkpoint", tmp_path / f"{long}.pth"], "255 bytes"),
+        (["train", data.train, "-o", tmp_path / "c.pth", "--val", tmp_path / f"{long}.csv"], "cannot be read"),
+        (["train", long_video, "-o", tmp_path / "c.pth"], f"{long}.mp4 cannot be used"),
+        (["eval", data.train, "-o", tmp_path / f"{long}.jsonl"], "255 bytes"),
+    ]
+    for run, words in runs:
+        out = malmm(*run, "--task", "classify", *TINY, "-q")
+        assert out.exit_code == 2 and words in out.stderr and "Traceback" not in out.output, (run, out.output)
+    assert not list(tmp_path.glob("*.pth"))
+    clip = load_dataset(data.train, "classify")[0].video
+    out = malmm("caption", clip, "-o", tmp_path / f"{long}.jsonl", *TINY, "-q")  # the batch commands' -o too
+    assert out.exit_code == 2 and "255 bytes" in out.stderr and "Traceback" not in out.output
+
+
 # ---- the help page ------------------------------------------------------------------------------
 
 

@@ -512,6 +512,59 @@ def test_no_decodable_frame_in_plan_is_an_error(clips, tmp_path):
     assert stream.warnings and time.monotonic() - start < 10 and not decode_threads()
 
 
+@pytest.mark.parametrize("width", [16, 24, 48, 72])
+def test_widths_decord_cannot_copy_decode_scaled(tmp_path, width):
+    """decord refuses to copy frames of some narrow widths (its buffer is padded to 32 px:
+    "from_size == to_size (3072 vs. 1536)"). Such a video decodes scaled to the next multiple
+    of 32 px wide, its own size still reported, every frame the right one."""
+    path = tmp_path / f"w{width}.mp4"
+    media.make_video(path, fps=10, n_frames=20, size=(width, 32), gop=5)
+    info = probe(path)
+    assert (info.width, info.height, info.decode_width) == (width, 32, -(-width // 32) * 32)
+    for workers in (1, 2):
+        _, idx, _, frames = collect(stream_frames(path, plan_sampling(info, fps=10.0), info=info, workers=workers))
+        assert idx.tolist() == list(range(20)) and media.decode_indices(frames).tolist() == list(range(20))
+        assert frames.shape[1:] == (32, info.decode_width, 3)
+    assert probe(media.bigbuckbunny_path()).decode_width is None  # a width decord copies: its own
+
+
+def test_narrow_videos_run_through_caption_eval_and_train(tmp_path):
+    from tests.cli import TINY, malmm
+
+    for width in (16, 48):
+        media.make_video(tmp_path / f"w{width}.mp4", fps=10, n_frames=10, size=(width, 32))
+    data = tmp_path / "d.csv"
+    data.write_text("video,label\nw16.mp4,cat\nw48.mp4,dog\n")
+    runs = [["caption", tmp_path / "w16.mp4", "--frames", 4], ["eval", data, "--task", "classify", "--frames", 4],
+            ["train", data, "--task", "classify", "--frames", 4, "--epochs", 1, "-o", tmp_path / "c.pth"]]
+    for run in runs:
+        out = malmm(*run, *TINY, "-q")
+        assert out.exit_code == 0 and "DECORD" not in out.output, (run, out.output)
+
+
+# VP9 as a web download has it: decord's frame-threaded VP9 decoding stops on FFmpeg's EAGAIN
+VP9 = ["-b:v", "200k", "-deadline", "realtime", "-cpu-used", "8"]
+
+
+@pytest.mark.parametrize("sizes", [((160, 120), (320, 240)), ((160, 120), (160, 120))], ids=["size-change", "same"])
+def test_vp9_every_planned_frame_whatever_the_decoder_layout(tmp_path, sizes):
+    """decord's frame-threaded VP9 decoder gives up partway (EAGAIN from send_packet), where
+    depending on how many packets a reader read since its last seek: one worker reading the
+    whole plan (a --batch lane) and two reading short runs skipped different frames as
+    damage. Decoding falls back to one thread instead, which reads every frame."""
+    path = tmp_path / "v.webm"
+    total = media.make_resolution_change(path, sizes, n_frames=125, codec="libvpx-vp9", extra_args=VP9)
+    info = probe(path)
+    assert info.frame_count == total and (info.width, info.height) == sizes[0]
+    for rate in (1.0, 5.0):
+        plan = plan_sampling(info, fps=rate)
+        for workers in (1, 2):
+            stream = stream_frames(path, plan, info=info, workers=workers, prefetch=1 if workers == 1 else 2)
+            _, idx, _, frames = collect(stream)
+            assert not stream.warnings and idx.tolist() == plan.indices.tolist()
+            assert media.decode_indices(frames).tolist() == plan.indices.tolist()  # the right frames
+
+
 # ----------------------------------------------------------------------------- memory
 
 

@@ -33,7 +33,7 @@ from malmm_cli.sources.inputs import VideoSource, cache_root, open_source
 
 from .jobs import build_job, check_options, sampling_job
 from .presets import ModelChoice, resolve_model
-from .tasks import Job, with_trained_defaults
+from .tasks import Job, label_set_name, with_trained_defaults
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,7 @@ class Session:
         self._analyzer = None
         self._model_id: str | None = None  # None: from the model and options (loader.model_id)
         self._cache: Any = _FROM_OPTIONS  # from_model: the caller's FeatureCache or None
+        self._labels_checked: set[tuple[str, ...]] = set()  # label sets within this model's token limit
 
     @classmethod
     def load(cls, model: str | None = None, *, checkpoint: str | Path | None = None, device: str = "auto",
@@ -187,10 +188,27 @@ class Session:
 
     def resolve(self, job: Job) -> Job:
         """`job` with the checkpoint's trained frames and memory where it leaves them to the
-        defaults. Before the model loads, the checkpoint's config is read alone (no weights)."""
-        if not job.trained_defaults:
-            return job
-        return with_trained_defaults(job, self.trained_config())
+        defaults. Before the model loads, the checkpoint's config is read alone (no weights).
+        Once it has loaded, a classify job's labels are checked against its tokenizer too
+        (check_labels): a UsageError, before the job reads any video."""
+        if job.trained_defaults:
+            job = with_trained_defaults(job, self.trained_config())
+        if job.label_set is not None and self.loaded:
+            self.check_labels(job.label_set.labels, label_set_name(job.label_set))
+        return job
+
+    def check_labels(self, labels: Iterable[str], where: str) -> None:
+        """Every label at most MAX_LABEL_TOKENS of this model's tokens (sources/textfiles.py),
+        or a UsageError naming `where`: each label is scored whole, through the LLM. Their
+        length in characters is checked before any model loads (tasks.check_labels); this
+        needs the tokenizer, so it loads the model. Each label set is checked once."""
+        labels = tuple(labels)
+        if labels in self._labels_checked:
+            return
+        from malmm_cli.sources.textfiles import check_label_tokens
+
+        check_label_tokens(self.model.tokenizer, labels, where)
+        self._labels_checked.add(labels)
 
     def trained_config(self):
         """What the checkpoint says of its training (models.overlay.TrainedConfig), or None."""
@@ -261,6 +279,9 @@ class Session:
         jobs = [job] * len(specs) if isinstance(job, Job) else list(job)
         if len(jobs) != len(specs):
             raise ValueError(f"{len(jobs)} jobs for {len(specs)} inputs")
+        if self.loaded:  # a job this model cannot take (check_labels) fails before any input
+            for each in jobs:
+                self.resolve(each)
         units = [Unit(spec, each) for spec, each in zip(specs, jobs)]
         if runner is None:
             outcomes: Iterable = ((i, self.attempt(unit.input, unit.job)) for i, unit in enumerate(units))

@@ -18,6 +18,7 @@ import numpy as np
 
 from malmm_cli.errors import UsageError
 from .presets import TASK_DEFAULTS, Generation
+from malmm_cli.sources.textfiles import MAX_LABEL_CHARS, MAX_LABELS, check_length, lines, open_regular
 
 LVU_TASKS = ("relationship", "way_speaking", "scene", "director", "genre", "writer", "year")
 LABEL_SET_NAMES = tuple(f"lvu_{t}" for t in LVU_TASKS) + ("coin", "breakfast")
@@ -50,19 +51,10 @@ def load_label_set(name: str) -> LabelSet:
 
 
 def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
-    """--labels FILE (one label per line, or a JSON list) or "a,b,c"."""
+    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix.lower() == ".json":
-            try:
-                raw = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"Labels file '{spec}' is not valid JSON ({err.msg}, line {err.lineno}).") from err
-            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
-                raise UsageError(f"Labels file '{spec}' must hold a JSON list of strings.")
-        else:
-            raw = [line.split("#", 1)[0] for line in text.splitlines()]
+    if path.exists():
+        raw = _label_file(path)
     elif "," in spec or not (path.suffix or "/" in spec):
         raw = spec.split(",")
     else:
@@ -70,7 +62,54 @@ def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
     labels = tuple(dict.fromkeys(label.strip() for label in raw if label.strip()))
     if len(labels) < 2:
         raise UsageError(f"--labels needs at least two different labels, got {len(labels)}.")
+    check_labels(labels, "--labels")
     return LabelSet("custom", prompt or TASK_DEFAULTS["classify"].prompt, labels)
+
+
+def label_set_name(label_set: LabelSet) -> str:
+    """How messages name a label set: the option or data it came from, or its built-in name."""
+    return {"custom": "--labels", "data": "The data's label set"}.get(label_set.name, f"--label-set {label_set.name}")
+
+
+def check_labels(labels, where: str) -> None:
+    """A label set within bounds (sources/textfiles.py): at most MAX_LABELS labels, each of at most
+    MAX_LABEL_CHARS characters; checked before any model loads."""
+    if len(labels) > MAX_LABELS:
+        raise UsageError(f"{where}: {len(labels):,} labels; the limit is {MAX_LABELS:,} (each is scored for "
+                         "every video).")
+    for label in labels:
+        check_length(label, MAX_LABEL_CHARS, where, f"label {label if len(label) <= 40 else label[:37] + '...'!r}")
+
+
+def _label_file(path: Path) -> list[str]:
+    """The labels of a --labels file, read within bounds: a JSON list (.json) or one per line."""
+    with open_regular(path, "labels file") as f:
+        if path.suffix.lower() == ".json":
+            limit = MAX_LABELS * (4 * MAX_LABEL_CHARS + 8)  # the largest list within the bounds, in bytes
+            data = f.read(limit + 1)
+            if len(data) > limit:
+                raise UsageError(f"Labels file '{path}' is larger than {limit // 2**20} MB; it cannot hold a "
+                                 f"label set within the limits ({MAX_LABELS:,} labels).")
+            try:
+                raw = json.loads(data.decode("utf-8-sig"))
+            except UnicodeDecodeError:
+                raise UsageError(f"Labels file '{path}' is not UTF-8 text.") from None
+            except json.JSONDecodeError as err:
+                raise UsageError(f"Labels file '{path}' is not valid JSON ({err.msg}, line {err.lineno}).") from None
+            except (RecursionError, ValueError):
+                raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.") from None
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.")
+            return raw
+        seen: dict[str, None] = {}
+        for line in lines(f, path):
+            label = line.split("#", 1)[0].strip()
+            if label and label not in seen:
+                seen[label] = None
+                if len(seen) > MAX_LABELS:
+                    raise UsageError(f"Labels file '{path}' holds more than {MAX_LABELS:,} labels; the limit is "
+                                     f"{MAX_LABELS:,} (each is scored for every video).")
+        return list(seen)
 
 
 @dataclass(frozen=True)

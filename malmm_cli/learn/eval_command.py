@@ -57,6 +57,11 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     except MalmmError as err:
         error(str(err))
         return err.exit_code
+    except OSError as err:  # a path the system refuses (a name over 255 bytes, a loop of links)
+        from malmm_cli.errors import os_error_sentence
+
+        error(os_error_sentence(err))
+        return 2
     with sigterm_as_interrupt() as fired:
         try:
             return _claim_and_run(choice, job, cases, data, output, summary, opts)
@@ -162,7 +167,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     if todo:
         from malmm_cli.runs.command import open_session
 
-        session = open_session(opts, len(todo))
+        session = open_session(opts, len(todo), job)
         if session is None:
             return 1
         failures = _run_cases(session, job, todo, output, records, opts.runner())

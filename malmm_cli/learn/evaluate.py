@@ -29,7 +29,8 @@ from typing import Any
 from .dataset import Item, columns
 from malmm_cli.errors import UsageError
 from malmm_cli.engine.presets import TASK_DEFAULTS
-from malmm_cli.engine.tasks import LABEL_SET_NAMES, Job, LabelSet, custom_label_set, load_label_set, question_prompt
+from malmm_cli.engine.tasks import (LABEL_SET_NAMES, Job, LabelSet, check_labels, custom_label_set, load_label_set,
+                                   question_prompt)
 
 TOP_K = 5  # top-5 accuracy, as the official classification eval reports
 CAPTION_EXTRA = "eval"  # pip install 'malmm[eval]' brings pycocoevalcap
@@ -72,6 +73,7 @@ def data_label_set(cases: Sequence[Case], prompt: str | None = None) -> LabelSet
     if len(labels) < 2:
         raise UsageError(f"The data has only one label ({labels[0]!r}); classification needs at least two: "
                          "add rows or give the label set with --labels or --label-set.")
+    check_labels(labels, "The data's label set")
     return LabelSet("data", prompt or TASK_DEFAULTS["classify"].prompt, labels)
 
 
@@ -381,7 +383,7 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     session = Session.from_model(model, model_id=model_id, cache=cache)
     job, cases = plan(task, items, session.label, labels=labels, label_set=label_set, prompt=prompt,
                       **opts.job_options())
-    job = session.resolve(job)
+    job = session.resolve(job)  # the model is loaded: its tokenizer checks the labels (Session.resolve)
     records = []
     for _, record in run_cases(session, job, cases, opts.runner()):
         records.append(record)

@@ -39,7 +39,8 @@ from malmm_cli.engine.features import FeatureCache, FrameStore
 from malmm_cli.engine.presets import TASK_DEFAULTS
 from malmm_cli.engine.session import Session
 from malmm_cli.engine.tasks import question_prompt
-from malmm_cli.errors import UsageError
+from malmm_cli.errors import MalmmError, UsageError, write_failure
+from malmm_cli.messages import log
 from malmm_cli.results.written import replace_file
 
 from .dataset import Item
@@ -151,10 +152,19 @@ class FeatureStore:
 
     def __init__(self, directory: Path | None = None):
         self.store = FrameStore(directory)
+        self.directory = directory
 
     def add(self, features: torch.Tensor) -> tuple[int, int]:
         start = self.store.count
-        self.store.append(features)
+        try:
+            self.store.append(features)
+        except OSError as err:  # a full temporary folder: one sentence, not a traceback
+            import tempfile
+
+            where = self.directory or tempfile.gettempdir()
+            raise MalmmError(f"The clips' vision features do not fit in the temporary folder {where} "
+                             f"({write_failure(err, where)}); free some space there, or set TMPDIR to a folder "
+                             "with room.") from None
         return start, features.shape[0]
 
     def read(self, clip: Clip) -> torch.Tensor:
@@ -306,12 +316,18 @@ def _train_epoch(run: _Run, trained, rng: np.random.Generator, warmup: int) -> f
 
 def _save(run: _Run, **state) -> None:
     """Write the checkpoint atomically, its content recorded (written.py): the file malmm
-    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other."""
+    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other. A write
+    that fails (a full disk) leaves the previous checkpoint in place and is one sentence."""
 
     def write(path: Path) -> None:
         save_checkpoint(path, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
 
-    replace_file(run.output, write, "checkpoint")
+    try:
+        replace_file(run.output, write, "checkpoint")
+    except (OSError, RuntimeError) as err:  # torch reports a short write as RuntimeError
+        kept = "the previous one is kept" if run.output.exists() else "nothing was written"
+        raise MalmmError(f"The checkpoint could not be written to {run.output} "
+                         f"({write_failure(err, run.output.parent)}); {kept}.") from None
 
 
 def _loop(run: _Run) -> TrainReport:
@@ -376,15 +392,17 @@ def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: s
     options = options.resolved(model.trained_config)
     if not items:
         raise UsageError("There is nothing to train on: the data has no items.")
-    events = events or TrainEvents()
     cache = cache if model_id is not None else None
+    session = Session.from_model(model, model_id=model_id, cache=cache)
+    if options.task == "classify":  # the labels are scored whole for the validation accuracy
+        session.check_labels(dict.fromkeys(i.target for i in [*items, *(val_items or ())]), "The data's label set")
+    events = events or TrainEvents()
     output = Path(output)
     store = FeatureStore(cache.scratch_dir() if cache is not None else None)
     report = TrainReport(output, options)
     run = None
     try:
         every = list(items) + list(val_items or [])
-        session = Session.from_model(model, model_id=model_id, cache=cache)
         clips = prepare_clips(session, every, options, store, progress=lambda done: events.features(done, len(every)))
         train_clips, val_clips = clips[: len(items)], clips[len(items) :]
         labels = list(dict.fromkeys(c.target for c in clips)) if options.task == "classify" else None
@@ -421,7 +439,11 @@ def _interrupted(run: _Run | None, report: TrainReport, stop: BaseException) -> 
         return Interrupted(report, False, "before the first training step", stop)
     where = f"epoch {run.epoch + 1}/{run.options.epochs}, batch {run.step_in_epoch + 1}"
     run.model.eval()
-    _save(run, epochs_done=run.epoch, interrupted_at={"epoch": run.epoch + 1, "batch": run.step_in_epoch + 1})
+    try:
+        _save(run, epochs_done=run.epoch, interrupted_at={"epoch": run.epoch + 1, "batch": run.step_in_epoch + 1})
+    except MalmmError as err:
+        log.warning("%s", err)
+        return Interrupted(report, False, where, stop)
     return Interrupted(report, True, where, stop)
 
 

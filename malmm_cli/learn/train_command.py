@@ -101,7 +101,7 @@ def run_train(o: dict) -> int:
     (the progress so far saved)."""
     from models import ModelError
 
-    from malmm_cli.errors import MalmmError
+    from malmm_cli.errors import MalmmError, os_error_sentence
     from malmm_cli.interrupts import Terminated, sigterm_as_interrupt
     from malmm_cli.messages import setup_logging
     from malmm_cli.terminal import error_line, shown
@@ -115,12 +115,18 @@ def run_train(o: dict) -> int:
     except MalmmError as err:
         sys.stderr.write(error_line(err))
         return err.exit_code
+    except OSError as err:  # a path the system refuses (a name over 255 bytes, a loop of links)
+        sys.stderr.write(error_line(os_error_sentence(err)))
+        return 2
     with sigterm_as_interrupt():
         try:
             report = _run(o, *prepared)
         except (MalmmError, ModelError) as err:
             sys.stderr.write(error_line(err))
             return getattr(err, "exit_code", 1)
+        except OSError as err:  # a disk that filled up, a folder that went away
+            sys.stderr.write(error_line(f"training stopped: {os_error_sentence(err)}"))
+            return 1
         except Interrupted as stop:
             kept = f"the progress so far is saved in {shown(str(o['output']))}" if stop.saved else "nothing was saved"
             sys.stderr.write(f"malmm: interrupted {stop.where}; {kept}\n")
@@ -146,6 +152,10 @@ def _prepare(o: dict):
     inputs = [Path(o["data"])] + ([Path(o["val"])] if o["val"] else []) + ([Path(o["checkpoint"])] if o["checkpoint"] else [])
     for name, rows in ((o["data"], items), (o["val"], val_items or [])):
         _check_videos(name, rows)
+    if o["task"] == "classify":
+        from malmm_cli.engine.tasks import check_labels
+
+        check_labels(tuple(dict.fromkeys(i.target for i in items + (val_items or []))), "The data's label set")
     inputs += [Path(i.video) for i in items + (val_items or [])]
     held = check_output(Path(o["output"]), o["overwrite"], inputs)
     return choice, items, val_items, held

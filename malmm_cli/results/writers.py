@@ -5,6 +5,9 @@ Time formatting lives here and nowhere else; everything upstream is float second
 
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
 from typing import TextIO
 
 from malmm_cli.errors import UsageError
@@ -98,10 +101,35 @@ class MarkdownWriter(ResultWriter):
             out.write(f"## {short_clock(seg.start)} - {short_clock(seg.end)}\n\n{seg.text}\n\n")
 
 
-def _cue_text(text: str) -> str:
-    """Subtitle-safe text: a blank line would end the cue early, and '-->' marks a timing line."""
-    lines = [line.strip() for line in text.replace("-->", "->").splitlines() if line.strip()]
-    return "\n".join(lines) or "..."
+# Subtitle text: the model writes anything, so a cue's text is escaped until no character of it
+# can start a cue, a timing line or a block. A cue's text is one line: every line break
+# (\n, \r, \x85, U+2028, ...), control character and BOM becomes a space, so no blank line can
+# end the cue and no line of it can stand at a line start where a parser looks for a cue
+# number or timings. And it holds no timing arrow: in VTT no '>' is raw at all ('&', '<' and
+# '>' are character references, so "<v8 ...>" is text, not a voice tag); in SRT, which has
+# no escapes, the '>' of anything a parser could read as an arrow ('-' then spaces or dashes
+# then '>': "-->", "--->", "- >") becomes '›'.
+_ARROW = re.compile(r"-[ -]*>")
+
+
+def _one_line(text: str) -> str:
+    """Text on one line: line breaks, control characters and BOMs as spaces, runs of spaces as one."""
+    text = "".join(" " if c == "\ufeff" or unicodedata.category(c) == "Cc" else c for c in text)
+    return " ".join(text.split())  # str.split also splits at U+2028, U+2029, U+0085 and U+001C-U+001F
+
+
+def _no_arrow(text: str) -> str:
+    return _ARROW.sub(lambda m: m.group(0)[:-1] + "\u203a", text)
+
+
+def srt_text(text: str) -> str:
+    """A cue's text as SRT holds it safely: one line, no arrow ('...' for no text)."""
+    return _no_arrow(_one_line(text)) or "..."
+
+
+def vtt_text(text: str) -> str:
+    """A cue's text as WebVTT holds it safely: one line, '&', '<', '>' as character references."""
+    return html.escape(_one_line(text), quote=False) or "..."
 
 
 class SrtWriter(ResultWriter):
@@ -113,7 +141,7 @@ class SrtWriter(ResultWriter):
 
     def write(self, result, out, *, header=False):
         for i, seg in enumerate(result.segments or (), 1):
-            out.write(f"{i}\n{clock(seg.start, ',')} --> {clock(seg.end, ',')}\n{_cue_text(seg.text)}\n\n")
+            out.write(f"{i}\n{clock(seg.start, ',')} --> {clock(seg.end, ',')}\n{srt_text(seg.text)}\n\n")
 
 
 class VttWriter(ResultWriter):
@@ -126,10 +154,11 @@ class VttWriter(ResultWriter):
     def write(self, result, out, *, header=False):
         out.write("WEBVTT\n\n")
         if result.summary:
-            # A NOTE may not contain "-->"; keep it on one line.
-            out.write("NOTE Summary: " + result.summary.replace("-->", "->").replace("\n", " ") + "\n\n")
+            # A comment: one line without an arrow (a blank line or "-->" would end it); no
+            # character references, which a comment does not decode.
+            out.write(f"NOTE Summary: {_no_arrow(_one_line(result.summary))}\n\n")
         for seg in result.segments or ():
-            out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{_cue_text(seg.text)}\n\n")
+            out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{vtt_text(seg.text)}\n\n")
 
 
 WRITERS: dict[str, ResultWriter] = {w.name: w for w in (TextWriter(), JsonWriter(), MarkdownWriter(), SrtWriter(), VttWriter())}

@@ -170,7 +170,12 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     from malmm_cli.results.jobkey import job_key
 
     mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
-    done = output.claim(mode, job_key(job, choice, opts.checkpoint))
+    try:
+        done = output.claim(mode, job_key(job, choice, opts.checkpoint))
+    except OSError as err:  # a name the system refuses (over 255 bytes), a loop of links
+        from malmm_cli.errors import os_error_sentence
+
+        raise UsageError(os_error_sentence(err)) from None
     todo = [s for s in specs if s not in done]
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:
@@ -178,16 +183,17 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
                          + (f" ({shown(other)})" if other else "") + "\n")
     if not todo:
         return 0
-    session = open_session(opts, len(todo))
+    session = open_session(opts, len(todo), job)
     if session is None:
         return 1
     return write_outcomes(session, [Unit(spec, job) for spec in todo], opts.runner(), output, opts.quiet)
 
 
-def open_session(opts: CommonOptions, n_inputs: int) -> Session | None:
+def open_session(opts: CommonOptions, n_inputs: int, job) -> Session | None:
     """The session the command runs in: its model loaded here, unless Ray workers load theirs
     (then this process never loads one). None when the model does not load (said in one
-    sentence on stderr)."""
+    sentence on stderr). `job` is checked against the loaded model (Session.resolve: a label
+    too long in its tokens) before any video: a UsageError."""
     from models import ModelError
 
     if opts.ray is not None:
@@ -200,6 +206,11 @@ def open_session(opts: CommonOptions, n_inputs: int) -> Session | None:
     except ModelError as err:
         error(str(err))
         return None
+    try:
+        session.resolve(job)
+    except MalmmError:
+        session.events.close()  # the progress view gives the terminal back before the sentence
+        raise
     return session
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -134,6 +135,10 @@ class FrameStream:
             self.close()
 
 
+# decord's frame-threaded decoder giving up (_Decoder.threads_failed): FFmpeg's EAGAIN (-11)
+# from send_packet, or the decoder thread it stopped.
+_THREADS_FAILED = re.compile(r"send_packet.*\(-11 vs\. 0\)|run_\.load\(\)")
+
 _UNIT_END = object()  # a worker finished one run of the plan
 _STOP = object()  # a worker gave up on the rest of the file (too many damaged regions)
 
@@ -162,7 +167,7 @@ class _Decoder:
 
     def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk: int,
                  workers: int, prefetch: int):
-        self.path, self.chunk = path, chunk
+        self.path, self.chunk, self.width = path, chunk, info.decode_width
         self.indices, self.times = sampling.indices, sampling.timestamps
         self.keys = info.keys()
         # Runs of >= 2 chunks: short runs balance the workers (measured: 5.3 s vs 6.5 s with
@@ -173,6 +178,8 @@ class _Decoder:
         self.queues = [queue.Queue(maxsize=prefetch) for _ in range(self.workers)]
         self.threads: list[threading.Thread] = []
         self.readers: list[Any] = [None] * self.workers
+        self.reader_threads = [0] * self.workers  # decoding threads of each worker's reader
+        self.decode_threads = 0  # of readers opened from now on: 0 (FFmpeg's choice), or 1 (threads_failed)
         self.stop = threading.Event()
         self.damaged = 0
         self.lock = threading.Lock()
@@ -259,13 +266,15 @@ class _Decoder:
             if self.stop.is_set():
                 raise _Stopped
             if self.readers[worker] is None:
-                self.readers[worker] = open_reader(self.path)
+                self.readers[worker] = self.open()
+                self.reader_threads[worker] = self.decode_threads
             q = min(p + self.chunk, hi)
             try:
                 frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
             except (decord.DECORDError, RuntimeError) as e:
                 self.readers[worker] = None  # after a decoder error decord may return wrong frames
-                p = self.recover(worker, p, q, hi, e)
+                if not self.threads_failed(worker, e):  # else: the same frames again, one thread
+                    p = self.recover(worker, p, q, hi, e)
                 continue
             nxt = q if q < hi else after
             free = nxt is not None and self.new_gop(self.indices[q - 1], nxt)
@@ -277,6 +286,27 @@ class _Decoder:
                     self.park(worker, nxt)
                 self.put(worker, chunk)
             p = q
+
+    def open(self) -> Any:
+        return open_reader(self.path, width=self.width, threads=self.decode_threads)
+
+    def threads_failed(self, worker: int, error: BaseException) -> bool:
+        """Whether `error` is decord's frame-threaded decoding failing rather than the file:
+        then every reader from now on decodes with one thread, and the caller decodes the same
+        frames again. decord stops its decoder when FFmpeg's send_packet asks it to take
+        frames out first (EAGAIN, -11), which a frame-threaded VP9 decoder does once hidden
+        frames have filled its threads; the failure then shows as that error or as the
+        stopped decoder's ("run_"). Where it struck depended on how many packets a reader had
+        read since its last seek, so one worker reading the whole plan (a --batch lane) and
+        two workers reading short runs lost different frames to the damage skipping, though
+        every frame decodes with one thread. A reader already on one thread fails for real."""
+        if self.reader_threads[worker] == 1 or not _THREADS_FAILED.search(str(error)):
+            return False
+        if self.decode_threads != 1:
+            log.debug("decord's threaded decoding failed on %s (%s); decoding with one thread", self.path,
+                      decord_message(error))
+        self.decode_threads = 1
+        return True
 
     def new_gop(self, last: int, position: int) -> bool:
         """True if plan position `position` lies in a later keyframe interval than frame `last`."""
@@ -309,7 +339,7 @@ class _Decoder:
         (fresh reader, frame by frame), skip the damage, return the position to go on from."""
         import decord
 
-        reader = open_reader(self.path)
+        reader = self.open()
         good: list[np.ndarray] = []
         for j in range(p, q):
             try:
@@ -340,7 +370,7 @@ class _Decoder:
             if resume >= hi:
                 return hi
             try:
-                open_reader(self.path).get_batch([int(self.indices[resume])])
+                self.open().get_batch([int(self.indices[resume])])
                 return resume
             except (decord.DECORDError, RuntimeError):
                 pos, step = resume, step * 2

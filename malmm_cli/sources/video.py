@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import shutil
 import stat
 import sys
@@ -53,6 +54,9 @@ class VideoInfo:
     height: int
     frame_times: np.ndarray | None = field(default=None, repr=False, compare=False)
     key_frames: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # The width decord decodes to when it cannot copy frames of the video's own width (some
+    # narrow widths: 16, 24, 48 px); None: its own width. See _narrow_frame_size.
+    decode_width: int | None = None
 
     def times(self) -> np.ndarray:
         if self.frame_times is not None:
@@ -87,13 +91,13 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         log.warning("%s has no usable frame timestamps; assuming a constant %.3f fps", path, fps)
         starts = np.arange(count, dtype=np.float64) / fps
         duration = count / fps
-    height, width = _first_frame_shape(reader, path)
+    height, width, decode_width = _first_frame_shape(reader, path)
     keys = np.asarray(reader.get_key_indices() or [0], dtype=np.int64)
     if not math.isfinite(fps) or fps <= 0:
         fps = count / duration if duration > 0 else 1.0
     # some containers give the last packet no duration: it still shows for one frame time
     duration = max(duration, round(float(starts[-1]) + 1.0 / fps, 6))
-    return VideoInfo(path, duration, fps, count, width, height, starts, keys)
+    return VideoInfo(path, duration, fps, count, width, height, starts, keys, decode_width)
 
 
 def _plausible_times(starts: np.ndarray, duration: float) -> bool:
@@ -104,9 +108,10 @@ def _plausible_times(starts: np.ndarray, duration: float) -> bool:
     )
 
 
-def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int]:
-    """Frame size. decord exposes it only through a decoded frame, so decode one: the first,
-    or failing that a later keyframe (a damaged opening need not make the video unusable)."""
+def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int, int | None]:
+    """(height, width, decode width or None). decord exposes the size only through a decoded
+    frame, so decode one: the first, or failing that a later keyframe (a damaged opening need
+    not make the video unusable)."""
     import decord
 
     keys = reader.get_key_indices() or [0]
@@ -114,10 +119,39 @@ def _first_frame_shape(reader: Any, path: Path) -> tuple[int, int]:
     for index in dict.fromkeys([0, keys[len(keys) // 2], keys[-1]]):
         try:
             frame = reader.get_batch([index]).asnumpy()
-            return int(frame.shape[1]), int(frame.shape[2])
+            return int(frame.shape[1]), int(frame.shape[2]), None
         except (decord.DECORDError, RuntimeError) as e:
+            if _COPY_MISMATCH.search(str(e)):
+                return _narrow_frame_size(path, index, e)
             error = e
     raise VideoError(f"{path} cannot be decoded: none of the frames tried could be read ({decord_message(error)}).")
+
+
+# decord's copy out of FFmpeg's frame: "Check failed: from_size == to_size (3072 vs. 1536)"
+_COPY_MISMATCH = re.compile(r"from_size == to_size \((\d+) vs\. (\d+)\)")
+_ALIGN = 32  # widths that are multiples of 32 px copy cleanly (measured from 2 to 210 px)
+
+
+def _narrow_frame_size(path: Path, index: int, error: BaseException) -> tuple[int, int, int]:
+    """decord cannot copy frames of some narrow widths (16, 24, 48, 72 px: its buffer is padded
+    to a multiple of 32 px and the copy insists on equal sizes). Such a video is decoded
+    scaled to the next multiple of 32 px wide (its height kept), which decord copies; every
+    frame is resized to the model's square input anyway, so the model sees the same picture
+    up to one more resampling. The height comes from a frame decoded that way, the true width
+    from the sizes in decord's message (to_size = width x height x 3)."""
+    import decord
+
+    to_size = int(_COPY_MISMATCH.search(str(error)).group(2))
+    try:
+        height = int(open_reader(path, width=_ALIGN).get_batch([index]).asnumpy().shape[1])
+        width = to_size // (3 * height)
+        decode_width = max(_ALIGN, -(-width // _ALIGN) * _ALIGN)
+        open_reader(path, width=decode_width).get_batch([index])
+    except (decord.DECORDError, RuntimeError, VideoError):
+        raise VideoError(f"{path} cannot be decoded: decord cannot read frames of its size.") from None
+    if width * height * 3 != to_size:
+        raise VideoError(f"{path} cannot be decoded: decord cannot read frames of its size.")
+    return height, width, decode_width
 
 
 @contextlib.contextmanager
@@ -136,8 +170,10 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def open_reader(path: Path, quiet: bool = False) -> Any:
-    """A decord VideoReader, or VideoError naming the file and what is wrong with it."""
+def open_reader(path: Path, quiet: bool = False, width: int | None = None, threads: int = 0) -> Any:
+    """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given;
+    `threads` decoding threads, 0: FFmpeg's choice), or VideoError naming the file and what is
+    wrong with it."""
     _check_file(path)
     import decord
 
@@ -146,7 +182,7 @@ def open_reader(path: Path, quiet: bool = False) -> Any:
     try:
         with _native_stderr_silenced() if quiet else contextlib.nullcontext():
             # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
-            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=0)
+            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads, width=width or -1)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
         raise VideoError(_open_error(path, e)) from None
     finally:
