@@ -47,52 +47,41 @@ def clips(folder: Path, videos: int, frames: int) -> list[Path]:
     return paths
 
 
-def analyzer_for(size: str, tmp: Path, cache: bool):
-    from malmm_cli.features import FeatureCache
+def session_for(size: str, tmp: Path, cache: bool):
+    """(session, job): tiny-random as the CLI loads it, or the real-size vision path."""
+    from malmm_cli.engine.features import FeatureCache
+    from malmm_cli.engine.session import Session, SessionOptions
 
     features = FeatureCache(tmp / "features") if cache else None
     if size == "tiny":
-        from malmm_cli.presets import resolve_model
-        from malmm_cli.runner import CommonOptions, build_job, load_analyzer
-
-        opts = CommonOptions(model="tiny-random", fps=1, memory=10, beams=1, max_tokens=8, quiet=True,
-                             no_cache=not cache)
-        choice = resolve_model(opts.model)
-        job = build_job("caption", opts, choice.label)
-        analyzer, job = load_analyzer(choice, job, opts, 1, dict(frames_set=True, memory_set=True))
-        analyzer.cache = features
-        return analyzer, job
+        session = Session(SessionOptions("tiny-random", cache=False))
+        session.analyzer.cache = features
+        return session, session.job("caption", fps=1, memory=10, beams=1, max_tokens=8)
     from bench_reask import model_qformer_dtype, real_vision_model
 
-    from malmm_cli.analyze import Analyzer
-    from malmm_cli.presets import Generation
-    from malmm_cli.tasks import Job
+    from malmm_cli.engine.presets import Generation
+    from malmm_cli.engine.tasks import Job
 
     model = real_vision_model(tmp, model_qformer_dtype())
     job = Job(task="caption", model_label="real-vision", memory=10, generation=Generation(num_beams=1, max_new_tokens=8),
               fps=1, frames=None, prompts=("what does the video describe?",))
-    return Analyzer(model, "bench-real", cache=features), job
+    return Session.from_model(model, model_id="bench-real", cache=features), job
 
 
-def run_all(analyzer, job, paths: list[Path], batch: int) -> tuple[float, list[str], int]:
-    """(wall s, captions in input order, frames read) for all videos at this batch size."""
-    from malmm_cli.inputs import open_source
-    from malmm_cli.runner import input_errors
+def run_all(session, job, paths: list[Path], batch: int) -> tuple[float, list[str], int]:
+    """(wall s, captions in input order, frames read) for all videos at this batch size, through
+    the runners the CLI uses (one by one, or --batch's lockstep)."""
+    from malmm_cli.runs.runners import Lockstep, OneByOne
 
-    sources = [open_source(str(p)) for p in paths]
+    specs = [str(p) for p in paths]
     t0 = time.perf_counter()
-    if batch == 1:
-        results = [analyzer.run(s, job) for s in sources]
-    else:
-        results = []
-        for a in range(0, len(sources), batch):
-            for _, outcome in sorted(analyzer.run_batch(sources[a : a + batch], job, input_errors()),
-                                     key=lambda item: item[0]):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                results.append(outcome)
+    results = dict(session.run(specs, job, runner=OneByOne() if batch == 1 else Lockstep(batch)))
     wall = time.perf_counter() - t0
-    return wall, [r.text for r in results], sum(r.sampling.frames for r in results)
+    failed = [r for r in results.values() if not hasattr(r, "text")]
+    if failed:
+        raise RuntimeError(failed[0].error)
+    ordered = [results[s] for s in specs]
+    return wall, [r.text for r in ordered], sum(r.sampling.frames for r in ordered)
 
 
 def main() -> None:
@@ -107,15 +96,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = clips(tmp, args.videos, args.frames)
-        analyzer, job = analyzer_for(args.size, tmp, args.cache)
-        wall, reference, frames = run_all(analyzer, job, paths, 1)  # warm-up; with --cache it fills the cache
+        session, job = session_for(args.size, tmp, args.cache)
+        analyzer = session.analyzer
+        wall, reference, frames = run_all(session, job, paths, 1)  # warm-up; with --cache it fills the cache
         print(f"warm-up (B=1): {wall:.2f} s, {frames} frames, threads {analyzer.threads}", flush=True)
         walls: dict[int, list[float]] = {b: [] for b in args.batches}
         same = {b: [] for b in args.batches}  # per round: captions equal to B=1's
         for r in range(args.rounds):
             order = args.batches if r % 2 == 0 else list(reversed(args.batches))
             for b in order:
-                wall, texts, _ = run_all(analyzer, job, paths, b)
+                wall, texts, _ = run_all(session, job, paths, b)
                 walls[b].append(wall)
                 same[b].append(sum(a == x for a, x in zip(texts, reference)))
                 print(f"round {r + 1} B={b}: {wall:.2f} s ({frames / wall:.1f} frames/s)", flush=True)

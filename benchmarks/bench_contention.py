@@ -75,7 +75,7 @@ def real_size_under_contention(hogs: int, repeat: int) -> dict:
     import torch
 
     from common import timeit, vision_model
-    from malmm_cli.threads import plan_threads, usable_cores
+    from malmm_cli.engine.threads import plan_threads, usable_cores
 
     vit, pixels = vision_model(torch.bfloat16), torch.randn(4, 3, 224, 224).bfloat16()
     qformer_step = _qformer_step_timer()

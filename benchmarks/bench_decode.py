@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from malmm_cli import video  # noqa: E402
+from malmm_cli.sources import decoding, video  # noqa: E402
 
 
 def ffmpeg_exe() -> str:
@@ -68,7 +68,7 @@ def run_ours(path: Path, rate: float, workers: int) -> tuple[float, int]:
     info = video.probe(path)
     plan = video.plan_sampling(info, fps=rate)
     frames = 0
-    with video.stream_frames(path, plan, info=info, workers=workers) as stream:
+    with decoding.stream_frames(path, plan, info=info, workers=workers) as stream:
         for chunk in stream:
             frames += len(chunk.frames)
     return time.perf_counter() - start, frames
@@ -89,9 +89,9 @@ if mode == "decord":
         vr.get_batch(idx[s : s + 16]).asnumpy()
         time.sleep(delay)
 else:
-    from malmm_cli import video
+    from malmm_cli.sources import decoding, video
     info = video.probe(path)
-    for chunk in video.stream_frames(path, video.plan_sampling(info, fps=rate), info=info, workers=int(mode)):
+    for chunk in decoding.stream_frames(path, video.plan_sampling(info, fps=rate), info=info, workers=int(mode)):
         time.sleep(delay)
 print(int(re.search(r"VmHWM:\s+(\d+)", open("/proc/self/status").read()).group(1)) // 1024)
 """

@@ -8,7 +8,7 @@ In one local Ray (started as `--ray local` starts it):
   returns its item at once, one worker; the wall time per item after the worker is ready
   (the driver's ray.wait loop, one remote call and its result each);
 - throughput with 1 and 2 workers (one CPU each): caption on `--inputs` copies of the sample
-  clip with tiny-random (malmm_cli/ray_batch.py's AnalyzerWork, as `malmm caption --ray`
+  clip with tiny-random (runs/runners.py's SessionWorker, as `malmm caption --ray`
   runs it), alternating 1, 2, 1, 2 ... workers, best of `--rounds`. The time counts from
   the first result, so the workers' start (process, imports, model load) is reported apart.
 """
@@ -51,17 +51,17 @@ def scheduling_overhead(ray, ray_exec, calls: int) -> dict:
 
 def caption_batch(ray, ray_exec, clips: list[str], workers: int) -> tuple[float, float]:
     """(seconds from start to the first result, seconds from the first result to the last)."""
-    from malmm_cli import runner
-    from malmm_cli.ray_batch import AnalyzerWork, where
+    from malmm_cli.engine.jobs import build_job
+    from malmm_cli.engine.session import SessionOptions
+    from malmm_cli.runs.runners import SessionWorker, where
 
-    opts = runner.CommonOptions(model="tiny-random", quiet=True, no_cache=True)
-    choice = runner.resolve_model(opts.model)
-    job = runner.build_job("caption", opts, choice.label)
-    work = AnalyzerWork(choice, opts, job, dict(frames_set=False, memory_set=False))
+    job = build_job("caption", "tiny-random")
+    work = SessionWorker(SessionOptions(model="tiny-random", cache=False))
     plan = ray_exec.Plan(workers=workers, cpus=1, gpus=0, fit=workers, nodes=1)
     t0 = time.perf_counter()
     stamps = []
-    for _, outcome in ray_exec.run_items(ray, [(c, where(c)) for c in clips], work, plan):
+    items = [(c, where(c), i, job) for i, c in enumerate(clips)]  # as OnRay sends them
+    for _, outcome in ray_exec.run_items(ray, items, work, plan):
         assert not hasattr(outcome, "error") and not hasattr(outcome, "message"), outcome
         stamps.append(time.perf_counter())
     return stamps[0] - t0, stamps[-1] - stamps[0]
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args()
 
-    from malmm_cli import ray_exec
+    from malmm_cli.runs import ray_exec
 
     ray, _ = ray_exec.connect("local")
     try:

@@ -44,11 +44,11 @@ def real_vision_model(tmp: Path, qformer_dtype: torch.dtype, vision_dtype: torch
 
 
 def main() -> None:
-    from malmm_cli.analyze import Analyzer
-    from malmm_cli.features import FeatureCache
-    from malmm_cli.inputs import open_source
-    from malmm_cli.presets import Generation
-    from malmm_cli.tasks import Job, question_prompt
+    from malmm_cli.engine.features import FeatureCache
+    from malmm_cli.engine.presets import Generation
+    from malmm_cli.engine.session import Session
+    from malmm_cli.engine.tasks import Job, question_prompt
+    from malmm_cli.sources.inputs import open_source
 
     from tests.media import bigbuckbunny_path
 
@@ -61,7 +61,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = real_vision_model(tmp, model_qformer_dtype(),
                                   torch.bfloat16 if args.vision_dtype == "bf16" else torch.float32)
-        analyzer = Analyzer(model, "bench", cache=FeatureCache(tmp / "features"))
+        session = Session.from_model(model, model_id="bench", cache=FeatureCache(tmp / "features"))
         source = open_source(str(bigbuckbunny_path()))
         runs = []
         for question in ("what is the rabbit doing?", "where does this take place?"):
@@ -69,7 +69,7 @@ def main() -> None:
                       generation=Generation(num_beams=5, max_new_tokens=10),
                       frames=args.frames, prompts=(question_prompt(question),), questions=(question,))
             t0 = time.perf_counter()
-            result = analyzer.run(source, job)
+            result = session.analyze(source, job)
             runs.append({"question": question, "wall_s": round(time.perf_counter() - t0, 3), **result.timings})
             print(runs[-1], flush=True)
     results = {"frames": args.frames, "vision_dtype": args.vision_dtype, "first": runs[0], "second": runs[1],

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from malmm_cli.video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.video import plan_sampling, preprocess, probe
 from models import MALMM
 
 SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"

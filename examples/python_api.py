@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from malmm_cli.video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.video import plan_sampling, preprocess, probe
 from models import MALMM
 
 SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"

@@ -1,5 +1,5 @@
 """`python -m malmm_cli` is the `malmm` command."""
 
-from .app import main
+from malmm_cli.cli.app import main
 
 main()

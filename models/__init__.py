@@ -1,7 +1,9 @@
 """MA-LMM network: usable without the CLI (``from models import MALMM``)."""
 
 from .errors import CheckpointError, ModelError, ModelNotAvailableError
-from .malmm import DEFAULT_MODEL, MALMM, TEMPORAL_SLOTS, VideoBatch, VideoStream
+from .constants import DEFAULT_MODEL, TEMPORAL_SLOTS
+from .malmm import MALMM
+from .streams import VideoBatch, VideoStream
 from .memory_bank import BankStatus, MemoryBank, compress
 from .tiny import TINY_RANDOM
 

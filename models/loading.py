@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
+from .constants import DEFAULT_MEMORY_BANK_LENGTH, DEFAULT_MODEL, ImageSpec
 from .errors import CheckpointError, ModelNotAvailableError
-from .malmm import DEFAULT_MODEL, MALMM, ImageSpec
 from .overlay import (OverlayReport, apply_overlay, convert_lavis_state_dict, lavis_to_hf_key,
                       load_overlay)
 from .qformer import MemoryQFormer
@@ -34,7 +34,6 @@ __all__ = ["load_malmm", "default_dtype", "resolve_device", "qformer_dtype_for",
 log = logging.getLogger("malmm")
 
 FULL_PRECISION_MODULES = ["query_tokens", "qformer", "language_projection"]
-DEFAULT_MEMORY_BANK_LENGTH = 20  # M when neither the caller nor the checkpoint's config says
 
 
 class _InstructBlipWeights(InstructBlipForConditionalGeneration):
@@ -213,6 +212,7 @@ def _image_spec(src: str, revision: str | None, local_only: bool, vision_config)
 def load_malmm(
     src: str = DEFAULT_MODEL,
     *,
+    model_class: type,
     memory_bank_length: int | None = None,
     checkpoint: str | Path | None = None,
     quantization: str | None = None,
@@ -222,8 +222,10 @@ def load_malmm(
     strict_checkpoint: bool = True,
     qformer_dtype: torch.dtype | None = None,
     quantized_cache: str | Path | None = None,
-) -> MALMM:
-    """Build a :class:`MALMM` from InstructBLIP weights.
+):
+    """Build a `model_class` (:class:`models.MALMM`, whose ``from_pretrained`` calls this) from
+    InstructBLIP weights. The class comes in as an argument so that this module never imports
+    the network's: each side knows only what it needs of the other.
 
     memory_bank_length: M, the bank capacity; 0 = no memory (each frame on its own). Default:
         the checkpoint's ``config.model.memory_bank_length``, else 20.
@@ -257,7 +259,7 @@ def load_malmm(
     qformer.to(device=device, dtype=torch.float32)
     qformer.load_state_dict(hf.qformer.state_dict(), strict=True)
     del hf.qformer
-    model = MALMM(
+    model = model_class(
         vision_model=hf.vision_model,
         query_tokens=hf.query_tokens,
         qformer=qformer,

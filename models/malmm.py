@@ -7,278 +7,28 @@ Per frame t (method.md):
 At the end, the 32 query outputs of the last step go through the projection and are
 prepended to the prompt for the LLM: 32 visual tokens however long the video.
 
-A :class:`VideoStream` owns all memory state of one video; the modules hold none, so
-several streams can be alive at once and nothing leaks from one video to the next. A
-:class:`VideoBatch` reads several videos in lockstep through one batched step per frame.
+The memory state lives in streams (models/streams.py), never in the modules.
+:meth:`MALMM.from_pretrained` builds one from Hugging Face weights through models/loading.py,
+which builds whatever class it is given, so the two modules do not import each other.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .memory_bank import BankStatus
-from .qformer import MemoryQFormer, QFormerMemory
+from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, QFORMER_MAX_TEXT, TEMPORAL_SLOTS, ImageSpec
+from .loading import load_malmm
+from .qformer import MemoryQFormer
+from .quantize import expected_llm_warnings
+from .streams import VideoBatch, VideoStream, temporal_slot
 
-__all__ = ["MALMM", "VideoStream", "VideoBatch", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL"]
-
-DEFAULT_MODEL = "Salesforce/instructblip-vicuna-7b"
-TEMPORAL_SLOTS = 120  # MA-LMM's learned temporal position embedding: nn.Embedding(120, 1408)
-QFORMER_MAX_TEXT = 128  # instruction tokens kept for the Q-Former (LAVIS max_txt_len), from the left
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """How frames must be prepared for this model's ViT (from its processor config)."""
-
-    size: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-
-
-@contextlib.contextmanager
-def _expected_llm_warnings() -> Iterator[None]:
-    """Silence notices about intended behaviour that would repeat on every call: bitsandbytes'
-    8-bit CPU matmul logs that it casts its inputs to fp16, each time."""
-    bnb_log = logging.getLogger("bitsandbytes")
-    level = bnb_log.level
-    bnb_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
-            yield
-    finally:
-        bnb_log.setLevel(level)
-
-
-def temporal_slot(t: int, total_frames: int | None, trained_frames: int | None = None) -> int:
-    """Which row of the temporal position embedding frame t (0-based) uses.
-
-    A finetuned checkpoint trained rows 0..T_train-1 only (slot t for frame t; later rows stay
-    at their zero init). A longer video maps its frames onto the trained rows in order,
-    slot = floor(t * T_train / total), when the stream knows its total; when it does not,
-    frames past the last trained row share it. Without a checkpoint (zero-shot) the embedding
-    is all zeros and the same rule runs over all 120 rows, with no effect.
-    """
-    slots = min(trained_frames, TEMPORAL_SLOTS) if trained_frames else TEMPORAL_SLOTS
-    if total_frames is not None and total_frames > slots:
-        return min(t * slots // total_frames, slots - 1)
-    return min(t, slots - 1)
-
-
-def _encode_instructions(model: MALMM, instructions: list[str]):
-    """Token ids [B, L], key mask [B, Q+L] (None when nothing is padded) and the Q-Former's
-    input embeddings [B, Q+L, H] of the instructions: constant over a video, computed once."""
-    qtok = model.qformer_tokenizer(
-        instructions, padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT, return_tensors="pt"
-    )
-    device = model.device
-    input_ids = qtok.input_ids.to(device)  # [B, L]
-    B, Q = len(instructions), model.num_query_tokens
-    query_mask = torch.ones(B, Q, dtype=torch.bool, device=device)
-    key_mask = torch.cat([query_mask, qtok.attention_mask.to(device).bool()], dim=1)  # [B, Q+L]
-    query_tokens = model.query_tokens.expand(B, -1, -1).to(model.qformer_dtype)
-    embeddings = model.qformer.embed(query_tokens, input_ids)
-    return input_ids, (None if bool(key_mask.all()) else key_mask), embeddings  # no padding: no masking work
-
-
-class VideoStream:
-    """The memory state of one video being read; create with :meth:`MALMM.new_stream`."""
-
-    def __init__(
-        self, model: MALMM, instructions: list[str], total_frames: int | None, memory_bank_length: int,
-        cache_projections: bool,
-    ):
-        self.model = model
-        self.instructions = instructions
-        self.total_frames = total_frames
-        self.input_ids, self.key_mask, self.embeddings = _encode_instructions(model, instructions)
-        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
-        self._output: torch.Tensor | None = None
-
-    @property
-    def frames_seen(self) -> int:
-        return self.state.frames
-
-    @property
-    def memory(self) -> BankStatus:
-        """Status of the visual bank (the query banks have the same length and history)."""
-        return self.state.visual.status()
-
-    @torch.inference_mode()
-    def add_frames(self, pixel_values: torch.Tensor) -> None:
-        """Feed frames [n, 3, H, W] (preprocessed, in time order); the ViT runs on the whole chunk."""
-        self.add_features(self.model.encode_frames(pixel_values))
-
-    @torch.inference_mode()
-    def add_features(self, features: torch.Tensor) -> None:
-        """Feed vision features [n, P, C] from :meth:`MALMM.encode_frames`, in time order."""
-        model = self.model
-        features = features.to(model.device, model.qformer_dtype)
-        for i in range(features.shape[0]):
-            slot = temporal_slot(self.state.frames, self.total_frames, model.trained_frames)
-            frame = features[i : i + 1] + model.temporal_embedding.weight[slot]  # [1, P, C]
-            hidden = model.qformer.step(self.embeddings, self.key_mask, frame, self.state)
-            self._output = hidden[:, : model.num_query_tokens]
-
-    def query_output(self) -> torch.Tensor:
-        """[B, 32, H_qformer]: the Q-Former output at the latest frame."""
-        if self._output is None:
-            raise RuntimeError("the stream has seen no frames yet")
-        return self._output
-
-    @torch.inference_mode()
-    def visual_tokens(self) -> torch.Tensor:
-        """[B, 32, H_llm]: what the LLM sees of the video."""
-        return self.model.language_projection(self.query_output())
-
-
-class VideoBatch:
-    """Several videos read in lockstep, one instruction each; create with :meth:`MALMM.new_batch`.
-
-    Each step takes one frame of every video, [B, P, C], and runs one batched Q-Former step:
-    the per-step fixed cost (kernel launches, Python, bank bookkeeping) is paid once for all
-    B videos, and the GEMMs get B times the rows. Row b (instruction b, video b) has its own
-    banks; rows never mix, so each video's output equals reading it alone with
-    :meth:`MALMM.new_stream` (up to float rounding). :meth:`MALMM.generate` and
-    :meth:`MALMM.score` take a batch like a stream: one answer or score row per video.
-
-    Videos may end at different frame counts: leave a video out of a step (``active``) and
-    it has ended. Its output and :attr:`memory` stay as of its last frame, its rows leave
-    the banks (later steps stop paying for it), and it cannot take frames again.
-    """
-
-    def __init__(self, model: MALMM, instructions: list[str], total_frames: list[int | None],
-                 memory_bank_length: int, cache_projections: bool):
-        self.model = model
-        self.instructions = instructions
-        self.total_frames = total_frames
-        self.input_ids, key_mask, embeddings = _encode_instructions(model, instructions)
-        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
-        B = len(instructions)
-        # Rows still in the banks: video ids, and their embeddings and key mask.
-        self._live = torch.arange(B)
-        self._embeddings, self._key_mask = embeddings, key_mask
-        self._frames = [0] * B
-        self._ended: dict[int, BankStatus] = {}  # video -> its memory status when it ended
-        self._output: torch.Tensor | None = None  # [B, Q, H], each row as of its last frame
-
-    @property
-    def videos(self) -> int:
-        return len(self.instructions)
-
-    @property
-    def frames_seen(self) -> tuple[int, ...]:
-        """Frames each video has taken."""
-        return tuple(self._frames)
-
-    @property
-    def memory(self) -> tuple[BankStatus, ...]:
-        """Each video's visual bank status (as of its last frame for a video that ended)."""
-        row = {int(b): r for r, b in enumerate(self._live)}
-        return tuple(self._ended[b] if b in self._ended else self.state.visual.status(row[b])
-                     for b in range(self.videos))
-
-    def _going(self, active) -> torch.Tensor:
-        """The ``active`` argument as a [B] bool tensor, checked against videos that ended."""
-        if active is None:
-            going = torch.ones(self.videos, dtype=torch.bool)
-        else:
-            going = torch.as_tensor(active, dtype=torch.bool).cpu().flatten()
-            if going.numel() != self.videos:
-                raise ValueError(f"active has {going.numel()} entries for a batch of {self.videos} videos")
-        back = [b for b in self._ended if going[b]]
-        if back:
-            raise ValueError(f"video {back[0]} ended after {self._frames[back[0]]} frames and cannot take more")
-        return going
-
-    def _end(self, going: torch.Tensor) -> None:
-        """Videos that sit out this step end: record their status, drop their rows."""
-        stay = going[self._live]
-        if bool(stay.all()):
-            return
-        for row in (~stay).nonzero().flatten().tolist():
-            video = int(self._live[row])
-            self._ended[video] = self.state.visual.status(row)
-        keep = stay.nonzero().flatten()
-        self._live = self._live[keep]
-        self._embeddings = self._embeddings[keep.to(self._embeddings.device)]
-        if self._key_mask is not None:
-            self._key_mask = self._key_mask[keep.to(self._key_mask.device)]
-        self.state.keep_rows(keep.to(self.model.device))
-
-    @torch.inference_mode()
-    def add_frames(self, pixel_values: torch.Tensor, active=None) -> None:
-        """Feed one frame of each video [B, 3, H, W], or n steps [n, B, 3, H, W]; the ViT runs
-        on all of them at once (active videos only)."""
-        steps = pixel_values if pixel_values.dim() == 5 else pixel_values[None]
-        if steps.dim() != 5 or steps.shape[1] != self.videos:
-            raise ValueError(f"add_frames takes [{self.videos}, 3, H, W] or [n, {self.videos}, 3, H, W], "
-                             f"got {tuple(pixel_values.shape)}")
-        going = self._going(active)
-        rows = going.nonzero().flatten()
-        if not len(rows):  # every video has ended (or ends now): nothing to encode
-            self._end(going)
-            return
-        n = steps.shape[0]
-        encoded = self.model.encode_frames(steps[:, rows].flatten(0, 1))  # [n * active, P, C]
-        features = encoded.new_zeros(n, self.videos, *encoded.shape[1:])
-        features[:, rows.to(features.device)] = encoded.view(n, len(rows), *encoded.shape[1:])
-        self.add_features(features, active)
-
-    @torch.inference_mode()
-    def add_features(self, features: torch.Tensor, active=None) -> None:
-        """Feed one frame of each video [B, P, C], or n steps [n, B, P, C], from
-        :meth:`MALMM.encode_frames`. ``active`` ([B] bools): the videos taking these frames;
-        the others' rows are ignored, and a video left out has ended (see the class)."""
-        model = self.model
-        steps = features if features.dim() == 4 else features[None]
-        if steps.dim() != 4 or steps.shape[1] != self.videos:
-            raise ValueError(f"add_features takes [{self.videos}, P, C] or [n, {self.videos}, P, C], "
-                             f"got {tuple(features.shape)}")
-        self._end(self._going(active))
-        if not len(self._live):  # every video has ended: nothing takes these frames
-            return
-        steps = steps.to(model.device, model.qformer_dtype)
-        live, Q = self._live.tolist(), model.num_query_tokens
-        if len(live) < self.videos:
-            steps = steps[:, self._live.to(steps.device)]
-        pe = model.temporal_embedding.weight
-        for i in range(steps.shape[0]):
-            t = self.state.frames  # the same for every live video: they all started together
-            slots = [temporal_slot(t, self.total_frames[b], model.trained_frames) for b in live]
-            frame = steps[i] + pe[slots][:, None]  # [live, P, C]
-            hidden = model.qformer.step(self._embeddings, self._key_mask, frame, self.state)
-            if self._output is None:
-                self._output = hidden.new_zeros(self.videos, Q, hidden.shape[-1])
-            self._output[self._live.to(hidden.device)] = hidden[:, :Q]
-            for b in live:
-                self._frames[b] += 1
-
-    def query_output(self, videos: Sequence[int] | None = None) -> torch.Tensor:
-        """[B, 32, H_qformer]: each video's Q-Former output at its latest frame (only `videos`,
-        in that order, when given: e.g. those that did not fail)."""
-        rows = range(self.videos) if videos is None else list(videos)
-        unseen = [b for b in rows if self._frames[b] == 0]
-        if unseen:
-            raise RuntimeError(f"video {unseen[0]} of the batch has seen no frames yet")
-        if videos is None:
-            return self._output
-        return self._output[torch.as_tensor(rows, dtype=torch.long, device=self._output.device)]
-
-    @torch.inference_mode()
-    def visual_tokens(self, videos: Sequence[int] | None = None) -> torch.Tensor:
-        """[B, 32, H_llm]: what the LLM sees of each video (of `videos` only, when given)."""
-        return self.model.language_projection(self.query_output(videos))
+# Re-exported: the constants and stream classes have always been importable from here.
+__all__ = ["MALMM", "VideoStream", "VideoBatch", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
+           "CLIP_STD", "QFORMER_MAX_TEXT", "temporal_slot"]
 
 
 class MALMM(nn.Module):
@@ -338,9 +88,7 @@ class MALMM(nn.Module):
 
         See :func:`models.loading.load_malmm` for the arguments.
         """
-        from .loading import load_malmm
-
-        return load_malmm(src, **kwargs)
+        return load_malmm(src, model_class=cls, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -483,7 +231,7 @@ class MALMM(nn.Module):
         processors = LogitsProcessorList()
         if repetition_penalty != 1.0:
             processors.append(RepetitionPenaltyLogitsProcessor(float(repetition_penalty)))
-        with _expected_llm_warnings():
+        with expected_llm_warnings():
             out = self.language_model.generate(
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
@@ -515,7 +263,7 @@ class MALMM(nn.Module):
         if not candidates:
             raise ValueError("score needs at least one candidate")
         inputs_embeds, attention_mask = self._prefix(stream, prompts)
-        with _expected_llm_warnings():
+        with expected_llm_warnings():
             return self._score(inputs_embeds, attention_mask, candidates, batch_size)
 
     def _fp32_log_probs(self, hidden: torch.Tensor, head: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:

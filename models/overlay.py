@@ -134,6 +134,20 @@ def read_lavis_checkpoint(path: str | Path) -> LavisCheckpoint:
     return LavisCheckpoint(path, state, TrainedConfig.from_config(config), epoch if isinstance(epoch, int) else None)
 
 
+def read_trained_config(path: str | Path) -> TrainedConfig:
+    """What a checkpoint's config says of its training, without reading its weights: the file
+    is memory-mapped (weights_only, as always) and only its config is looked at. A checkpoint
+    that cannot be read so is read whole, with read_lavis_checkpoint's checks and errors."""
+    try:
+        with warnings.catch_warnings():  # as in read_lavis_checkpoint
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - an old-format file cannot be mapped: the full read says what is wrong
+        return read_lavis_checkpoint(path).config
+    config = obj.get("config") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else None
+    return TrainedConfig.from_config(config)
+
+
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
 

@@ -10,6 +10,7 @@ reloads in about a second. Hence the cache, and hence measuring rather than assu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,6 +19,8 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +33,21 @@ QUANTIZATION_MODES = (None, "8bit", "4bit")
 # Without the skip list bitsandbytes would also quantize the ViT, Q-Former and projection.
 NOT_QUANTIZED = ["vision_model", "qformer", "language_projection", "query_tokens", "lm_head"]
 _BYTES_PER_PARAM = {"bf16": 2.0, "8bit": 1.0, "4bit": 0.5}
+
+
+@contextlib.contextmanager
+def expected_llm_warnings() -> Iterator[None]:
+    """Silence notices about intended behaviour that would repeat on every call: bitsandbytes'
+    8-bit CPU matmul logs that it casts its inputs to fp16, each time."""
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
+            yield
+    finally:
+        bnb_log.setLevel(level)
 
 
 def quantization_config(mode: str | None, dtype: torch.dtype):
@@ -139,11 +157,9 @@ def measure_precisions(h: int, f: int, device: torch.device, dtype: torch.dtype,
     these sizes (bitsandbytes' 4-bit blocks are 64 values; a hidden size of 32 cannot be
     packed) is left out rather than crashing the choice.
     """
-    from .malmm import _expected_llm_warnings
-
     x = torch.randn(rows, h, device=device).to(dtype)
     seconds, failed = {}, {}
-    with torch.inference_mode(), _expected_llm_warnings():
+    with torch.inference_mode(), expected_llm_warnings():
         for mode in modes:
             try:
                 seconds[mode] = _time_block(_mlp_block(mode, h, f, dtype, device), x, repeat)

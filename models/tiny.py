@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from .malmm import CLIP_MEAN, CLIP_STD
+from .constants import CLIP_MEAN, CLIP_STD
 
 __all__ = ["TINY_RANDOM", "TINY_VERSION", "write_tiny_checkpoint", "tiny_random_dir"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from malmm_cli.app import app
+from malmm_cli.cli.app import app
 
 SAMPLE = Path(__file__).resolve().parents[1] / "malmm_cli" / "data" / "sample.mp4"  # 6 s, 10 fps (60 frames), 160x120
 TINY = ["--model", "tiny-random"]

@@ -27,7 +27,7 @@ def fp32():
     """The model in fp32 whatever the CPU: where it has AVX512-BF16 malmm loads bf16, whose 3
     significant digits would let the batched GEMMs' different rounding flip a generated token."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("malmm_cli.loader.default_dtype", lambda device: torch.float32)
+        patch.setattr("malmm_cli.engine.loader.default_dtype", lambda device: torch.float32)
         yield
 
 
@@ -187,8 +187,8 @@ def test_eval_in_batches_gives_the_same_predictions(eval_data, task, tmp_path):
 
 
 def test_evaluate_in_python_takes_batch(eval_data, tiny_model):
-    from malmm_cli.dataset import load_dataset
-    from malmm_cli.evaluate import evaluate
+    from malmm_cli.learn.dataset import load_dataset
+    from malmm_cli.learn.evaluate import evaluate
 
     items = load_dataset(eval_data["ask"], "ask")
     reports = {}
@@ -201,7 +201,7 @@ def test_evaluate_in_python_takes_batch(eval_data, tiny_model):
 
 
 def test_a_video_failing_mid_batch_gets_its_error_and_the_others_go_on(clips, alone, tmp_path, monkeypatch):
-    from malmm_cli.analyze import Analyzer
+    from malmm_cli.engine.analyze import Analyzer
     from malmm_cli.errors import VideoError
 
     features = Analyzer._features

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from malmm_cli.loader import model_id, overlays_vision
+from malmm_cli.engine.loader import model_id, overlays_vision
 from models import MALMM
 from tests.cli import TINY, malmm
 from tests.official_checkpoint import write_official_checkpoint

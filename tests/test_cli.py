@@ -339,7 +339,7 @@ def test_a_url_is_downloaded_and_captioned(tmp_path):
 def test_help_is_instant_and_never_imports_torch():
     code = (
         "import sys\n"
-        "from malmm_cli.app import main\n"
+        "from malmm_cli.cli.app import main\n"
         "for argv in (['malmm', '--help'], ['malmm', 'caption', '--help'], ['malmm', 'caption'],"
         " ['malmm', 'caption', 'x.mp4', '--fps', '-1'], ['malmm', 'classify', 'x.mp4', '--task', 'nope']):\n"
         "    sys.argv = argv\n"
@@ -392,8 +392,8 @@ def test_live_view_shows_the_memory_bank():
 
     from rich.console import Console
 
-    from malmm_cli.live import RichEvents, memory_line, slot_chart
-    from malmm_cli.video import plan_sampling, probe
+    from malmm_cli.results.progress import RichEvents, memory_line, slot_chart
+    from malmm_cli.sources.video import plan_sampling, probe
     from models.memory_bank import BankStatus
 
     info = probe(SAMPLE)
@@ -455,7 +455,8 @@ def _interrupt_decoder_start(monkeypatch, when: str) -> None:
 @pytest.mark.parametrize("when", ["before starting", "while starting"])
 def test_ctrl_c_while_decoder_threads_start_is_a_clean_interrupt(monkeypatch, when):
     """It used to join a thread that had not started: RuntimeError, exit 1 instead of 130."""
-    from malmm_cli.video import plan_sampling, probe, stream_frames
+    from malmm_cli.sources.decoding import stream_frames
+    from malmm_cli.sources.video import plan_sampling, probe
 
     info = probe(SAMPLE)
     _interrupt_decoder_start(monkeypatch, when)

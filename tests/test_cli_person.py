@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from malmm_cli.tasks import fixed_segments
+from malmm_cli.engine.tasks import fixed_segments
 from malmm_cli.times import parse_time
 from tests.cli import SAMPLE, TINY, help_examples, help_text, malmm, records
 from tests.media import make_video

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from malmm_cli.dataset import Item, load_dataset
+from malmm_cli.learn.dataset import Item, load_dataset
 from malmm_cli.errors import UsageError
 
 

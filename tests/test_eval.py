@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from malmm_cli import evaluate as ev
-from malmm_cli.dataset import load_dataset
-from malmm_cli.eval_cli import summary_path
+from malmm_cli.learn import evaluate as ev
+from malmm_cli.learn.dataset import load_dataset
+from malmm_cli.learn.eval_command import summary_path
 from tests.cli import TINY, malmm, records, run_help_examples
 
 FAST = ["--frames", 4, "-q"]  # 4 frames a clip; tiny-random's results are meaningless, their bookkeeping is not
@@ -134,19 +134,22 @@ def test_ask_and_caption_end_to_end(synth):
 
 
 def test_resume_after_an_interrupt_redoes_nothing(synth, tmp_path, monkeypatch):
+    from malmm_cli.engine.session import Session
+
     test_csv, _, _ = synth
     out_file = tmp_path / "preds.jsonl"
-    real = ev.run_case
+    real = Session.attempt
+    videos = [item.video for item in load_dataset(test_csv, "classify")]  # one per case, in case order
     calls, interrupt = [], [True]
 
-    def stop_at_third(*args, **kwargs):  # Ctrl-C while the third case runs, in the first run only
-        calls.append(args[2].index)
+    def stop_at_third(self, spec, *args, **kwargs):  # Ctrl-C while the third case runs, in the first run only
+        calls.append(videos.index(spec))
         if len(calls) == 3 and interrupt:
             interrupt.clear()
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        return real(self, spec, *args, **kwargs)
 
-    monkeypatch.setattr(ev, "run_case", stop_at_third)
+    monkeypatch.setattr(Session, "attempt", stop_at_third)
     out = malmm("eval", test_csv, "--task", "classify", *TINY, *FAST, "-o", out_file)
     assert out.exit_code == 130 and "interrupted; 2 prediction(s) kept" in out.stderr
     assert not summary_path(out_file).exists()
@@ -246,8 +249,8 @@ def test_the_help_examples_run_as_printed(synth, tiny_model, tmp_path, monkeypat
 
 
 def test_questions_on_one_video_run_the_vision_encoder_once(synth, tiny_model, tmp_path, monkeypatch):
-    from malmm_cli.dataset import Item
-    from malmm_cli.features import FeatureCache
+    from malmm_cli.learn.dataset import Item
+    from malmm_cli.engine.features import FeatureCache
 
     video = load_dataset(synth[0], "classify")[0].video
     items = [Item(i, video, "cat", q) for i, q in enumerate(["what is it?", "what colour?", "is it moving?"])]

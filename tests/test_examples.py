@@ -56,3 +56,13 @@ def test_many_videos_example(tmp_path):
     assert lines[0] == f"{SAMPLE}: 12 frames, memory 10/10 slots, 2 compressions"
     assert lines[1] == f"{short}: 4 frames, memory 4/10 slots, 0 compressions"  # it sat out the last 8 steps
     assert len(lines) == 4 and lines[2].startswith(f"{SAMPLE}: ") and lines[3].startswith(f"{short}: ")
+
+
+def test_read_once_example():
+    out = run("examples/read_once.py")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("read 20 frames of 6.0 s once: ")
+    answers = [line for line in lines if line.startswith("A: ")]
+    assert len(answers) == 3 and all("(vision 0.00 s" in line for line in answers)  # no ViT after the read
+    assert any(line.startswith("caption: ") for line in lines) and any(line.startswith("[0-2 s] ") for line in lines)

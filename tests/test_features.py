@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli.analyze import Analyzer
+from malmm_cli.engine.analyze import Analyzer
 from malmm_cli.errors import UsageError
-from malmm_cli.features import CACHE_LIMIT_ENV, FeatureCache, FrameStore
-from malmm_cli.inputs import VideoSource
-from malmm_cli.presets import TASK_DEFAULTS
-from malmm_cli.tasks import Job
+from malmm_cli.engine.features import CACHE_LIMIT_ENV, FeatureCache, FrameStore
+from malmm_cli.sources.inputs import VideoSource
+from malmm_cli.engine.presets import TASK_DEFAULTS
+from malmm_cli.engine.tasks import Job
 from models import MALMM
 from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import make_video
@@ -316,7 +316,7 @@ def test_a_full_disk_drops_the_entry_warns_once_and_the_batch_succeeds(failing, 
 
 _WRITER = """
 import os, sys, time, torch
-from malmm_cli.features import FeatureCache
+from malmm_cli.engine.features import FeatureCache
 writer = FeatureCache(sys.argv[1], limit_gb=1).writer(sys.argv[2], 4, (3, 2), "torch.float32")
 writer.append(torch.zeros(2, 3, 2))
 print("ready", flush=True)
@@ -403,7 +403,7 @@ def test_two_writers_of_one_entry_both_succeed(tmp_path):
 _STRESS = """
 import logging, sys, threading
 import numpy as np, torch
-from malmm_cli.features import FeatureCache
+from malmm_cli.engine.features import FeatureCache
 logging.basicConfig(level=logging.WARNING)
 root, seed = sys.argv[1], int(sys.argv[2])
 COUNT, SHAPE = 24, (6, 8)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from malmm_cli.tasks import load_label_set, normalize_question
+from malmm_cli.engine.tasks import load_label_set, normalize_question
 from models import MALMM
 from models.loading import qformer_dtype_for
 from tests.cli import SAMPLE, malmm
@@ -134,7 +134,7 @@ def test_a_model_with_another_image_size_runs(tmp_path):
 def test_mean_and_std_come_from_the_processor_config(tiny_dir, tmp_path):
     import numpy as np
 
-    from malmm_cli.video import preprocess
+    from malmm_cli.sources.video import preprocess
     from models.malmm import ImageSpec
 
     custom = tmp_path / "custom"

@@ -1,4 +1,4 @@
-"""malmm_cli.inputs: expanding folders, globs and @lists; local sources; yt-dlp downloads with a cache."""
+"""malmm_cli.sources.inputs: expanding folders, globs and @lists; local sources; yt-dlp downloads with a cache."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
 
-from malmm_cli import download as dl
-from malmm_cli import inputs
+from malmm_cli.sources import download as dl
+from malmm_cli.sources import inputs
 from malmm_cli.errors import DownloadError, InputError, UsageError
-from malmm_cli.inputs import VideoSource, cache_root, download_limits, expand_inputs, is_url, open_source
+from malmm_cli.sources.inputs import VideoSource, cache_root, download_limits, expand_inputs, is_url, open_source
 from tests import media
 
 FAST = {"socket_timeout": 3, "retries": 0, "fragment_retries": 0, "extractor_retries": 0}
@@ -512,7 +512,7 @@ def test_cache_dir_that_cannot_be_a_folder_is_one_sentence(site, tmp_path, monke
 def test_bad_environment_values_stop_the_cli_before_any_model_loads(tmp_path, monkeypatch, env, value, needle):
     from typer.testing import CliRunner
 
-    from malmm_cli.app import app
+    from malmm_cli.cli.app import app
 
     if value == "FILE":
         value = str(tmp_path / "a-file")

@@ -19,7 +19,7 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from malmm_cli.live import RichEvents, progress_line, shorten_middle, slot_chart
+from malmm_cli.results.progress import RichEvents, progress_line, shorten_middle, slot_chart
 from models.memory_bank import BankStatus
 
 from .cli import SAMPLE, malmm
@@ -162,7 +162,7 @@ def test_finished_line_is_one_line_with_the_file_name(tmp_path):
 
 def test_live_view_does_not_take_over_stdout():
     """Results go to stdout; the view is on stderr and must not redirect stdout into itself."""
-    from malmm_cli.video import plan_sampling, probe
+    from malmm_cli.sources.video import plan_sampling, probe
 
     info = probe(SAMPLE)
     events = RichEvents(Console(file=io.StringIO(), force_terminal=True, width=80), total_inputs=1)
@@ -271,7 +271,7 @@ def test_a_finished_run_leaves_one_line_per_input(tmp_path):
 
 @pytest.mark.parametrize("width", [80, 100, 60])
 def test_models_list_never_breaks_a_word(width, monkeypatch):
-    from malmm_cli.presets import PRESETS
+    from malmm_cli.engine.presets import PRESETS
 
     monkeypatch.setenv("COLUMNS", str(width))  # Rich's width when stdout is not a terminal
     out = malmm("models", "list")

@@ -12,7 +12,7 @@ import pytest
 from rich.cells import cell_len
 from rich.console import Console
 
-from malmm_cli.live import LogEvents, RichEvents
+from malmm_cli.results.progress import LogEvents, RichEvents
 from models.memory_bank import BankStatus
 
 from .test_live import PROGRESS, plain

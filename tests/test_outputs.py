@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from malmm_cli import outputs, runner
-from malmm_cli.outputs import INDEX_NAME, input_key, plan_names, recorded_inputs
-from malmm_cli.results_file import legacy_results
+from malmm_cli.engine import loader
+from malmm_cli.results import outputs
+from malmm_cli.results.outputs import INDEX_NAME, input_key, plan_names, recorded_inputs
+from malmm_cli.results.results_file import legacy_results
 from tests.cli import SAMPLE, malmm
 from tests.cli import TINY as CLI_TINY
 from tests.cli import records as text_records
@@ -46,7 +47,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "_analyzer", refuse)
+    monkeypatch.setattr(loader, "load_model", refuse)
 
 
 @pytest.fixture
@@ -157,7 +158,7 @@ def test_a_run_that_cannot_start_leaves_no_empty_file(tmp_path, monkeypatch):
     def fail(*a, **k):
         raise UsageError("Unknown model 'x'.")
 
-    monkeypatch.setattr(runner, "_analyzer", fail)
+    monkeypatch.setattr(loader, "load_model", fail)
     output = tmp_path / "new.jsonl"
     one_error(malmm("caption", SAMPLE, "-o", output, *TINY), 2, "Unknown model")
     assert not output.exists()
@@ -252,8 +253,8 @@ def test_a_full_disk_is_one_sentence_and_earlier_records_stay_whole(tmp_path, vi
 
 
 def test_ctrl_c_in_the_middle_of_a_write_waits_for_the_whole_record(tmp_path, monkeypatch):
-    from malmm_cli.outputs import Output
-    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, VideoMeta
+    from malmm_cli.results.outputs import Output
+    from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, VideoMeta
 
     result = Result(input="a.mp4", task="caption", model="m", video=VideoMeta(1.0, 10.0, 8, 8),
                     sampling=SamplingMeta(None, 4, 0.0, 1.0), memory=MemoryMeta(4, 0), timings={},
@@ -502,7 +503,7 @@ def test_a_failed_input_retried_is_counted_once(tmp_path, videos):
 def test_a_record_without_a_job_key_is_done_again(tmp_path):
     """Records without a job key (an older malmm's, or written from Python without one) cannot say
     which work they are: they are not done."""
-    from malmm_cli.outputs import Output
+    from malmm_cli.results.outputs import Output
 
     output = tmp_path / "r.jsonl"
     _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output)
@@ -542,8 +543,8 @@ def test_per_video_files_from_other_options_are_written_again(tmp_path, videos):
 def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):
     """A per-video file written again for other work loses its old job key before it is
     replaced: if the write fails (or the run dies) in between, --resume redoes it."""
-    from malmm_cli.outputs import Output, OutputWriteError
-    from malmm_cli.results import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+    from malmm_cli.results.outputs import Output, OutputWriteError
+    from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
 
     specs = ["/v/a.mp4", "/v/b.mp4"]
 
@@ -582,15 +583,14 @@ def test_a_file_being_replaced_is_taken_for_neither_work(tmp_path, monkeypatch):
 
 
 def test_a_model_folder_is_one_model_by_any_path(tmp_path, monkeypatch):
-    from malmm_cli.jobkey import job_key
-    from malmm_cli.presets import ModelChoice
-    from malmm_cli.tasks import Job
+    from malmm_cli.results.jobkey import job_key
+    from malmm_cli.engine.presets import ModelChoice
+    from malmm_cli.engine.tasks import Job
 
     (tmp_path / "m").mkdir()
     monkeypatch.chdir(tmp_path)
 
     def key(label: str) -> str:
-        return job_key(Job(task="caption", model_label=label, memory=4), ModelChoice(label, label, None), None,
-                       frames_set=False, memory_set=False)
+        return job_key(Job(task="caption", model_label=label, memory=4), ModelChoice(label, label, None), None)
 
     assert key("m") == key("./m") == key(str(tmp_path / "m")) != key("tiny-random")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from malmm_cli import runner
-from malmm_cli.results import MemoryMeta, Result, SamplingMeta, VideoMeta
+from malmm_cli.engine import loader
+from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, VideoMeta
 from tests.cli import SAMPLE, malmm
 from tests.cli import TINY as CLI_TINY
 from tests.cli import records as text_records
@@ -38,7 +38,7 @@ def no_model(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(runner, "_analyzer", refuse)
+    monkeypatch.setattr(loader, "load_model", refuse)
 
 
 def _result(spec: str, text: str) -> Result:
@@ -89,8 +89,8 @@ def test_malmms_own_file_edited_since_is_a_users_file(tmp_path):
 
 def test_a_crash_after_a_record_is_written_but_before_it_is_recorded_locks_nobody_out(tmp_path, monkeypatch):
     """Between the append and the record of the new digest, the record names both contents."""
-    from malmm_cli import written
-    from malmm_cli.outputs import Output
+    from malmm_cli.results import written
+    from malmm_cli.results.outputs import Output
 
     path = tmp_path / "r.txt"
     out = Output("caption", path, None, False, ["a.mp4", "b.mp4"])
@@ -118,8 +118,8 @@ def test_a_crash_after_a_record_is_written_but_before_it_is_recorded_locks_nobod
 def test_a_crash_in_the_middle_of_a_write_leaves_a_file_that_is_still_malmms(tmp_path, monkeypatch):
     """Half a record got out, then the process died: text is still replaceable with --overwrite,
     and JSON Lines resume, with the torn line cut off into a file beside them."""
-    from malmm_cli import results_file
-    from malmm_cli.outputs import Output
+    from malmm_cli.results import results_file
+    from malmm_cli.results.outputs import Output
 
     for name, fmt in (("r.txt", None), ("r.jsonl", "json")):
         path = tmp_path / name
@@ -154,7 +154,7 @@ def test_a_crash_in_the_middle_of_a_write_leaves_a_file_that_is_still_malmms(tmp
 def test_results_written_before_malmm_kept_records(tmp_path):
     """Files of older versions have no record: JSON Lines of records with job keys are verifiably
     malmm's and resume; text is anybody's."""
-    from malmm_cli.written import RECORDS
+    from malmm_cli.results.written import RECORDS
 
     jsonl, text = tmp_path / "old.jsonl", tmp_path / "old.txt"
     assert malmm("caption", SAMPLE, "-o", jsonl, *TINY, *FAST).exit_code == 0

@@ -20,8 +20,8 @@ import importlib.util
 
 import pytest
 
-from malmm_cli import ray_exec
-from malmm_cli.ray_batch import AnalyzerWork
+from malmm_cli.runs import ray_exec
+from malmm_cli.runs.runners import SessionWorker
 from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import make_video
 
@@ -153,16 +153,16 @@ def test_ctrl_c_keeps_valid_records_that_resume_completes(local_ray, clips, tmp_
 
 
 @dataclass(frozen=True)
-class KilledMidInput(AnalyzerWork):
+class KilledMidInput(SessionWorker):
     """The real analysis, except that the first run of b.mp4 stops after its first frames and
     waits to be killed (kill -9 from the test); its pid goes to `marker` when it is there."""
 
     marker: str = ""
 
-    def run(self, analyzer, job, item):
+    def run(self, session, item):
         if item[0].endswith("b.mp4") and not os.path.exists(self.marker):
-            analyzer.events = _WaitForKill(self.marker)
-        return super().run(analyzer, job, item)
+            session.events = _WaitForKill(self.marker)
+        return super().run(session, item)
 
 
 class _WaitForKill:
@@ -178,9 +178,11 @@ class _WaitForKill:
 
 
 def test_a_worker_killed_mid_input_loses_and_repeats_no_record(local_ray, clips, plain, tmp_path):
-    from malmm_cli import ray_batch, runner
-    from malmm_cli.jobkey import job_key
-    from malmm_cli.outputs import Output
+    from malmm_cli.engine.session import Session, Unit
+    from malmm_cli.results.jobkey import job_key
+    from malmm_cli.results.outputs import Output
+    from malmm_cli.runs import command
+    from malmm_cli.runs.runners import OnRay
 
     marker = tmp_path / "pid"
 
@@ -191,16 +193,16 @@ def test_a_worker_killed_mid_input_loses_and_repeats_no_record(local_ray, clips,
 
     threading.Thread(target=kill_when_there, daemon=True).start()
     specs = [str(clips / f"{n}.mp4") for n in "abc"]
-    opts = runner.CommonOptions(model="tiny-random", frames=8, memory=4, beams=1, max_tokens=3, quiet=True,
-                                output=tmp_path / "k.jsonl", ray="local", workers=1)
-    choice = runner.resolve_model(opts.model)
-    job = runner.build_job("caption", opts, choice.label)
-    given = dict(frames_set=True, memory_set=True)  # --frames and --memory, as FAST gives them
+    opts = command.CommonOptions(model="tiny-random", frames=8, memory=4, beams=1, max_tokens=3, quiet=True,
+                                 output=tmp_path / "k.jsonl", ray="local", workers=1)
+    choice = command.resolve_model(opts.model)
+    job = command.build_job("caption", choice.label, **opts.job_options())
     output = Output("caption", opts.output, None, False, specs)
-    output.claim("new", job_key(job, choice, None, **given))
-    work = _bound(KilledMidInput, marker=str(marker))
+    output.claim("new", job_key(job, choice, None))
+    runner = OnRay("local", workers=1, quiet=True, worker=_bound(KilledMidInput, marker=str(marker)))
     try:
-        code = ray_batch.run_on_ray(choice, job, specs, output, opts, given, work=work)
+        code = command.write_outcomes(Session(opts.session_options()), [Unit(s, job) for s in specs], runner,
+                                      output, quiet=True)
     finally:
         output.close()
     assert marker.exists(), "the worker was never killed"
@@ -210,8 +212,8 @@ def test_a_worker_killed_mid_input_loses_and_repeats_no_record(local_ray, clips,
 
 
 def _bound(cls, **extra):
-    """cls with extra fields fixed, called as run_on_ray calls a work class."""
-    return lambda choice, opts, job, given: cls(choice, opts, job, given, **extra)
+    """cls with extra fields fixed, called as OnRay calls its worker class."""
+    return lambda options: cls(options, **extra)
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,12 @@ import threading
 
 import pytest
 
-from malmm_cli import dataset, tasks, textfiles
-from malmm_cli.dataset import load_dataset
+from malmm_cli.engine import tasks
+from malmm_cli.engine.tasks import custom_label_set
 from malmm_cli.errors import UsageError
-from malmm_cli.tasks import custom_label_set
+from malmm_cli.learn import dataset
+from malmm_cli.learn.dataset import load_dataset
+from malmm_cli.sources import textfiles
 from tests.cli import SAMPLE, TINY, malmm
 
 
@@ -143,7 +145,7 @@ def test_the_data_label_set_and_inline_labels_are_bounded(monkeypatch):
     monkeypatch.setattr(tasks, "MAX_LABELS", 2)
     with pytest.raises(UsageError, match="--labels: 3 labels; the limit is 2"):
         custom_label_set("a,b,c", None)
-    from malmm_cli.evaluate import Case, data_label_set
+    from malmm_cli.learn.evaluate import Case, data_label_set
 
     with pytest.raises(UsageError, match="The data's label set: 3 labels"):
         data_label_set([Case(i, "v.mp4", (t,)) for i, t in enumerate("xyz")])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from malmm_cli.errors import UsageError
-from malmm_cli import threads
-from malmm_cli.threads import ThreadPlan, choose_threads, plan_threads, torch_threads
+from malmm_cli.engine import threads
+from malmm_cli.engine.threads import ThreadPlan, choose_threads, plan_threads, torch_threads
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli.dataset import load_dataset
-from malmm_cli.train import Interrupted, TrainEvents, TrainOptions, learning_rate, train
+from malmm_cli.learn.dataset import load_dataset
+from malmm_cli.learn.train import Interrupted, TrainEvents, TrainOptions, learning_rate, train
 from models import MALMM
 from models.overlay import hf_to_lavis_key, lavis_to_hf_key, read_lavis_checkpoint
 from models.training import (answer_loss, candidate_log_likelihoods, freeze_for_training, official_config,
@@ -246,7 +246,7 @@ def test_train_replaces_only_a_checkpoint_it_wrote_and_never_what_is_not_a_file(
 
 def test_a_second_training_to_the_same_output_is_refused_at_once(data, tmp_path, monkeypatch):
     """Two trainings with one -o both said "saved", and one checkpoint was lost."""
-    from malmm_cli import train_cli
+    from malmm_cli.learn import train_command as train_cli
 
     ckpt = tmp_path / "c.pth"
     seen = []
@@ -282,7 +282,7 @@ def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
 def test_a_full_temporary_folder_is_one_sentence(data, tmp_path, monkeypatch):
     import errno
 
-    from malmm_cli.features import FrameStore
+    from malmm_cli.engine.features import FrameStore
 
     def full(self, features):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -316,7 +316,7 @@ def test_a_real_full_tmpfs_as_the_temporary_folder(data, tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one(data, tmp_path, monkeypatch):
-    import malmm_cli.train as train_module
+    import malmm_cli.learn.train as train_module
 
     saves = []
 
@@ -383,7 +383,7 @@ def test_training_under_bf16_autocast_keeps_float32_weights_and_learns(data, tin
     """On a GPU, training runs under bf16 autocast (train._autocast). No GPU here: the same
     loop under CPU bf16 autocast shows that the mixed-precision path runs, learns, and leaves
     the trained weights and the AdamW state in float32."""
-    import malmm_cli.train as train_module
+    import malmm_cli.learn.train as train_module
 
     calls = []
 

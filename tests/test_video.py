@@ -1,4 +1,4 @@
-"""malmm_cli.video: probe, sampling plans, chunked background decoding, preprocessing, bad input."""
+"""malmm_cli.sources.video: probe, sampling plans, chunked background decoding, preprocessing, bad input."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from malmm_cli import decoding
+from malmm_cli.sources import decoding
 from malmm_cli.errors import UsageError, VideoError
-from malmm_cli.video import plan_sampling, preprocess, probe, stream_frames
+from malmm_cli.sources.decoding import stream_frames
+from malmm_cli.sources.video import plan_sampling, preprocess, probe
 from models.malmm import CLIP_MEAN, CLIP_STD
 from tests import media
 
@@ -348,11 +349,11 @@ def test_sigint_during_decoding_exits_promptly(clips):
     path, _ = clips["cfr25"]
     script = textwrap.dedent(f"""
         import os, signal, sys, time
-        from malmm_cli import video
+        from malmm_cli.sources import decoding, video
         info = video.probe({str(path)!r})
         plan = video.plan_sampling(info, fps=25.0)
         try:
-            for chunk in video.stream_frames({str(path)!r}, plan, info=info, chunk_size=1, prefetch=1):
+            for chunk in decoding.stream_frames({str(path)!r}, plan, info=info, chunk_size=1, prefetch=1):
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(5)  # the consumer is 'busy'; SIGINT interrupts it
         except KeyboardInterrupt:
@@ -373,7 +374,7 @@ def test_decoder_failure_reaches_consumer(clips, monkeypatch):
     def broken(*a, **k):
         raise VideoError(f"{path} vanished.")
 
-    monkeypatch.setattr(decoding, "_open_reader", broken)
+    monkeypatch.setattr(decoding, "open_reader", broken)
     with pytest.raises(VideoError, match="vanished"):
         collect(stream_frames(path, plan_sampling(info), info=info))
     assert not decode_threads()
@@ -571,11 +572,11 @@ def test_vp9_every_planned_frame_whatever_the_decoder_layout(tmp_path, sizes):
 # (pytest, with torch loaded) through fork and exec.
 MEMORY_SCRIPT = """
 import re, sys, time
-from malmm_cli import video
+from malmm_cli.sources import decoding, video
 info = video.probe(sys.argv[1])
 plan = video.plan_sampling(info, fps=1.0)
 total = 0
-for chunk in video.stream_frames(sys.argv[1], plan, info=info, chunk_size=16):
+for chunk in decoding.stream_frames(sys.argv[1], plan, info=info, chunk_size=16):
     total += len(chunk.frames[:, 0, 0, 0])
     time.sleep(0.005)  # a consumer a little slower than decoding, as the model is
 hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import malmm_cli.loader as loader
+import malmm_cli.engine.loader as loader
 import models.loading as loading
 from tests.cli import SAMPLE, TINY, malmm, records
 

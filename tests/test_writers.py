@@ -10,8 +10,8 @@ import pytest
 import srt
 import webvtt
 
-from malmm_cli.results import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
-from malmm_cli.writers import clock, get_writer, short_clock
+from malmm_cli.results.records import MemoryMeta, Result, SamplingMeta, SegmentText, VideoMeta
+from malmm_cli.results.writers import clock, get_writer, short_clock
 
 
 def _result(texts):

@@ -1,0 +1,116 @@
+"""caption, ask, classify, summarize: each a thin typed function over the batch command
+driver (runs/command.py)."""
+
+from __future__ import annotations
+
+import typer
+
+from malmm_cli.engine.presets import TOP_K
+
+from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, CpusPerWorkerOpt,
+                      Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt, GpusPerWorkerOpt, HelpInWords,
+                      InputArg, Inputs, JsonOpt, LabelsOpt, LabelTaskOpt, MaxTokensOpt, MemoryOpt, ModelOpt,
+                      MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, Quant, QuantOpt, QuestionArg, QuietOpt,
+                      RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, WorkersOpt,
+                      examples)
+
+
+def register(app: typer.Typer) -> None:
+    app.command(cls=HelpInWords, epilog=examples(
+        "malmm caption movie.mp4",
+        "malmm caption videos/ --json -o results.jsonl --resume",
+        "malmm caption movie.mp4 --start 1:30 --end 2:00 --fps 2",
+        "malmm caption videos/ --batch 8 -o captions.jsonl",
+    ))(caption)
+    app.command(cls=HelpInWords, epilog=examples(
+        'malmm ask video.mp4 "what is the person cooking?"',
+        'malmm ask video.mp4 "what is the person cooking?" -Q "where are they?"',
+        'malmm ask video.mp4 "who wins?" --json',
+    ))(ask)
+    app.command(cls=HelpInWords, epilog=examples(
+        "malmm classify clip.mp4 --task coin --top-k 3",
+        "malmm classify clip.mp4 --labels 'cat,dog,bird'",
+        "malmm classify clip.mp4 --task lvu_genre --json",
+    ))(classify)
+    app.command(cls=HelpInWords, epilog=examples(
+        "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
+        "malmm summarize lecture.mp4 --every 2:00",
+        "malmm summarize lecture.mp4 --scenes --format md",
+    ))(summarize)
+
+
+def _run(task: str, inputs: list[str], values: dict, **args) -> int:
+    from malmm_cli.runs.command import CommonOptions, run_command
+
+    return run_command(task, inputs, CommonOptions.from_values(values), **args)
+
+
+def caption(
+    inputs: Inputs,
+    prompt: CaptionPromptOpt = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    batch: BatchOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+):
+    """Describe what happens in each video."""
+    raise typer.Exit(_run("caption", inputs, locals(), prompt=prompt))
+
+
+def ask(
+    input: InputArg,
+    question: QuestionArg,
+    more: MoreQuestionsOpt = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    batch: BatchOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+):
+    """Answer questions about a video (several questions in one pass). With one question and
+    one input, the answer alone goes to stdout."""
+    raise typer.Exit(_run("ask", [input], locals(), questions=[question, *(more or [])]))
+
+
+def classify(
+    inputs: Inputs,
+    task: LabelTaskOpt = None,
+    labels: LabelsOpt = None,
+    top_k: TopKOpt = TOP_K,
+    prompt: ClassifyPromptOpt = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, batch: BatchOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+):
+    """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
+    raise typer.Exit(_run("classify", inputs, locals(), label_task=task, labels=labels, top_k=top_k, prompt=prompt))
+
+
+def summarize(
+    inputs: Inputs,
+    every: EveryOpt = None,
+    scenes: ScenesOpt = False,
+    format: FormatOpt = None,
+    prompt: SummaryPromptOpt = None,
+    model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
+    gpus_per_worker: GpusPerWorkerOpt = None,
+):
+    """Timestamped segments with one caption each, plus a summary of the whole video."""
+    fmt = None if format is None else "text" if format in (SummaryFormat.txt, SummaryFormat.text) else format.value
+    raise typer.Exit(_run("summarize", inputs, locals(), every=every, scenes=scenes, fmt=fmt, prompt=prompt))

@@ -1,0 +1,139 @@
+"""What to do with each video, from the options: the bounds every analysis option must keep,
+and the one place where task defaults (presets.py), the options given, and a finetuned
+checkpoint's trained settings are combined into a Job (tasks.py).
+
+Torch-free: the command line checks options with it before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+from malmm_cli.errors import UsageError
+
+from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .tasks import Job, custom_label_set, load_label_set, question_prompt
+
+# Bounds checked before any model loads, each with the reason a user can act on.
+MAX_MEMORY = 256  # slots: at InstructBLIP size each holds ~5 MB of banked keys/values; the paper uses <= 40
+MAX_FPS = 1000.0  # no camera records faster; a typo (or inf) otherwise samples without end
+MAX_FRAMES = 1_000_000  # each frame costs a ViT pass (~1 s on a CPU)
+MAX_BEAMS = 16  # every beam holds its own LLM cache; the paper uses 5
+MAX_NEW_TOKENS = 1024  # Vicuna's context is 2,048 tokens
+MIN_EVERY_SECONDS = 0.5  # summary segments: shorter ones hold at most a frame or two
+
+
+def _finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"{name} must be a finite number, not {value}.")
+
+
+def check_options(*, fps: float | None = None, frames: int | None = None, start: float | None = None,
+                  end: float | None = None, memory: int | None = None, beams: int | None = None,
+                  max_tokens: int | None = None) -> None:
+    """The sampling, memory and decoding options within their bounds (a UsageError naming the
+    option otherwise)."""
+    for name, value in (("--fps", fps), ("--start", start), ("--end", end)):
+        _finite(name, value)
+    if fps is not None and frames is not None:
+        raise UsageError("Use either --fps or --frames, not both.")
+    if fps is not None and not 0 < fps <= MAX_FPS:
+        raise UsageError(f"--fps must be above 0 and at most {MAX_FPS:g} frames per second.")
+    if frames is not None and not 1 <= frames <= MAX_FRAMES:
+        raise UsageError(f"--frames must be from 1 to {MAX_FRAMES:,} (each frame costs a pass of the vision encoder).")
+    if memory is not None and not 0 <= memory <= MAX_MEMORY:
+        raise UsageError(f"--memory must be from 0 (no memory) to {MAX_MEMORY}: each slot holds the keys and values "
+                         "of a frame, about 5 MB at InstructBLIP size (the paper uses 10 to 40).")
+    if beams is not None and not 1 <= beams <= MAX_BEAMS:
+        raise UsageError(f"--beams must be from 1 to {MAX_BEAMS} (each beam keeps its own LLM cache; the paper uses 5).")
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_NEW_TOKENS:
+        raise UsageError(f"--max-tokens must be from 1 to {MAX_NEW_TOKENS} (the LLM's context is 2,048 tokens).")
+    if start is not None and start < 0:
+        raise UsageError("--start must be 0 or more seconds.")
+    if end is not None and end <= 0:
+        raise UsageError("--end must be after 0 seconds.")
+    if start is not None and end is not None and end <= start:
+        raise UsageError(f"--end ({end:g} s) must be after --start ({start:g} s).")
+
+
+def build_job(task: str, model_label: str, *, fps: float | None = None, frames: int | None = None,
+              start: float | None = None, end: float | None = None, memory: int | None = None,
+              beams: int | None = None, max_tokens: int | None = None, **args) -> Job:
+    """Task defaults (presets.py) overridden by the options: the one place they are combined.
+
+    `args` are the task's own: prompt (caption, summarize, classify with labels), questions
+    (ask), label_task or labels, and top_k (classify), every or scenes (summarize). The job
+    notes which of frames and memory were left to their defaults: a finetuned checkpoint's
+    own values replace those when the model is known (tasks.with_trained_defaults).
+    """
+    defaults = TASK_DEFAULTS[_known(task)]
+    fps, frames, trained = _sampling(task, fps, frames)
+    if memory is None:
+        memory, trained = defaults.memory, trained + ("memory",)
+    generation = defaults.generation
+    if generation is not None:
+        overrides = {"num_beams": beams, "max_new_tokens": max_tokens}
+        generation = replace(generation, **{k: v for k, v in overrides.items() if v is not None})
+    elif beams is not None or max_tokens is not None:
+        raise UsageError(f"--beams and --max-tokens set how text is generated; {task} scores labels instead.")
+    common = dict(task=task, model_label=model_label, memory=memory, generation=generation, fps=fps, frames=frames,
+                  start=start, end=end, trained_defaults=trained)
+    if task in ("caption", "summarize"):
+        return Job(prompts=(_prompt(args.get("prompt") or defaults.prompt),), **common, **_segments(task, args))
+    if task == "ask":
+        questions = tuple(q.strip() for q in args["questions"])
+        return Job(prompts=tuple(question_prompt(q) for q in questions), questions=questions, **common)
+    # classify
+    if (args.get("label_task") is None) == (args.get("labels") is None):
+        raise UsageError("Give exactly one of --task (a built-in label set) or --labels (your own).")
+    if args.get("label_task") is not None:
+        if args.get("prompt"):
+            raise UsageError("--prompt goes with --labels; built-in label sets use the paper's prompt.")
+        label_set = load_label_set(args["label_task"])
+    else:
+        label_set = custom_label_set(args["labels"], args.get("prompt"))
+    return Job(label_set=label_set, top_k=args.get("top_k") or TOP_K, **common)
+
+
+def sampling_job(task: str, model_label: str, *, fps: float | None = None, frames: int | None = None,
+                 start: float | None = None, end: float | None = None) -> Job:
+    """A job that says only how to sample a video (engine Session.read): `task`'s default
+    sampling where neither fps nor frames is given."""
+    fps, frames, trained = _sampling(_known(task), fps, frames)
+    return Job(task=task, model_label=model_label, memory=TASK_DEFAULTS[task].memory, fps=fps, frames=frames,
+               start=start, end=end, trained_defaults=trained)
+
+
+def _known(task: str) -> str:
+    if task not in TASK_DEFAULTS:
+        raise UsageError(f"Unknown task '{task}': choose one of {', '.join(TASK_DEFAULTS)}.")
+    return task
+
+
+def _sampling(task: str, fps: float | None, frames: int | None) -> tuple[float | None, int | None, tuple[str, ...]]:
+    """(fps, frames, trained_defaults): the options, else the task's defaults, which a
+    checkpoint's trained frame count may then replace."""
+    if fps is None and frames is None:
+        return TASK_DEFAULTS[task].fps, TASK_DEFAULTS[task].frames, ("frames",)
+    return fps, frames, ()
+
+
+def _prompt(text: str) -> str:
+    prompt = text.strip()
+    if not prompt:
+        raise UsageError("--prompt is empty.")
+    return prompt
+
+
+def _segments(task: str, args: dict) -> dict:
+    """summarize's segment options: every (default SUMMARY_EVERY_SECONDS) or scenes."""
+    if task != "summarize":
+        return {}
+    if args.get("scenes") and args.get("every") is not None:
+        raise UsageError("Use either --every or --scenes, not both.")
+    every = args.get("every") if args.get("every") is not None else SUMMARY_EVERY_SECONDS
+    if not (math.isfinite(every) and every >= MIN_EVERY_SECONDS):
+        raise UsageError(f"--every must be at least {MIN_EVERY_SECONDS:g} s: each segment gets its own "
+                         "caption from the LLM.")
+    return dict(every=every, scenes=bool(args.get("scenes")))

@@ -1,0 +1,254 @@
+"""What each command asks the model: prompts, label sets, and summary segments.
+
+Label sets are package data (``labels/label_sets.json``: LVU's seven tasks, Breakfast, COIN
+with its 180 tasks as readable phrases), with the prompts the paper used for each.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from malmm_cli.errors import UsageError
+from .presets import TASK_DEFAULTS, Generation
+from malmm_cli.sources.textfiles import MAX_LABEL_CHARS, MAX_LABELS, check_length, lines, open_regular
+
+LVU_TASKS = ("relationship", "way_speaking", "scene", "director", "genre", "writer", "year")
+LABEL_SET_NAMES = tuple(f"lvu_{t}" for t in LVU_TASKS) + ("coin", "breakfast")
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    name: str
+    prompt: str
+    labels: tuple[str, ...]
+
+
+@cache
+def _label_data() -> dict:
+    return json.loads(resources.files("malmm_cli.labels").joinpath("label_sets.json").read_text())
+
+
+def load_label_set(name: str) -> LabelSet:
+    """A built-in label set by name (see LABEL_SET_NAMES)."""
+    data = _label_data()
+    if name.startswith("lvu_") and name[4:] in LVU_TASKS:
+        task = name[4:]
+        # The paper's prompt uses the task key as is ("way_speaking" included).
+        return LabelSet(name, data["lvu"]["prompt"].format(task=task), tuple(data["lvu"]["tasks"][task]))
+    if name == "breakfast":
+        return LabelSet(name, data["breakfast"]["prompt"], tuple(data["breakfast"]["labels"]))
+    if name == "coin":
+        return LabelSet(name, data["coin"]["prompt"], tuple(t["label"] for t in data["coin"]["targets"]))
+    raise UsageError(f"Unknown task '{name}': choose one of {', '.join(LABEL_SET_NAMES)}, or use --labels.")
+
+
+def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
+    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        raw = _label_file(path)
+    elif "," in spec or not (path.suffix or "/" in spec):
+        raw = spec.split(",")
+    else:
+        raise UsageError(f"Labels file '{spec}' does not exist (or give labels inline: --labels \"a,b,c\").")
+    labels = tuple(dict.fromkeys(label.strip() for label in raw if label.strip()))
+    if len(labels) < 2:
+        raise UsageError(f"--labels needs at least two different labels, got {len(labels)}.")
+    check_labels(labels, "--labels")
+    return LabelSet("custom", prompt or TASK_DEFAULTS["classify"].prompt, labels)
+
+
+def label_set_name(label_set: LabelSet) -> str:
+    """How messages name a label set: the option or data it came from, or its built-in name."""
+    return {"custom": "--labels", "data": "The data's label set"}.get(label_set.name, f"--label-set {label_set.name}")
+
+
+def check_labels(labels, where: str) -> None:
+    """A label set within bounds (sources/textfiles.py): at most MAX_LABELS labels, each of at most
+    MAX_LABEL_CHARS characters; checked before any model loads."""
+    if len(labels) > MAX_LABELS:
+        raise UsageError(f"{where}: {len(labels):,} labels; the limit is {MAX_LABELS:,} (each is scored for "
+                         "every video).")
+    for label in labels:
+        check_length(label, MAX_LABEL_CHARS, where, f"label {label if len(label) <= 40 else label[:37] + '...'!r}")
+
+
+def _label_file(path: Path) -> list[str]:
+    """The labels of a --labels file, read within bounds: a JSON list (.json) or one per line."""
+    with open_regular(path, "labels file") as f:
+        if path.suffix.lower() == ".json":
+            limit = MAX_LABELS * (4 * MAX_LABEL_CHARS + 8)  # the largest list within the bounds, in bytes
+            data = f.read(limit + 1)
+            if len(data) > limit:
+                raise UsageError(f"Labels file '{path}' is larger than {limit // 2**20} MB; it cannot hold a "
+                                 f"label set within the limits ({MAX_LABELS:,} labels).")
+            try:
+                raw = json.loads(data.decode("utf-8-sig"))
+            except UnicodeDecodeError:
+                raise UsageError(f"Labels file '{path}' is not UTF-8 text.") from None
+            except json.JSONDecodeError as err:
+                raise UsageError(f"Labels file '{path}' is not valid JSON ({err.msg}, line {err.lineno}).") from None
+            except (RecursionError, ValueError):
+                raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.") from None
+            if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+                raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.")
+            return raw
+        seen: dict[str, None] = {}
+        for line in lines(f, path):
+            label = line.split("#", 1)[0].strip()
+            if label and label not in seen:
+                seen[label] = None
+                if len(seen) > MAX_LABELS:
+                    raise UsageError(f"Labels file '{path}' holds more than {MAX_LABELS:,} labels; the limit is "
+                                     f"{MAX_LABELS:,} (each is scored for every video).")
+        return list(seen)
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to do with each video; built once per command from the options and presets."""
+
+    task: str  # caption | ask | classify | summarize
+    model_label: str
+    memory: int
+    generation: Generation | None = None  # None for classify (labels are scored, not generated)
+    fps: float | None = None
+    frames: int | None = None
+    start: float | None = None
+    end: float | None = None
+    prompts: tuple[str, ...] = ()  # the instruction (caption, summarize) or one prompt per question
+    questions: tuple[str, ...] = ()
+    label_set: LabelSet | None = None
+    top_k: int = 5
+    every: float | None = None
+    scenes: bool = False
+    antialias: bool = True
+    # Which of "frames" and "memory" were left to the task defaults: a finetuned checkpoint's
+    # trained values replace those once the model is known (with_trained_defaults).
+    trained_defaults: tuple[str, ...] = ()
+
+
+_QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
+QUESTION_MAX_WORDS = 50
+
+
+def normalize_question(question: str) -> str:
+    """The question as the official QA data saw it (LAVIS ``pre_question``): lowercased, the
+    characters .!"()*#:; and ~ removed, trailing spaces dropped, at most 50 words."""
+    text = _QUESTION_PUNCTUATION.sub("", question.lower()).rstrip(" ")
+    words = text.split(" ")
+    return " ".join(words[:QUESTION_MAX_WORDS]) if len(words) > QUESTION_MAX_WORDS else text
+
+
+def question_prompt(question: str) -> str:
+    """The prompt (Q-Former instruction and LLM prompt) for a question; records keep the
+    user's own text."""
+    question = question.strip()
+    if not normalize_question(question).strip():
+        raise UsageError("A question is empty." if not question else f"The question {question!r} has no words.")
+    return TASK_DEFAULTS["ask"].prompt.format(question=normalize_question(question))
+
+
+def with_trained_defaults(job: Job, trained) -> Job:
+    """A finetuned checkpoint's own settings where the user set none (job.trained_defaults):
+    its frame count (for the tasks sampled by frame count; summaries keep their rate) and its
+    memory bank length. `trained` is the model's TrainedConfig, or None. Applying it twice
+    changes nothing more."""
+    if trained is None:
+        return job
+    changes = {}
+    if "memory" in job.trained_defaults and trained.memory_bank_length is not None:
+        changes["memory"] = trained.memory_bank_length
+    if "frames" in job.trained_defaults and trained.num_frames and job.frames is not None:
+        changes["frames"] = trained.num_frames
+    return replace(job, **changes) if changes else job
+
+
+def probabilities(log_likelihoods: np.ndarray) -> np.ndarray:
+    """Softmax over the label set: P(label | video, prompt, the answer is one of the labels)."""
+    z = log_likelihoods - log_likelihoods.max()
+    p = np.exp(z)
+    return p / p.sum()
+
+
+# ---- summary segments -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: float
+    end: float
+    frames: tuple[int, ...]  # positions in the sampling (0-based) whose timestamp falls inside
+
+
+def _assign(bounds: list[float], timestamps: np.ndarray) -> list[Segment]:
+    """Tile [bounds[0], bounds[-1]] into segments, each with the sampled frames inside it.
+
+    Every frame lands in exactly one window (start inclusive; the last window also takes its
+    end, and frames a rounding error outside the span go to the nearest end). Windows with
+    no frame merge into the previous one (the first into the next), so every segment has
+    frames and the tiling stays gap-free.
+    """
+    bounds = [float(b) for b in bounds]
+    n_windows = len(bounds) - 1
+    window = np.clip(np.searchsorted(bounds, timestamps, side="right") - 1, 0, n_windows - 1)
+    # Timestamps are sorted, so each window's frames are one run: split once, O(frames + windows).
+    cuts = np.searchsorted(window, np.arange(1, n_windows), side="left")
+    per_window = np.split(np.arange(len(window)), cuts)
+    segments: list[Segment] = []
+    for w in range(n_windows):
+        frames = tuple(int(i) for i in per_window[w])
+        if frames and segments and not segments[-1].frames:  # an empty first window
+            segments[-1] = Segment(segments[-1].start, bounds[w + 1], frames)
+        elif frames or not segments:
+            segments.append(Segment(bounds[w], bounds[w + 1], frames))
+        else:
+            segments[-1] = Segment(segments[-1].start, bounds[w + 1], segments[-1].frames)
+    return segments
+
+
+def fixed_segments(start: float, end: float, every: float, timestamps: np.ndarray) -> list[Segment]:
+    """Windows of `every` seconds from `start`; the last one ends at `end`. A last window
+    shorter than a quarter of `every` joins the one before it (a 0.3 s cue at the end of a
+    subtitle file is a sliver nobody wants to read)."""
+    if every <= 0:
+        raise UsageError("--every must be a positive number of seconds.")
+    n = max(1, math.ceil((end - start) / every - 1e-9))
+    if n > 1 and end - (start + (n - 1) * every) < every / 4:
+        n -= 1
+    bounds = [start + i * every for i in range(n)] + [end]
+    return _assign(bounds, timestamps)
+
+
+def scene_segments(start: float, end: float, timestamps: np.ndarray, change: np.ndarray,
+                   min_seconds: float | None = None) -> list[Segment]:
+    """Boundaries where consecutive frames' visual features change most.
+
+    ``change[t]`` is the feature distance between sampled frames t-1 and t (change[0] = 0).
+    Candidates are changes more than one standard deviation above the mean; the largest are
+    taken first, each at least ``min_seconds`` (default: a 50th of the span, at least two
+    sampling intervals) from the boundaries already chosen.
+    """
+    n = len(timestamps)
+    if n < 3:
+        return _assign([start, end], timestamps)
+    interval = float(np.median(np.diff(timestamps)))
+    min_seconds = min_seconds if min_seconds is not None else max(2 * interval, (end - start) / 50)
+    d = change[1:]
+    threshold = d.mean() + d.std()
+    chosen: list[float] = []
+    for t in np.argsort(-d, kind="stable") + 1:
+        if change[t] <= threshold:
+            break
+        at = float(timestamps[t])
+        if min(abs(at - b) for b in [start, end, *chosen]) >= min_seconds:
+            chosen.append(at)
+    return _assign([start, *sorted(chosen), end], timestamps)

@@ -1,0 +1,1 @@
+"""Labelled data files, finetuning (train) and scoring (evaluate)."""

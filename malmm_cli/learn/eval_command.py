@@ -1,0 +1,303 @@
+"""`malmm eval DATA --task classify|ask|caption`, from its options to the exit code: score the
+model on a labelled data file (the command's options: cli/eval.py).
+
+Per-case predictions go to `-o FILE` (JSON Lines) as each case finishes, under the same rules
+as the batch commands' results (results/outputs.py: never clobbered, one writer,
+--resume/--overwrite, Ctrl-C keeps everything); the final record goes to stdout (a table, or
+one JSON line with --json) and, with -o, to FILE's name with the suffix .summary.json. The
+scoring itself is evaluate.py's. The cases run through the batch commands' runners
+(runs/runners.py: one by one, --batch lockstep, --ray workers); this process writes every
+record and computes the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from malmm_cli.errors import MalmmError, UsageError
+
+from malmm_cli.results.records import to_json
+from malmm_cli.terminal import shown
+
+SUMMARY_SUFFIX = ".summary.json"  # where the final record goes, beside the predictions file
+SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None) -> int:
+    """The command: exit code 0 (all scored), 1 (some cases failed, or the model did not load),
+    2 (usage), 130/143 (interrupted; the predictions so far are kept)."""
+    from malmm_cli.engine.presets import resolve_model
+    from malmm_cli.interrupts import exit_code, sigterm_as_interrupt
+    from malmm_cli.messages import error, setup_logging
+    from malmm_cli.runs.command import check_environment, validate
+
+    from .dataset import load_dataset
+    from .evaluate import check_options, plan
+
+    setup_logging(opts.quiet)
+    output = None
+    try:
+        validate(opts)
+        if sys.stdout is None and opts.output is None:  # started with `>&-`: the final record would be lost
+            raise UsageError("Standard output is closed, so results have nowhere to go; give -o FILE.")
+        check_options(task, labels=labels, label_set=label_set, prompt=prompt)
+        choice = resolve_model(opts.model)
+        items = load_dataset(data, task)
+        job, cases = plan(task, items, choice.label, labels=labels, label_set=label_set, prompt=prompt,
+                          **opts.job_options())
+        check_environment(opts)
+        output = _output(task, data, cases, opts)
+        summary = _claim_summary(opts.output, data, cases) if opts.output is not None else None
+    except MalmmError as err:
+        error(str(err))
+        return err.exit_code
+    except OSError as err:  # a path the system refuses (a name over 255 bytes, a loop of links)
+        from malmm_cli.errors import os_error_sentence
+
+        error(os_error_sentence(err))
+        return 2
+    with sigterm_as_interrupt() as fired:
+        try:
+            return _claim_and_run(choice, job, cases, data, output, summary, opts)
+        except MalmmError as err:
+            error(str(err))
+            return err.exit_code
+        except KeyboardInterrupt as stop:
+            where = f" in {shown(str(output.path))}" if output is not None else ""
+            kept = output.written if output is not None else 0
+            sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
+            return exit_code(stop, fired)
+        finally:
+            if output is not None:
+                output.close()
+
+
+def _output(task: str, data: Path, cases, opts):
+    """The predictions file (outputs.py's rules), or None without -o: nothing may overwrite the
+    data file or a video."""
+    if opts.output is None:
+        return None
+    from malmm_cli.results.outputs import Output
+
+    return Output(task, opts.output, "json", True, [str(data), *dict.fromkeys(c.video for c in cases)])
+
+
+def summary_path(output: Path) -> Path:
+    """preds.jsonl -> preds.summary.json."""
+    return output.with_suffix(SUMMARY_SUFFIX)
+
+
+def _claim_summary(output: Path, data: Path, cases) -> Path | None:
+    """Where the final record goes, checked before the model loads: a file there must be the
+    summary malmm wrote there, unchanged since (written.py), never the data or a video. One
+    written before malmm kept records is recognised by its content (a JSON object naming its
+    predictions file). None when the predictions go to a device (/dev/null)."""
+    if output.exists() and not output.is_file():
+        return None
+    path = summary_path(output)
+    if not path.exists():
+        return path
+    from malmm_cli.results.outputs import input_ids
+    from malmm_cli.results.written import Record, file_content
+
+    st = os.stat(path)
+    ours = False
+    if (st.st_dev, st.st_ino) not in input_ids([str(data), *(c.video for c in cases)]) and path.is_file():
+        record = Record(path, "summary")
+        if st.st_size == 0:
+            ours = True
+        elif record.exists:
+            ours = record.holds(file_content(path))
+        else:
+            try:
+                old = json.loads(path.read_text(encoding="utf-8"))
+                ours = isinstance(old, dict) and {"task", "n", "predictions"} <= old.keys()
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                ours = False
+    if not ours:
+        raise UsageError(f"{path} exists and is not an eval summary written by malmm; move it away or choose "
+                         "another --output name.")
+    return path
+
+
+def eval_job_key(job, choice, opts) -> str:
+    """The job key of an eval (jobkey.py), apart from a batch command's key for the same job:
+    what each row asks (its question, its target) is checked record by record."""
+    import hashlib
+
+    from malmm_cli.results.jobkey import JOB_KEY_HEX, job_key
+
+    base = job_key(job, choice, opts.checkpoint)
+    return hashlib.sha256(f"eval|{base}".encode()).hexdigest()[:JOB_KEY_HEX]
+
+
+def _kept(output, cases, task: str) -> dict[int, dict]:
+    """--resume: the records of this job that are still the data's cases, by case index."""
+    from .evaluate import record_matches
+
+    by_index = {c.index: c for c in cases}
+    kept = {}
+    for record in output.kept_records():
+        case = by_index.get(record.get("index"))
+        if case is not None and record_matches(record, case, task):
+            kept[case.index] = record
+    return kept
+
+
+def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None, opts) -> int:
+    from .evaluate import report
+
+    kept: dict[int, dict] = {}
+    if output is not None:
+        mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
+        output.claim(mode, eval_job_key(job, choice, opts))
+        if opts.resume:
+            kept = _kept(output, cases, job.task)
+    todo = [c for c in cases if c.index not in kept]
+    if kept and not opts.quiet:
+        sys.stderr.write(f"malmm: --resume: {len(kept)} case(s) already done, {len(todo)} to go\n")
+    records: dict[int, dict] = dict(kept)
+    failures = 0
+    if todo:
+        from malmm_cli.runs.command import open_session
+
+        session = open_session(opts, len(todo), job)
+        if session is None:
+            return 1
+        failures = _run_cases(session, job, todo, output, records, opts.runner())
+        job = session.resolve(job)  # the frames and memory the cases ran with, for the final record
+    labels = job.label_set.labels if job.label_set is not None else ()
+    final = report(job.task, [records[i] for i in sorted(records)], labels=labels,
+                   extra=_extra(job, choice, data, opts))
+    record = final.to_record()
+    if summary is not None:
+        _write_summary(summary, record)
+    _print(record, opts)
+    if output is not None and not opts.quiet:
+        sys.stderr.write(f"malmm: {final.n} prediction(s) in {shown(str(output.path))}"
+                         + (f"; {failures} case(s) failed" if failures else "")
+                         + (f"; final record in {shown(str(summary))}" if summary else "") + "\n")
+    return 1 if failures else 0
+
+
+def _run_cases(session, job, todo, output, records: dict[int, dict], runner) -> int:
+    """Run the cases through `runner`, each record written as it finishes; returns how many
+    failed."""
+    from .evaluate import run_cases
+
+    failures = 0
+    if output is not None:
+        output.open()
+    try:
+        for case, record in run_cases(session, job, todo, runner):
+            failures += _keep(case, record, output, records)
+    except KeyboardInterrupt:
+        session.events.close()
+        raise
+    return failures
+
+
+def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
+    """One case's record: said on stderr if it failed (and its warnings), written to the
+    predictions file, kept for the metrics. True if the case failed."""
+    from malmm_cli.messages import error, log
+
+    if "error" in record:
+        error(f"item {case.index + 1}: {record['error']}", about=case.video)
+    for warning in record.get("warnings", ()):
+        log.warning("%s: %s", case.video, warning)
+    if output is not None:
+        output.write_record(record)
+    records[case.index] = record
+    return "error" in record
+
+
+def _extra(job, choice, data: Path, opts) -> dict:
+    from .evaluate import job_summary
+
+    extra = {"data": str(Path(data).expanduser().resolve()), "model": choice.label}
+    if opts.checkpoint is not None:
+        extra["checkpoint"] = str(opts.checkpoint)
+    extra.update(job_summary(job))
+    if opts.output is not None:
+        extra["predictions"] = str(Path(opts.output).expanduser().resolve())
+    return extra
+
+
+def _write_summary(path: Path, record: dict) -> None:
+    """Replaced whole (a temporary file renamed over it): a reader never sees half a record;
+    its content recorded (written.py), so the next run may replace it."""
+    from malmm_cli.results.written import replace_file
+
+    try:
+        replace_file(path, lambda tmp: tmp.write_text(to_json(record) + "\n", encoding="utf-8"), "summary")
+    except OSError as e:
+        sys.stderr.write(f"malmm: warning: the final record could not be written to {path} "
+                         f"({(e.strerror or type(e).__name__).lower()}); it is printed above.\n")
+
+
+# ---- the final record on stdout ------------------------------------------------------------------
+
+
+def _print(record: dict, opts) -> None:
+    if sys.stdout is None:
+        return  # stdout closed: the final record is in FILE.summary.json (checked before the run)
+    if opts.json_:
+        sys.stdout.write(to_json(record) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+
+    from rich.text import Text
+
+    console = Console(file=sys.stdout, highlight=False)
+    console.print(Text(shown(f"{record['task']}: {record['data']} ({record['model']})"), style="bold"))
+    for table in _tables(record):
+        console.print(table)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _tables(record: dict) -> list:
+    """The metrics table, and for classify the per-class accuracy (the most frequent classes)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    task = record["task"]
+    table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), pad_edge=False)
+    table.add_column()
+    table.add_column(justify="right")
+    table.add_row("videos scored" if task == "caption" else "items scored", str(record["n"]))
+    if record["errors"]:
+        table.add_row("failed", str(record["errors"]))
+    if task == "classify":
+        table.add_row("top-1 accuracy", _pct(record["accuracy"]))
+        table.add_row("top-5 accuracy", _pct(record["top5"]))
+    elif task == "ask":
+        table.add_row("exact match", _pct(record["accuracy"]))
+        table.add_row("first-word match", _pct(record["first_word_accuracy"]))
+    else:
+        table.add_row("CIDEr", "-" if record["cider"] is None else f"{100 * record['cider']:.1f}")
+        table.add_row("BLEU-4", "-" if record["bleu4"] is None else f"{100 * record['bleu4']:.1f}")
+    tables = [table]
+    if task == "classify" and record["per_class"]:
+        per_class = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
+        per_class.add_column("class")
+        per_class.add_column("n", justify="right")
+        per_class.add_column("accuracy", justify="right")
+        ranked = sorted(record["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+        for label, stats in ranked[:SHOWN_CLASSES]:
+            # A Text, not a str: Rich would take "[...]" in a label for markup; escaped for the terminal.
+            per_class.add_row(Text(shown(label)), str(stats["n"]), _pct(stats["accuracy"]))
+        if len(ranked) > SHOWN_CLASSES:
+            per_class.add_row(f"... {len(ranked) - SHOWN_CLASSES} more (--json)", "", "")
+        tables += ["", per_class]
+    return tables

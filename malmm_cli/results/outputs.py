@@ -1,0 +1,404 @@
+"""Where results go (stdout, one file, or one file per video in a directory), written so
+that nothing already on disk is lost.
+
+The rules, checked before any model loads (a refusal is one sentence and exit code 2):
+
+- `-o` never names one of the inputs (compared by file identity, so links count too).
+- An existing file is written to only if its content is what malmm last wrote there: each
+  output file malmm writes has a record of its size and SHA-256 (written.py for one file,
+  DIR/.malmm-outputs.json for the files of a directory), checked before anything is written.
+  A user's file, or one of malmm's edited since, is refused whatever the options. Files that
+  older versions wrote, without a record: JSON Lines whose every line is a record of ours
+  with its job key (a line that older versions cut short aside) is malmm's own, verifiably;
+  any other file is not. An empty file holds nothing and is simply used.
+- A results file that holds something is replaced only with --overwrite and appended to
+  only with --resume; without either it is refused.
+- One process at a time per output: an exclusive, non-blocking flock on the output file
+  (or on the directory of per-video files), and on the lock of its record. A second process
+  is refused at once.
+- Each record is rendered first and appended with one write() while SIGINT/SIGTERM are
+  held back, so an interrupt never tears a record; a failed write (disk full) is cut back
+  off the file, so what was written before stays intact. The digest is recorded before and
+  after each write, so a crash in between leaves a file that is still malmm's.
+- --resume on a file whose last line was cut short (a crash, a power cut) cuts that line
+  off into a file beside it, `<name>.torn` (named in a warning), so the file holds only whole
+  records and any JSON Lines reader reads it.
+- Every record (errors too) carries the run's job key (jobkey.py). --resume counts an input
+  as done only if a successful record of that input has the same key: another task or other
+  options are other work, and records without a key (older versions) count as not done.
+- Records are UTF-8 JSON; a file name that is not valid UTF-8 is recorded JSON-escaped
+  (results.to_json), so --resume recognises it and os.fsencode gives back its bytes.
+
+Per-video files (srt/vtt with several inputs, `-o DIR`) are named `<stem>.<ext>` when no
+other input of the run has the same stem, else `<stem>.<8 hex digits>.<ext>`, the digits
+hashing the input's real path (or URL). A plain name is never given to a stem that itself
+ends in `.<8 hex digits>`, so a hashed name of one input cannot be the plain name of
+another. DIR/.malmm-outputs.json maps each file name to the input it was written for (a
+name once given is kept on later runs), to the job key it was written with, and to the
+SHA-256 of its content. --resume counts a file as done only if it was written for that very
+input with the same key; a file of that input from other work is written again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import signal
+import stat
+import threading
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from malmm_cli.errors import UsageError
+from malmm_cli.sources.inputs import VIDEO_EXTENSIONS, is_url
+from .records import ErrorResult, Result, to_json
+from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, TORN_SUFFIX: re-exported)
+    TORN_SUFFIX,
+    OutputWriteError,
+    ResultsFile,
+    Stdout,
+    is_input,
+    lock_exclusive,
+    os_reason,
+    recorded_inputs,
+    successes,
+)
+from .writers import EXTENSIONS, get_writer
+from .written import file_content
+
+log = logging.getLogger("malmm")
+
+INDEX_NAME = ".malmm-outputs.json"
+MODES = ("new", "resume", "overwrite")
+_HELD = (signal.SIGINT, signal.SIGTERM)
+_HASHED = re.compile(r".*\.[0-9a-f]{8}", re.IGNORECASE)
+_FILE_SUFFIXES = frozenset(EXTENSIONS) | VIDEO_EXTENSIONS  # an -o with one of these names a file
+
+
+# ---- what counts as ours ---------------------------------------------------------------------
+
+
+def input_key(spec: str) -> str:
+    """An input's identity for per-video file ownership: the URL, or the file's real path."""
+    return spec if is_url(spec) else os.path.realpath(os.path.expanduser(spec))
+
+
+def input_ids(specs: list[str]) -> set[tuple[int, int]]:
+    """(device, inode) of every input that is a local file: an output must be none of them."""
+    ids = set()
+    for spec in specs:
+        if not is_url(spec):
+            with contextlib.suppress(OSError):  # a missing input is reported when its turn comes
+                st = os.stat(os.path.expanduser(spec))
+                ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM back until the block is done, so a record is written whole.
+
+    Blocking the signals in this thread would not do: the kernel then hands them to another
+    thread (decoder, torch) and Python still runs the handler here at once. So the handlers
+    are swapped for ones that only take note, and the signals are raised again afterwards."""
+    if threading.current_thread() is not threading.main_thread() or None in map(signal.getsignal, _HELD):
+        yield  # handlers can only be set from the main thread; one set from C could not be put back
+        return
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in _HELD}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in pending:
+            signal.raise_signal(s)
+
+
+# ---- the three places results go ------------------------------------------------------------
+
+
+class _PerVideoDir:
+    """One file per input in a directory (srt, vtt), replaced atomically when it is written."""
+
+    def __init__(self, path: Path, fmt: str, specs: list[str], ids: set[tuple[int, int]]):
+        self.path, self.fmt, self.specs, self.ids = path, fmt, specs, ids
+        self.keys = {s: input_key(s) for s in specs}
+        self.fd: int | None = None
+        self.created = False
+        self.index: dict[str, str] = {}  # file name -> input key it was written for
+        self.jobs: dict[str, str] = {}  # file name -> job key it was written with
+        self.digests: dict[str, list[str]] = {}  # file name -> SHA-256 of what malmm left there (two mid-write)
+        self.current: dict[str, str] = {}  # file name -> SHA-256 of a file of ours there now, to be replaced
+        self.names: dict[str, str] = {}  # spec -> file name
+        self.job: str | None = None
+        self.other_work: set[str] = set()  # inputs whose files are from other work (--resume)
+
+    def claim(self, mode: str, job: str | None) -> set[str]:
+        self._lock_dir()
+        self.index, self.jobs, self.digests = self._load_index()
+        self.job = job
+        self.names = plan_names(self.specs, self.keys, self.fmt, self.index)
+        done = set()
+        for spec in self.specs:
+            target = self.path / self.names[spec]
+            if not os.path.lexists(target):
+                continue
+            if is_input(target, self.ids):
+                raise UsageError(f"{target} is one of the inputs; choose another -o directory.")
+            mine = self.index.get(target.name) == self.keys[spec]
+            if mode == "resume" and mine and (job is None or self.jobs.get(target.name) == job):
+                done.add(spec)  # not written again: whatever it holds now is the user's to keep
+                continue
+            if not self._ours(target):
+                raise UsageError(f"{target} exists and is not a {self.fmt} file that malmm wrote (or it was changed "
+                                 "since); move it away or choose another -o directory.")
+            if target.name not in self.current:
+                continue  # empty: nothing to lose
+            if mode == "resume" and mine:
+                self.other_work.add(spec)
+            elif mode == "resume":
+                raise UsageError(f"{target} exists but was not written by malmm for {spec}; move it away, "
+                                 "or use --overwrite instead of --resume to replace it.")
+            elif mode == "new":
+                raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
+                                 "there or --overwrite to replace them.")
+        return done
+
+    def _ours(self, target: Path) -> bool:
+        """Whether the file at `target` is empty, or holds what malmm last wrote there (noted in
+        self.current). A link, a folder or a device is never ours."""
+        st = os.lstat(target)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size == 0:
+            return True
+        known = self.digests.get(target.name, [])
+        if not known:
+            return False  # no record of its content: a user's file, or written by an older malmm
+        digest = file_content(target).sha256
+        if digest in known:
+            self.current[target.name] = digest
+        return digest in known
+
+    def _lock_dir(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--output {p} is a file; one file per video needs -o DIRECTORY.")
+        try:
+            self.created = not p.exists()
+            p.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDONLY)
+        except OSError as e:
+            raise UsageError(f"--output {p} cannot be used as a directory ({os_reason(e)}).") from None
+        lock_exclusive(fd, f"--output {p} is being written by another malmm process; "
+                  "wait for it to finish or choose another directory.")
+        self.fd = fd
+
+    def _load_index(self) -> tuple[dict[str, str], dict[str, str], dict[str, list[str]]]:
+        """(file name -> input key, -> job key, -> SHA-256 digests). "jobs" and "digests" are
+        maps of their own, so that versions which know only "files" still read the index; an
+        index without "jobs" (written by them) leaves every file not done for --resume, one
+        without "digests" leaves every file not malmm's to replace."""
+        index = self.path / INDEX_NAME
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+            files = {str(k): str(v) for k, v in data["files"].items()}
+        except FileNotFoundError:
+            return {}, {}, {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("%s cannot be read; files in %s count as not written by malmm.", index, self.path)
+            return {}, {}, {}
+        jobs, digests = data.get("jobs"), data.get("digests")
+        jobs = {str(k): str(v) for k, v in jobs.items() if k in files} if isinstance(jobs, dict) else {}
+        digests = {str(k): [str(d) for d in v] for k, v in digests.items()
+                   if k in files and isinstance(v, list)} if isinstance(digests, dict) else {}
+        return files, jobs, digests
+
+    def _save_index(self) -> None:
+        tmp = self.path / f"{INDEX_NAME}.partial"
+        text = to_json({"files": self.index, "jobs": self.jobs, "digests": self.digests}, indent=1)
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, self.path / INDEX_NAME)
+
+    def open(self) -> None:
+        pass
+
+    def put(self, spec: str, text: str) -> None:
+        name = self.names[spec]
+        data = text.encode("utf-8", "backslashreplace")  # as _ResultsFile.put
+        new = hashlib.sha256(data).hexdigest()
+        # Before the file is replaced, the index names the input it is for, drops another job's
+        # key, and takes both the content there now and the new one for malmm's: a crash in
+        # between leaves a claim without a file or a file without a key, which --resume redoes;
+        # never a file that no input owns, nor one taken for work it is not, nor one of malmm's
+        # that malmm will not replace.
+        if self.jobs.get(name, self.job) != self.job or self.index.get(name) != self.keys[spec]:
+            self.jobs.pop(name, None)
+        self.index[name] = self.keys[spec]
+        self.digests[name] = [d for d in (self.current.get(name), new) if d]
+        self._save_index()
+        tmp = self.path / f".{name}.partial"
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path / name)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.current[name] = new
+        self.digests[name] = [new]
+        if self.job is not None:
+            self.jobs[name] = self.job
+        self._save_index()
+
+    def close(self) -> None:
+        if self.fd is None:
+            return
+        if self.created and not any(self.path.iterdir()):
+            with contextlib.suppress(OSError):
+                self.path.rmdir()
+        os.close(self.fd)
+        self.fd = None
+
+
+def _stem(spec: str) -> str:
+    return Path(spec.rstrip("/").split("?")[0]).stem or "video"
+
+
+def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str, str]) -> dict[str, str]:
+    """File name per input: the one it was given before (the index), else `<stem>.<fmt>` if
+    that is unambiguous, else `<stem>.<hash of the input>.<fmt>` (see the module doc)."""
+    owner = {name.casefold(): key for name, key in index.items()}
+    before = {key: name for name, key in index.items() if name.lower().endswith(f".{fmt}")}
+    stems = Counter(_stem(s).casefold() for s in specs)  # casefold: x.srt and X.srt are one file on macOS
+    names: dict[str, str] = {}
+    for spec in specs:
+        key, stem = keys[spec], _stem(spec)
+        plain = f"{stem}.{fmt}"
+        if key in before:
+            names[spec] = before[key]
+        elif stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key:
+            names[spec] = plain
+        else:
+            digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
+            names[spec] = f"{stem}.{digest[:8]}.{fmt}"
+    taken = Counter(n.casefold() for n in names.values())
+    clash = next((n for n in names.values() if taken[n.casefold()] > 1), None)
+    if clash is not None:
+        raise UsageError(f"Two inputs would write to the same file {clash}; run them into separate -o directories.")
+    return names
+
+
+# ---- the output of a run ----------------------------------------------------------------------
+
+
+class Output:
+    """Where a run's results go: stdout, one file (records appended as they finish), or a
+    directory with one file per input for per-video formats (srt, vtt).
+
+    `claim(mode, job)` (before the model loads) checks and locks; `open()` starts writing;
+    `write`/`write_error` append whole records, marked with the job key; `close()` releases
+    the lock."""
+
+    def __init__(self, task: str, path: Path | None, fmt: str | None, json_: bool, specs: list[str]):
+        if fmt is None:
+            fmt = "json" if json_ else (EXTENSIONS.get(path.suffix.lower(), "text") if path else "text")
+        elif json_ and fmt != "json":
+            raise UsageError(f"--json and --format {fmt} disagree; use one.")
+        self.writer = get_writer(fmt, task)
+        self.fmt, self.path, self.n_inputs = fmt, path, len(specs)
+        self.per_file = path is not None and not self.writer.many_per_file and (len(specs) > 1 or path.is_dir())
+        if path is None and not self.writer.many_per_file and len(specs) > 1:
+            raise UsageError(f"--format {fmt} makes one file per video: with several inputs, give -o DIRECTORY.")
+        if self.per_file and not path.is_dir() and path.suffix.lower() in _FILE_SUFFIXES:
+            # -o all.srt would become a folder named all.srt, holding one file per video.
+            raise UsageError(f"--output {path} names a file, but {fmt} makes one file per video: with "
+                             f"{len(specs)} inputs, give -o DIRECTORY (a name without {path.suffix}).")
+        if path is None:
+            self.sink = Stdout()
+        elif self.per_file:
+            self.sink = _PerVideoDir(path, fmt, specs, input_ids(specs))
+        else:
+            self.sink = ResultsFile(path, fmt, input_ids(specs))
+        self.written = 0
+        self.job: str | None = None
+
+    def claim(self, mode: str, job: str | None = None) -> set[str]:
+        """Check that `mode` (new, resume, overwrite) destroys nothing and take the lock;
+        returns the inputs already done by job `job` (jobkey.py; resume). None: any job."""
+        assert mode in MODES
+        self.job = job
+        return self.sink.claim(mode, job)
+
+    def other_work_note(self, todo: list[str]) -> str:
+        """What --resume says of the inputs in `todo` that have results from other work only
+        ("" when none do): why they are done again."""
+        n = sum(spec in self.sink.other_work for spec in todo)
+        if not n:
+            return ""
+        how = "with another task or other options, or by an older malmm"
+        if self.per_file:
+            return f"{n} of them have files in {self.path} written {how}; those are replaced"
+        return f"{n} of them recorded in {self.path} {how}"
+
+    def open(self) -> None:
+        try:
+            self.sink.open()
+        except OSError as e:
+            raise OutputWriteError(f"Cannot write to {self.path} ({os_reason(e)}).") from None
+
+    def write(self, result: Result) -> None:
+        if self.job is not None:
+            result = replace(result, job=self.job)
+        buf = io.StringIO()
+        self.writer.write(result, buf, header=self.n_inputs > 1 and not self.per_file)
+        with _signals_held():
+            self._put(result.input, buf.getvalue())
+            self.written += 1
+
+    def kept_records(self) -> list[dict]:
+        """With --resume on one results file: the successful records it held when claimed, with
+        this run's job key. For commands whose unit of work is not an input (eval's data items,
+        several of which may share a video), which match records to their own units."""
+        data = getattr(self.sink, "kept", b"")
+        return [record for record in successes(data) if self.job is None or record.get("job") == self.job]
+
+    def write_record(self, record: dict) -> None:
+        """Append one ready-made JSON record (its first key "input", as every record of ours),
+        marked with the job key; written whole, like write()."""
+        if next(iter(record), None) != "input":
+            raise ValueError("a record's first key must be 'input'")
+        if self.job is not None:
+            record = {**record, "job": self.job}
+        text = to_json(record) + "\n"
+        with _signals_held():
+            self._put(record["input"], text)
+            if "error" not in record:
+                self.written += 1
+
+    def write_error(self, error: ErrorResult) -> None:
+        if self.job is not None:
+            error = replace(error, job=self.job)
+        buf = io.StringIO()
+        self.writer.write_error(error, buf)
+        if buf.getvalue() and not self.per_file:
+            with _signals_held():
+                self._put(error.input, buf.getvalue())
+
+    def _put(self, spec: str, text: str) -> None:
+        try:
+            self.sink.put(spec, text)
+        except OSError as e:
+            if self.path is None:
+                raise
+            kept = f"the {self.written} result(s) written before are kept"
+            raise OutputWriteError(f"Cannot write to {self.path} ({os_reason(e)}); {kept}.") from None
+
+    def close(self) -> None:
+        self.sink.close()

@@ -1,0 +1,419 @@
+"""Chunked background decoding: sampled frames arrive in bounded chunks, decoded ahead by threads.
+
+`stream_frames` turns a sampling plan into an iterator of `FrameChunk`s. Decoder threads, each
+with its own decord reader, work on alternate runs of the plan cut at keyframe boundaries and
+hand chunks over through bounded queues, so decoding overlaps the model's work and memory does
+not grow with the video. Damage inside a file is skipped with a warning; a stuck decoder gives
+up after STALL_TIMEOUT_S; closing the stream (or breaking out of the loop) stops the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from malmm_cli.errors import UsageError, VideoError
+from .video import Sampling, VideoInfo, decord_message, open_reader, probe
+
+log = logging.getLogger("malmm")
+
+STALL_TIMEOUT_S = 600.0  # no chunk for this long means the decoder is stuck: give up, never hang
+MAX_CHUNK_BYTES = 128 * 2**20  # caps frames per chunk for 4K/8K sources (16 x 4K would be 400 MB)
+MAX_DAMAGED_REGIONS = 16  # after this many undecodable regions the rest of the file is skipped
+_JOIN_TIMEOUT_S = 5.0
+_PARK_AFTER_S = 0.05  # a worker waiting longer than this for queue room parks its reader
+_POLL_S = 0.2
+
+
+
+@dataclass(frozen=True)
+class FrameChunk:
+    """Consecutive sampled frames: source indices, presentation times (s), uint8 RGB [n, H, W, 3]."""
+
+    indices: np.ndarray
+    timestamps: np.ndarray
+    frames: np.ndarray
+
+
+def stream_frames(
+    path: str | os.PathLike,
+    sampling: Sampling,
+    *,
+    info: VideoInfo | None = None,
+    chunk_size: int = 16,
+    prefetch: int = 2,
+    workers: int | None = None,
+) -> FrameStream:
+    """Decode the planned frames in order, in chunks of at most `chunk_size`, ahead of the reader.
+
+    `workers` decoder threads (default: one per CPU, at most 2) take turns over
+    keyframe-aligned runs of the plan, each running up to `prefetch` chunks ahead, so at most
+    workers x (prefetch + 1) + 1 chunks exist at once. Chunks of large frames are smaller
+    (MAX_CHUNK_BYTES), so memory stays bounded whatever the resolution.
+    """
+    if int(chunk_size) < 1 or int(prefetch) < 1:
+        raise UsageError("chunk_size and prefetch must be at least 1.")
+    path = Path(path)
+    info = info if info is not None else probe(path)
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    return FrameStream(path, sampling, info, int(chunk_size), int(prefetch), max(1, int(workers)))
+
+
+class FrameStream:
+    """Iterable of FrameChunk (once), decoded by background threads; a context manager.
+
+    Breaking out, an exception or KeyboardInterrupt in the consumer stops the threads (close).
+    `warnings` lists, one sentence each, damaged regions that were skipped; those frames
+    are missing from the chunks and everything decoded around them is still delivered.
+    """
+
+    def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk_size: int,
+                 prefetch: int, workers: int):
+        self.info = info
+        self.sampling = sampling
+        self.warnings: list[str] = []
+        frame_bytes = max(1, info.width * info.height * 3)
+        chunk = max(1, min(chunk_size, MAX_CHUNK_BYTES // frame_bytes))
+        self._decoder = _Decoder(path, sampling, info, chunk, workers, prefetch)
+        self._started = False
+
+    def __iter__(self) -> Iterator[FrameChunk]:
+        if self._started:
+            raise RuntimeError("A FrameStream can be iterated only once.")
+        self._started = True
+        return self._iterate()
+
+    def __enter__(self) -> FrameStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        decoder = getattr(self, "_decoder", None)
+        if decoder is not None:
+            decoder.stop.set()
+
+    def close(self) -> None:
+        """Stop the decoder threads and drop what they queued; safe to call twice."""
+        self._decoder.shutdown()
+
+    def _iterate(self) -> Iterator[FrameChunk]:
+        d = self._decoder
+        delivered = 0
+        try:
+            d.start()  # inside the try: an interrupt while threads start still stops those started
+            for unit in range(len(d.units)):
+                worker = unit % d.workers
+                while (item := d.get(worker)) is not _UNIT_END:
+                    if item is _STOP:
+                        break
+                    if isinstance(item, _Failure):
+                        raise item.error
+                    if isinstance(item, _Warning):
+                        self.warnings.append(item.message)
+                        log.warning("%s", item.message)
+                        continue
+                    delivered += len(item.indices)
+                    yield item
+                if item is _STOP:
+                    break
+            if delivered == 0 and self.warnings:
+                raise VideoError(f"{d.path} is corrupt: none of the sampled frames could be decoded.")
+        finally:
+            self.close()
+
+
+# decord's frame-threaded decoder giving up (_Decoder.threads_failed): FFmpeg's EAGAIN (-11)
+# from send_packet, or the decoder thread it stopped.
+_THREADS_FAILED = re.compile(r"send_packet.*\(-11 vs\. 0\)|run_\.load\(\)")
+
+_UNIT_END = object()  # a worker finished one run of the plan
+_STOP = object()  # a worker gave up on the rest of the file (too many damaged regions)
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class _Warning:
+    message: str
+
+
+class _GiveUp(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _Decoder:
+    """State shared by the decoder threads. Holds no reference to the FrameStream, so an
+    abandoned stream is garbage-collected and its __del__ stops the threads."""
+
+    def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk: int,
+                 workers: int, prefetch: int):
+        self.path, self.chunk, self.width = path, chunk, info.decode_width
+        self.indices, self.times = sampling.indices, sampling.timestamps
+        self.keys = info.keys()
+        # Runs of >= 2 chunks: short runs balance the workers (measured: 5.3 s vs 6.5 s with
+        # 8-chunk runs on a 10-minute clip) at the price of a short last chunk per run.
+        # One worker reads the plan as a single run, so all its chunks are full.
+        self.units = _plan_units(self.indices, self.keys, 2 * chunk if workers > 1 else len(self.indices))
+        self.workers = max(1, min(workers, len(self.units)))
+        self.queues = [queue.Queue(maxsize=prefetch) for _ in range(self.workers)]
+        self.threads: list[threading.Thread] = []
+        self.readers: list[Any] = [None] * self.workers
+        self.reader_threads = [0] * self.workers  # decoding threads of each worker's reader
+        self.decode_threads = 0  # of readers opened from now on: 0 (FFmpeg's choice), or 1 (threads_failed)
+        self.stop = threading.Event()
+        self.damaged = 0
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self.run, args=(w,), name=f"malmm-decode-{w}", daemon=True)
+                        for w in range(self.workers)]
+        for t in self.threads:
+            t.start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for q in self.queues:
+            _drain(q)
+        for t in self.threads:
+            # Only running threads: an interrupt can land between creating a thread and the end
+            # of its start(), and joining it then raises RuntimeError. One that never got going
+            # sees `stop` when it does, and ends by itself.
+            if t.is_alive() and t is not threading.current_thread():
+                t.join(timeout=_JOIN_TIMEOUT_S)
+                if t.is_alive():  # stuck inside decord; it is a daemon and exits with the process
+                    log.debug("decoder thread %s did not stop within %.0f s", t.name, _JOIN_TIMEOUT_S)
+        for q in self.queues:
+            _drain(q)
+
+    def get(self, worker: int) -> Any:
+        """Next item from one worker's queue; VideoError if the worker died or stalled."""
+        q, deadline = self.queues[worker], time.monotonic() + STALL_TIMEOUT_S
+        while True:
+            if self.stop.is_set():  # closed from inside the loop: end the iteration quietly
+                return _STOP
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self.threads[worker].is_alive() and q.empty():
+                    raise VideoError(f"Decoding {self.path} stopped unexpectedly.") from None
+                if time.monotonic() > deadline:
+                    raise VideoError(f"Decoding {self.path} stalled for {STALL_TIMEOUT_S:g} s; giving up.") from None
+
+    def put(self, worker: int, item: Any, wait: float | None = None) -> bool:
+        """Queue an item; False if `wait` seconds passed first (None: wait until stopped)."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while not self.stop.is_set():
+            try:
+                self.queues[worker].put(item, timeout=_POLL_S if wait is None else wait)
+                return True
+            except queue.Full:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+        raise _Stopped
+
+    def run(self, worker: int) -> None:
+        """Thread body: decode this worker's runs of the plan (units w, w+W, ...) in order."""
+        try:
+            mine = list(range(worker, len(self.units), self.workers))
+            for k, unit in enumerate(mine):
+                after = self.units[mine[k + 1]][0] if k + 1 < len(mine) else None
+                self.decode_unit(worker, *self.units[unit], after)
+                self.put(worker, _UNIT_END)
+        except _Stopped:
+            pass
+        except _GiveUp:
+            self._final(worker, _STOP)
+        except BaseException as e:  # delivered to the consumer, which re-raises it
+            self._final(worker, _Failure(e))
+        finally:
+            self.readers[worker] = None
+
+    def _final(self, worker: int, item: Any) -> None:
+        try:
+            self.put(worker, item)
+        except _Stopped:
+            pass
+
+    def decode_unit(self, worker: int, lo: int, hi: int, after: int | None) -> None:
+        """Decode plan positions [lo, hi) in chunks; `after` is where this worker goes next.
+
+        self.readers[worker] is the only reference to the worker's reader, so dropping it
+        (park with nowhere to go, or after an error) frees decord's buffers at once."""
+        import decord
+
+        p = lo
+        while p < hi:
+            if self.stop.is_set():
+                raise _Stopped
+            if self.readers[worker] is None:
+                self.readers[worker] = self.open()
+                self.reader_threads[worker] = self.decode_threads
+            q = min(p + self.chunk, hi)
+            try:
+                frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
+            except (decord.DECORDError, RuntimeError) as e:
+                self.readers[worker] = None  # after a decoder error decord may return wrong frames
+                if not self.threads_failed(worker, e):  # else: the same frames again, one thread
+                    p = self.recover(worker, p, q, hi, e)
+                continue
+            nxt = q if q < hi else after
+            free = nxt is not None and self.new_gop(self.indices[q - 1], nxt)
+            if free:
+                self.park(worker, nxt)
+            chunk = self.chunk_of(p, q, frames)
+            if not self.put(worker, chunk, wait=_PARK_AFTER_S):
+                if not free:  # the consumer is behind: park before waiting for it
+                    self.park(worker, nxt)
+                self.put(worker, chunk)
+            p = q
+
+    def open(self) -> Any:
+        return open_reader(self.path, width=self.width, threads=self.decode_threads)
+
+    def threads_failed(self, worker: int, error: BaseException) -> bool:
+        """Whether `error` is decord's frame-threaded decoding failing rather than the file:
+        then every reader from now on decodes with one thread, and the caller decodes the same
+        frames again. decord stops its decoder when FFmpeg's send_packet asks it to take
+        frames out first (EAGAIN, -11), which a frame-threaded VP9 decoder does once hidden
+        frames have filled its threads; the failure then shows as that error or as the
+        stopped decoder's ("run_"). Where it struck depended on how many packets a reader had
+        read since its last seek, so one worker reading the whole plan (a --batch lane) and
+        two workers reading short runs lost different frames to the damage skipping, though
+        every frame decodes with one thread. A reader already on one thread fails for real."""
+        if self.reader_threads[worker] == 1 or not _THREADS_FAILED.search(str(error)):
+            return False
+        if self.decode_threads != 1:
+            log.debug("decord's threaded decoding failed on %s (%s); decoding with one thread", self.path,
+                      decord_message(error))
+        self.decode_threads = 1
+        return True
+
+    def new_gop(self, last: int, position: int) -> bool:
+        """True if plan position `position` lies in a later keyframe interval than frame `last`."""
+        k = np.searchsorted(self.keys, [last, self.indices[position]], side="right")
+        return bool(k[1] > k[0])
+
+    def park(self, worker: int, position: int | None) -> None:
+        """Seek the reader to the keyframe it needs next, dropping what decord read ahead.
+
+        decord's decoder thread goes on decoding every packet it has read ahead into an
+        unbounded queue (it grew to 1.8 GB on a 2-minute 720p clip while a slow consumer
+        held us up). The seek (exact, to a keyframe) drops that queue. It is free when the
+        next frame is in a later keyframe interval (decord would seek there anyway) and
+        costs up to one interval of decoding again otherwise, which is paid only when the
+        queue is full, i.e. when decoding is ahead of the consumer."""
+        import decord
+
+        reader = self.readers[worker]
+        if position is None or reader is None:
+            self.readers[worker] = None  # nothing more to read: free it now
+            return
+        key = self.keys[max(0, int(np.searchsorted(self.keys, self.indices[position], side="right")) - 1)]
+        try:
+            reader.seek(int(key))
+        except (decord.DECORDError, RuntimeError):
+            self.readers[worker] = None  # reopened when needed
+
+    def recover(self, worker: int, p: int, q: int, hi: int, error: BaseException) -> int:
+        """After a decode error in plan positions [p, q): deliver what still decodes of them
+        (fresh reader, frame by frame), skip the damage, return the position to go on from."""
+        import decord
+
+        reader = self.open()
+        good: list[np.ndarray] = []
+        for j in range(p, q):
+            try:
+                good.append(reader.get_batch([int(self.indices[j])]).asnumpy()[0])
+            except (decord.DECORDError, RuntimeError):
+                break
+        if good:
+            self.put(worker, self.chunk_of(p, p + len(good), np.stack(good)))
+        bad = p + len(good)
+        if bad == q:
+            return q
+        resume = self.skip_damage(bad, hi)
+        self.damage(worker, bad, resume, error)
+        return resume
+
+    def skip_damage(self, bad: int, hi: int) -> int:
+        """First plan position after `bad` that decodes again, trying the keyframe 1, 2, 4, ...
+        intervals further on. decord's decoder reads ahead, so an error can surface well before
+        the damage and its extent is unknown; doubling keeps the reopen count logarithmic."""
+        import decord
+
+        pos, step = bad, 1
+        while True:
+            later = self.keys[self.keys > self.indices[pos]]
+            if len(later) < step:
+                return hi
+            resume = int(np.searchsorted(self.indices, later[step - 1]))
+            if resume >= hi:
+                return hi
+            try:
+                self.open().get_batch([int(self.indices[resume])])
+                return resume
+            except (decord.DECORDError, RuntimeError):
+                pos, step = resume, step * 2
+
+    def damage(self, worker: int, bad: int, resume: int, error: BaseException) -> None:
+        t_bad = float(self.times[bad])
+        until = f"to {self.times[resume]:.2f} s" if resume < len(self.indices) else "the rest of the video"
+        with self.lock:
+            self.damaged += 1
+            give_up = self.damaged > MAX_DAMAGED_REGIONS
+        if give_up:
+            msg = f"{self.path}: too many damaged regions; stopped decoding at {t_bad:.2f} s."
+        else:
+            msg = f"{self.path}: corrupt data near {t_bad:.2f} s could not be decoded; skipped {until}."
+        log.debug("decord error for %s: %s", self.path, decord_message(error))
+        self.put(worker, _Warning(msg))  # in band, so warnings arrive in video order
+        if give_up:
+            raise _GiveUp
+
+    def chunk_of(self, p: int, q: int, frames: np.ndarray) -> FrameChunk:
+        return FrameChunk(self.indices[p:q].copy(), self.times[p:q].copy(), frames)
+
+
+def _plan_units(indices: np.ndarray, keys: np.ndarray, min_len: int) -> list[tuple[int, int]]:
+    """Split plan positions into runs of >= min_len samples, cut only where a sample opens a new
+    keyframe interval (GOP): a decoder starting a run then never decodes frames another
+    decoder already decoded (it seeks straight to the run's keyframe)."""
+    if len(indices) == 0:
+        return []
+    gop = np.searchsorted(keys, indices, side="right")
+    opens = np.flatnonzero(np.concatenate([[True], gop[1:] != gop[:-1]]))
+    starts = [0]
+    for p in opens[1:]:
+        if p - starts[-1] >= min_len:
+            starts.append(int(p))
+    return list(zip(starts, starts[1:] + [len(indices)]))
+
+
+def _drain(q: queue.Queue) -> None:
+    while True:
+        try:
+            q.get_nowait()
+        except queue.Empty:
+            return
+
+
