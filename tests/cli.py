@@ -26,6 +26,16 @@ def records(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# Fields of a record that belong to the run, not to the video and the options: two runs of the
+# same work differ in them. Tests that compare records compare `stable(record)`.
+VOLATILE = ("timings",)
+
+
+def stable(record: dict) -> dict:
+    """`record` without its VOLATILE fields, as JSON holds it (tuples become lists)."""
+    return json.loads(json.dumps({k: v for k, v in record.items() if k not in VOLATILE}))
+
+
 def help_text(command: list[str]) -> str:
     out = malmm(*command, "--help")
     assert out.exit_code == 0

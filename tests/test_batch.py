@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from tests.cli import SAMPLE, TINY, malmm, records
+from tests.cli import SAMPLE, TINY, malmm, records, stable
 from tests.media import make_resolution_change, make_video
 
 FAST = ["--fps", "2", "--memory", "3", "-q"]  # different lengths: 12, 6, 12 and 4 frames
@@ -52,7 +52,7 @@ def command(task: str, folder, *extra) -> list:
 
 def by_input(recs: list[dict]) -> dict[str, dict]:
     """Records keyed by input, timings left out (they are the run's, not the video's)."""
-    return {r["input"]: {k: v for k, v in r.items() if k != "timings"} for r in recs}
+    return {r["input"]: stable(r) for r in recs}
 
 
 def assert_same_records(got: dict, expected: dict) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 from malmm_cli.runs import ray_exec
 from malmm_cli.runs.runners import SessionWorker
-from tests.cli import SAMPLE, TINY, malmm, records
+from tests.cli import SAMPLE, TINY, malmm, records, stable
 from tests.media import make_video
 
 # Not imported here: ray_exec sets up a local Ray before ray is first imported.
@@ -68,7 +68,7 @@ def clips(tmp_path_factory):
 
 
 def without_timings(recs: list[dict]) -> dict[str, dict]:
-    return {r["input"]: {k: v for k, v in r.items() if k != "timings"} for r in recs}
+    return {r["input"]: stable(r) for r in recs}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from malmm_cli.engine import Session, SessionOptions
 from malmm_cli.results.records import ErrorResult
 from malmm_cli.runs import Lockstep, OneByOne
-from tests.cli import SAMPLE, TINY, malmm, records
+from tests.cli import SAMPLE, TINY, malmm, records, stable
 
 FAST = dict(frames=8, memory=3)
 GEN = dict(beams=1, max_tokens=3)
@@ -31,7 +31,7 @@ TASKS = [
 def comparable(record: dict) -> dict:
     """A record as JSON holds it (tuples become lists), without what depends on the run rather
     than the video: its timings and job key."""
-    return json.loads(json.dumps({k: v for k, v in record.items() if k not in ("timings", "job")}))
+    return {k: v for k, v in stable(record).items() if k != "job"}
 
 
 def answer(video, task: str, options: dict):
