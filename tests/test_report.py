@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import threading
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -195,6 +196,33 @@ def test_thumbnails_are_the_frame_in_the_middle_of_each_chapter(tmp_path):
         assert image.format == "JPEG" and image.size == (320, 48)
         frames.append(np.asarray(image.convert("RGB")))
     assert decode_indices(np.stack(frames)).tolist() == [10, 30, 50]  # 1 s, 3 s, 5 s at 10 fps
+
+
+def test_the_memory_is_drawn_where_it_was(tmp_path):
+    """Each slot a bar over its span, compressions as marks at their times (neighbours closer
+    than a pixel or so merge into one run), chapter cuts, an m:ss axis, and the legend's numbers."""
+    from malmm_cli.results.chart import LEFT, RIGHT, memory_chart
+    from malmm_cli.results.writers import short_clock
+
+    result = _result(SAMPLE, texts=("a", "b", "c"), every=20.0)  # 60 s; slots 0-30 s and 20-60 s
+    chart = memory_chart(result, short_clock)
+
+    def at(t):
+        return LEFT + t / 60 * (RIGHT - LEFT)
+
+    assert [(float(b["x"][:-1]), float(b["w"][:-1])) for b in chart["bars"]] == [
+        (pytest.approx(at(0), abs=0.01), pytest.approx(at(30) - at(0), abs=0.01)),
+        (pytest.approx(at(20), abs=0.01), pytest.approx(at(60) - at(20), abs=0.01))]
+    centres = [float(m["x"][:-1]) + float(m["w"][:-1]) / 2 for m in chart["marks"]]
+    assert centres == [pytest.approx(at(t), abs=0.01) for t in (2, 3, 4)]
+    # A compression at every frame of 10 fps from 6 s on: one run, not 540 marks.
+    dense = replace(result, memory=replace(result.memory, compressions_at=tuple(6 + i / 10 for i in range(540))))
+    (run,) = memory_chart(dense, short_clock)["marks"]
+    assert float(run["x"][:-1]) < at(6) < at(59.9) < float(run["x"][:-1]) + float(run["w"][:-1])
+    assert [float(x[:-1]) for x in chart["cuts"]] == [pytest.approx(at(20), abs=0.01), pytest.approx(at(40), abs=0.01)]
+    assert [t["label"] for t in chart["ticks"]] == ["0:00", "0:10", "0:20", "0:30", "0:40", "0:50", "1:00"]
+    assert "the 2 memory slots" in chart["legend"] and "the 3 compressions" in chart["legend"]
+    assert "filled at 0:02" in chart["legend"] and "2.5 frames a slot" in chart["legend"]
 
 
 def test_a_page_whose_video_is_gone_says_so(tmp_path):

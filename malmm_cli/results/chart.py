@@ -83,15 +83,15 @@ def memory_chart(result: Result, clock: Callable[[float], str]) -> dict | None:
 
 
 def legend(result: Result, clock: Callable[[float], str]) -> str:
-    """The drawing in one line of words."""
+    """The drawing in one sentence."""
     memory = result.memory
     n, k = len(memory.slots or ()), len(memory.compressions_at or ())
     if memory.length == 0:
-        return "No memory (--memory 0): each frame was read on its own, so nothing is drawn."
+        return "No memory (--memory 0): each frame was read on its own, so there is nothing to draw."
     frames = sum(s.frames for s in memory.slots or ()) / max(1, n)
-    held = (f"Bars: the {n} memory slot{'s' if n != 1 else ''} at the end, oldest on top, each over the part of "
-            f"the video its frames come from ({frames:.1f} frames per slot on average).")
+    bars = (f"Bars: the {n} memory slot{'s' if n != 1 else ''} at the end, oldest on top, each over the part of the "
+            f"video its frames come from ({frames:.1f} frames a slot on average)")
     if k == 0:
-        return held + f" Marks: none; the memory never filled ({memory.length} slots), so nothing was compressed."
-    return (held + f" Marks: the {k} compression{'s' if k != 1 else ''}, one at each frame read after the memory "
-            f"filled at {clock(memory.compressions_at[0])}. Thin lines: chapter boundaries.")
+        return f"{bars}; no marks: the memory never filled, so it was never compressed."
+    return (f"{bars}; marks: the {k} compression{'s' if k != 1 else ''}, one at each frame read after the memory "
+            f"filled at {clock(memory.compressions_at[0])}; dotted lines: chapter boundaries.")
