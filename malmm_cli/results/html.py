@@ -107,8 +107,9 @@ def settings_words(result: Result, clock: Clock) -> list[tuple[str, str]]:
     words.append(("Memory", f"{result.memory.length} slots" if result.memory.length else "none (each frame alone)"))
     seg = result.segmentation
     if seg is not None:
-        words.append(("Chapters", "at scene changes" if seg.scenes else f"every {clock(seg.every)}"
-                      if seg.every is not None and seg.every >= 1 else f"every {seg.every:g} s"))
+        whole_seconds = seg.every is not None and seg.every >= 1 and float(seg.every).is_integer()
+        words.append(("Chapters", "at scene changes" if seg.scenes else
+                      f"every {clock(seg.every)}" if whole_seconds else f"every {seg.every:g} s"))
     if result.label_set is not None:
         words.append(("Labels", f"{result.label_set} (the top {_top_labels(result)} per chapter)"))
     if result.generation is not None:
@@ -153,9 +154,10 @@ def report_context(result: Result, *, folder: Path, downloads: dict[str, str], c
             middle=clock(middle), text=seg.text, thumbnail=picture,
             labels=[dict(label=s.label, score=f"{s.score:.4f}", percent=_percent(s.score)) for s in seg.labels or ()]))
     stem = Path(_title(result.input)).stem or "summary"
+    created = _created(result)
     return dict(
         title=_title(result.input), source=shown(result.input), model=shown(result.model),
-        checkpoint=_checkpoint(result), duration=clock(result.video.duration), created=_created(result),
+        checkpoint=_checkpoint(result), duration=clock(result.video.duration), created=created,
         settings=settings_words(result, clock), summary=result.summary or "",
         url=result.input if result.input.startswith(("http://", "https://")) else None,
         video_src=_href(video, folder) if video is not None else None,
@@ -165,7 +167,7 @@ def report_context(result: Result, *, folder: Path, downloads: dict[str, str], c
         warnings=[shown(w) for w in result.warnings], version=__version__,
         entry=dict(v=1, input=result.input, title=_title(result.input), duration=result.video.duration,
                    chapters=len(segments), summary=result.summary or "", model=result.model,
-                   thumbnail=next((p for p in pictures if p), None), created=_created(result)),
+                   thumbnail=next((p for p in pictures if p), None), created=created),
     )
 
 

@@ -130,7 +130,7 @@ def _signals_held():
 
 
 class _PerVideoDir:
-    """One file per input in a directory (srt, vtt), replaced atomically when it is written."""
+    """One file per input in a directory (srt, vtt, html), replaced atomically when it is written."""
 
     def __init__(self, path: Path, fmt: str, specs: list[str], ids: set[tuple[int, int]],
                  writer: ResultWriter | None = None):
@@ -350,7 +350,7 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
 
 class Output:
     """Where a run's results go: stdout, one file (records appended as they finish), or a
-    directory with one file per input for per-video formats (srt, vtt).
+    directory with one file per input for per-video formats (srt, vtt, html).
 
     `claim(mode, job)` (before the model loads) checks and locks; `open()` starts writing;
     `write`/`write_error` append whole records, marked with the job key; `close()` releases
