@@ -1,7 +1,7 @@
 """Issue 18: peak RSS of `malmm caption` on a long against a short video, through the CLI.
 
     python benchmarks/bench_flat_cli.py [--short 10] [--long 120] [--fps 1] [--loads 0 2]
-        [--paths first no-cache hit] [--model tiny-random|real-qformer] [--trees DIR ...] [--repeat 1]
+        [--paths first no-cache hit] [--model tiny-random|real-qformer] [--trees DIR ...] [--together] [--repeat 1]
 
 Each measurement is one `malmm caption VIDEO --fps F -q` process (the CLI's whole path: probe,
 decode threads, preprocess, ViT, feature cache, Q-Former, LLM) on a synthetic testsrc video
@@ -42,6 +42,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, report
@@ -159,34 +160,49 @@ def fresh_cache(root: Path, name: str, models: Path) -> Path:
     return cache
 
 
+def run_one(args, tmp: Path, video: Path, model: str, models: Path, path: str, label: str) -> dict:
+    """One measured run; `hit` reads the entry that this tree's `first` run left (made now if none)."""
+    tree = args.trees[int(label.rsplit("-", 1)[1])]
+    name = video.stem
+    if path == "hit":
+        cache = tmp / f"cache-{label}-first-{name}"
+        if not (cache / "features").is_dir():
+            cache = fresh_cache(tmp, f"cache-{label}-first-{name}", models)
+            run_cli(tree, video, cache, model, args.fps, False)
+    else:
+        cache = fresh_cache(tmp, f"cache-{label}-{path}-{name}", models)
+    return run_cli(tree, video, cache, model, args.fps, path == "no-cache")
+
+
 def measure(args, tmp: Path, videos: dict[str, Path], model: str, models: Path, hogs: int, rnd: int) -> dict:
+    """Every (path, video, tree) once beside `hogs` CPU hogs: one after another (short, then
+    long; the trees in turn), or with --together all at once (the hits after the others, as
+    they read the entries the first runs write): all then run under the same load."""
     procs = [subprocess.Popen([sys.executable, "-c", HOG]) for _ in range(hogs)]
-    out: dict[str, dict] = {}
+    runs = [(path, name, t) for path in args.paths for name in videos for t in range(len(args.trees))]
+    waves = [[r for r in runs if r[0] != "hit"], [r for r in runs if r[0] == "hit"]] if args.together else \
+        [[r] for r in runs]
+    rows: dict[str, dict] = {path: {str(t): {} for t in args.trees} for path in args.paths}
+
+    def one(run: tuple[str, str, int]) -> None:
+        path, name, t = run
+        row = rows[path][str(args.trees[t])]
+        row[name] = run_one(args, tmp, videos[name], model, models, path, f"{hogs}-{rnd}-{t}")
+        print(f"hogs={hogs} round={rnd} {path} {name} {args.trees[t]}: {json.dumps(row[name])}", flush=True)
+
     try:
         time.sleep(1.0 if hogs else 0.0)  # let the hogs take their cores before the first run
-        for path in args.paths:
-            rows: dict[str, dict] = {str(t): {} for t in args.trees}
-            for name, video in videos.items():  # short, then long; the trees in turn: the same load for all
-                for t, tree in enumerate(args.trees):
-                    label = f"{hogs}-{rnd}-{t}"
-                    if path == "hit":
-                        cache = tmp / f"cache-{label}-first-{name}"
-                        if not (cache / "features").is_dir():  # no measured first run: make the entry now
-                            cache = fresh_cache(tmp, f"cache-{label}-first-{name}", models)
-                            run_cli(tree, video, cache, model, args.fps, False)
-                    else:
-                        cache = fresh_cache(tmp, f"cache-{label}-{path}-{name}", models)
-                    row = rows[str(tree)]
-                    row[name] = run_cli(tree, video, cache, model, args.fps, path == "no-cache")
-                    print(f"hogs={hogs} round={rnd} {path} {name} {tree}: {json.dumps(row[name])}", flush=True)
-            for row in rows.values():
-                row["long_over_short"] = round(row["long"]["peak_rss_mb"] / row["short"]["peak_rss_mb"], 3)
-            out[path] = rows
+        for wave in filter(None, waves):
+            with ThreadPoolExecutor(len(wave)) as pool:
+                list(pool.map(one, wave))
     finally:
         for p in procs:
             p.kill()
             p.wait()
-    return out
+    for by_tree in rows.values():
+        for row in by_tree.values():
+            row["long_over_short"] = round(row["long"]["peak_rss_mb"] / row["short"]["peak_rss_mb"], 3)
+    return rows
 
 
 def main() -> None:
@@ -199,6 +215,7 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
     parser.add_argument("--model", choices=("tiny-random", "real-qformer"), default="tiny-random")
     parser.add_argument("--trees", type=Path, nargs="+", default=[ROOT], help="source trees to compare, in turn")
+    parser.add_argument("--together", action="store_true", help="all runs of a load at once (see measure)")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--keep", type=Path, help="make the videos and model here and keep them")
     args = parser.parse_args()
