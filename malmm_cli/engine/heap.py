@@ -6,8 +6,9 @@ OpenMP team) only what is free at theirs. Every chunk of frames allocates and fr
 few large buffers (frames, pixels, features, 10-25 MB each), and where they land varies with
 how the threads interleave; so the free memory that stays resident is the high-water mark
 of an irregular pattern. It rises with the number of chunks, and faster when other work on
-the machine makes the threads interleave in more ways: peak RSS was 1.09-1.10x higher for
-a 2-hour video than for a 10-minute one beside two busy processes (BENCHMARKS.md, section 25).
+the machine makes the threads interleave in more ways: beside two busy processes, peak RSS
+was 1.15-1.19x higher for a 2-hour video than for a 10-minute one without this, 1.08-1.09x
+with it (BENCHMARKS.md, section 25).
 
 `release_free_memory` (glibc's malloc_trim(0)) returns every whole free page of every arena
 to the system, so between chunks only live memory stays resident. A no-op where the C
