@@ -33,14 +33,15 @@ def check_record(record: dict, task: str) -> None:
     assert set(memory) == {"length", "compressions"} and memory["compressions"] >= 0
     assert set(timings) == {"decode", "vision", "qformer", "llm", "total"}
     assert all(v >= 0 for v in timings.values())
-    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
+    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set", "label_score"},
                 "summarize": {"segments", "summary"}}[task]
     if task != "classify":  # generated text says how it was decoded
         expected = expected | {"generation"}
         assert set(record["generation"]) == {"num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
                                              "repetition_penalty"}
     optional = {"warnings"}
-    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "job"}
+    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "prompt", "job"}
+    assert isinstance(record["prompt"], str) and record["prompt"]  # the instruction the model was given
     assert set(record) - optional == base | expected
 
 

@@ -40,6 +40,7 @@ class SamplingMeta:
 class MemoryMeta:
     length: int  # M, the bank capacity used
     compressions: int
+    concat: bool = False  # the paper's no-memory baseline: every frame's query tokens went to the LLM
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class GenerationMeta:
 class Answer:
     question: str
     answer: str
+    prompt: str | None = None  # the instruction this question became (the record's "prompt" filled in)
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Result:
     sampling: SamplingMeta
     memory: MemoryMeta
     timings: dict[str, float]
+    prompt: str | None = None  # the instruction the model was given (ask: the template each question fills)
     text: str | None = None
     answers: tuple[Answer, ...] | None = None
     labels: tuple[LabelScore, ...] | None = None
@@ -88,14 +91,22 @@ class Result:
     segments: tuple[SegmentText, ...] | None = None
     summary: str | None = None
     generation: GenerationMeta | None = None  # set when text was generated (not for classify)
+    beams: tuple[str, ...] | None = None  # classify scored by generation (the official eval): the beams, best first
+    label_score: str | None = None  # classify by likelihood: "sum" or "mean" of the label's token log-probabilities
     warnings: tuple[str, ...] = field(default_factory=tuple)
     job: str | None = None  # jobkey.job_key: which work this is, for --resume; last, out of a reader's way
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "generation", "job"):
+        for key in ("prompt", "text", "answers", "labels", "label_set", "segments", "summary", "generation", "beams",
+                    "label_score", "job"):
             if record[key] is None:
                 del record[key]
+        if not record["memory"]["concat"]:
+            del record["memory"]["concat"]
+        for answer in record.get("answers") or ():
+            if answer["prompt"] is None:
+                del answer["prompt"]
         if not record["warnings"]:
             del record["warnings"]
         return record

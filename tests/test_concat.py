@@ -1,0 +1,117 @@
+"""The paper's no-memory baseline (issue 20, point 8): every frame through the Q-Former on its
+own and all T x 32 query tokens to the LLM, checked frame by frame against the official
+definition (transformers' InstructBLIP Q-Former per frame is exactly LAVIS's Qformer.bert on
+that path), in inference and in training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models import MALMM, ModelError
+from models.training import (candidate_log_likelihoods, freeze_for_training, query_output, trained_parameters,
+                             visual_tokens)
+
+INSTRUCTIONS = ["what does the video describe?", "Question: who wins? Short answer:"]
+
+
+@pytest.fixture(scope="module")
+def trained_like(tiny_dir):
+    """A float32 tiny model whose temporal embedding is not zero (as after finetuning), so
+    that adding it anywhere would show."""
+    m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        m.temporal_embedding.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(7))
+    return m
+
+
+def _official_frames(hf_model, hf_processor, features: torch.Tensor, instructions) -> torch.Tensor:
+    """The official no-memory path, blip2_vicuna_instruct.py lines 211-235 and 250-252:
+    text_input repeated per frame, Qformer.bert(text ids, query+text mask, query tokens,
+    encoder_hidden_states = that frame's ln_vision features, no image_pe), then the outputs
+    of the T frames reshaped to [B, T * 32, C] in frame order. Reference: [B, T * 32, H]."""
+    q = hf_processor.qformer_tokenizer(instructions, padding="longest", return_tensors="pt")
+    B, T = len(instructions), features.shape[0]
+    mask = torch.cat([torch.ones(B, 32, dtype=q.attention_mask.dtype), q.attention_mask], dim=1)
+    out = []
+    with torch.no_grad():
+        for t in range(T):  # frame by frame, as the official loop over B * T rows computes each
+            frame = features[t : t + 1].expand(B, -1, -1)
+            hidden = hf_model.qformer(input_ids=q.input_ids, attention_mask=mask,
+                                      query_embeds=hf_model.query_tokens.expand(B, -1, -1),
+                                      encoder_hidden_states=frame).last_hidden_state
+            out.append(hidden[:, :32])
+    return torch.stack(out, dim=1).reshape(B, T * 32, -1)
+
+
+def test_concat_stream_equals_the_official_definition_frame_by_frame(trained_like, hf_model, hf_processor, pixels):
+    features = trained_like.encode_frames(pixels[:5])
+    stream = trained_like.new_stream(INSTRUCTIONS, concat=True)
+    stream.add_features(features[:2])  # chunks of any size: the same tokens
+    stream.add_features(features[2:])
+    reference = _official_frames(hf_model, hf_processor, features, INSTRUCTIONS)
+    assert stream.query_output().shape == (2, 5 * 32, 32)
+    torch.testing.assert_close(stream.query_output(), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stream.visual_tokens(), hf_model.language_projection(reference), rtol=1e-5, atol=1e-5)
+    assert stream.memory.capacity == 0 and stream.memory.frames_seen == 5
+
+
+def test_the_memory_path_is_untouched_by_it(trained_like, pixels):
+    """Zero memory keeps only the last frame's 32 tokens, as before; the baseline all of them."""
+    features = trained_like.encode_frames(pixels[:3])
+    last = trained_like.new_stream(INSTRUCTIONS[:1], memory_bank_length=0)
+    last.add_features(features)
+    concat = trained_like.new_stream(INSTRUCTIONS[:1], concat=True)
+    concat.add_features(features)
+    assert last.visual_tokens().shape[1] == 32 and concat.visual_tokens().shape[1] == 96
+    # Without memory, the last frame seen alone gives the concat's last 32 tokens, apart from the
+    # temporal position the memory path adds (the official baseline adds none).
+    with torch.no_grad():
+        saved = trained_like.temporal_embedding.weight.clone()
+        trained_like.temporal_embedding.weight.zero_()
+        try:
+            alone = trained_like.new_stream(INSTRUCTIONS[:1], memory_bank_length=0)
+            alone.add_features(features)
+        finally:
+            trained_like.temporal_embedding.weight.copy_(saved)
+    torch.testing.assert_close(alone.query_output(), concat.query_output()[:, -32:], rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_equals_the_concat_stream_and_trains_every_frame(tiny_dir, trained_like, pixels):
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(2, 4, 257, 32, generator=gen)
+    with torch.no_grad():
+        ours = query_output(trained_like, feats, INSTRUCTIONS, 0, concat=True)
+    for b, instruction in enumerate(INSTRUCTIONS):
+        stream = trained_like.new_stream([instruction], concat=True)
+        stream.add_features(feats[b])
+        torch.testing.assert_close(ours[b : b + 1], stream.query_output(), rtol=1e-4, atol=1e-5)
+    m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
+    freeze_for_training(m)
+    first = torch.randn(2, 4, 257, 32, generator=gen, requires_grad=True)
+    visual_tokens(m, first, INSTRUCTIONS, 0, concat=True).sum().backward()
+    # No bank to detach: every frame gets a gradient; no temporal position on this path.
+    assert all(first.grad[:, t].abs().sum() > 0 for t in range(4))
+    assert m.temporal_embedding.weight.grad is None or m.temporal_embedding.weight.grad.abs().sum() == 0
+    assert {n for n, p in trained_parameters(m) if p.grad is not None} >= {"query_tokens"}
+
+
+def test_the_llm_reads_all_frames_tokens(trained_like, pixels):
+    features = trained_like.encode_frames(pixels[:3])
+    stream = trained_like.new_stream(["what is shown in the video?"], concat=True)
+    stream.add_features(features)
+    candidates = ["cat", "a dog"]
+    with torch.no_grad():
+        ours = candidate_log_likelihoods(trained_like, stream.visual_tokens(), ["what is shown in the video?"],
+                                         candidates)
+    torch.testing.assert_close(trained_like.score(stream, None, candidates), ours, rtol=1e-4, atol=1e-4)
+    assert len(trained_like.generate(stream, max_new_tokens=3, num_beams=2)) == 1
+
+
+def test_more_frames_than_the_llm_context_holds_is_one_sentence(trained_like, pixels):
+    stream = trained_like.new_stream(["x"], concat=True)
+    limit = stream.max_frames  # tiny-random: a 512-token LLM
+    assert limit == (512 - 64) // 32
+    features = trained_like.encode_frames(pixels[:1]).expand(limit + 1, -1, -1)
+    with pytest.raises(ModelError, match=f"at most {limit} frames"):
+        stream.add_features(features)
