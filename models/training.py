@@ -39,7 +39,7 @@ from .qformer import MemoryQFormer, QFormerMultiHeadAttention
 __all__ = [
     "TRAINED_GROUPS", "LN_VISION", "Instructions", "freeze_for_training", "trained_parameters",
     "tokenize_instructions", "apply_ln_vision", "query_output", "visual_tokens", "answer_log_likelihood", "answer_loss", "candidate_log_likelihoods",
-    "lavis_state_dict", "official_config", "save_checkpoint",
+    "lavis_state_dict", "official_config", "save_checkpoint", "llm_token_ids",
 ]
 
 # What MA-LMM finetunes (method.md); the ViT and the LLM stay frozen.
@@ -226,8 +226,9 @@ def visual_tokens(model: MALMM, features: torch.Tensor, instructions: Instructio
 # ---- the LLM loss ---------------------------------------------------------------------------
 
 
-def _token_ids(model: MALMM, prompts: Sequence[str], answers: Sequence[str]):
-    """Prompt ids (BOS first) and answer ids (EOS last) exactly as generate/score see them."""
+def llm_token_ids(model: MALMM, prompts: Sequence[str], answers: Sequence[str]):
+    """Prompt ids (BOS first) and answer ids (EOS last) as the training forward feeds them: the
+    prompt's last max_text_tokens tokens, BOS included, the answer's first 256 with EOS."""
     tok = model.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
     # LAVIS's training forward keeps the prompt's last max_txt_len tokens, BOS included
@@ -247,7 +248,7 @@ def answer_log_likelihood(model: MALMM, visual: torch.Tensor, prompts: Sequence[
     """
     if not (visual.shape[0] == len(prompts) == len(answers)):
         raise ValueError(f"{visual.shape[0]} clips, {len(prompts)} prompts and {len(answers)} answers")
-    prompt_ids, answer_ids = _token_ids(model, prompts, answers)
+    prompt_ids, answer_ids = llm_token_ids(model, prompts, answers)
     B, Q, device = visual.shape[0], visual.shape[1], visual.device
     rows = [p + a for p, a in zip(prompt_ids, answer_ids)]
     width = max(len(r) for r in rows)
