@@ -115,3 +115,70 @@ def test_more_frames_than_the_llm_context_holds_is_one_sentence(trained_like, pi
     features = trained_like.encode_frames(pixels[:1]).expand(limit + 1, -1, -1)
     with pytest.raises(ModelError, match=f"at most {limit} frames"):
         stream.add_features(features)
+
+
+# ---- the baseline through the commands -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from tests.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("concat"), labels=("cat", "dog"), train_per_label=4,
+                        test_per_label=3)
+
+
+def test_the_commands_take_concat_and_say_so_in_the_record(data):
+    from malmm_cli.learn.dataset import load_dataset
+    from tests.cli import SAMPLE, TINY, malmm, records
+
+    clip = load_dataset(data.test, "classify")[0].video
+    out = malmm("caption", clip, "--concat", *TINY, "--frames", 3, "--beams", 1, "--max-tokens", 2, "--json", "-q")
+    assert out.exit_code == 0, out.output
+    assert records(out.stdout)[0]["memory"] == {"length": 0, "compressions": 0, "concat": True}
+    out = malmm("classify", clip, clip, "--concat", "--labels", "cat,dog", *TINY, "--frames", 3, "--batch", 2,
+                "--json", "-q")
+    assert out.exit_code == 0 and all(r["memory"]["concat"] for r in records(out.stdout))  # --batch: one at a time
+    out = malmm("caption", clip, "--concat", "--memory", 2, *TINY)
+    assert out.exit_code == 2 and "--concat has no memory bank" in out.output
+    out = malmm("caption", SAMPLE, "--concat", *TINY, "--frames", 20, "-q")  # 20 x 32 tokens > tiny's 512
+    assert out.exit_code == 1 and "at most 14 frames" in out.output and "Traceback" not in out.output
+
+
+def test_official_memory_ablation_baseline_beside_memory_and_none(data, tmp_path):
+    """The paper's ablation (MA-LMM Table 6): the no-memory baseline sends every frame's tokens to
+    the LLM, so on this task (the answer is in the first frames) it learns, as the memory bank
+    does; M = 0 (the last frame only) stays at chance. A trained baseline checkpoint says so in
+    its config (memory_bank_length 0, as the official one), and eval runs it that way."""
+    import json
+
+    from tests.cli import TINY, malmm
+
+    def run(*mode):
+        ckpt = tmp_path / f"{'-'.join(map(str, mode))}.pth"
+        out = malmm("train", data.train, "--task", "classify", "-o", ckpt, *TINY, "--frames", 3, *mode,
+                    "--epochs", 4, "--lr", 3e-3, "--batch-size", 4, "--seed", 1, "--views", 1, "-q")
+        assert out.exit_code == 0, out.output
+        result = malmm("eval", data.test, "--task", "classify", "--checkpoint", ckpt, *TINY, "--json", "-q")
+        assert result.exit_code == 0, result.output
+        return torch.load(ckpt, weights_only=True)["config"], json.loads(result.stdout.strip().splitlines()[-1])
+
+    config, concat = run("--concat")
+    assert config["model"]["memory_bank_length"] == 0 and config["malmm"]["concat"] is True
+    assert concat["concat"] is True and concat["accuracy"] >= 0.8
+    _, none = run("--memory", 0)
+    assert "concat" not in none and none["accuracy"] == 0.5  # one answer for every clip
+
+
+def test_an_official_checkpoint_without_a_memory_bank_is_read_as_the_baseline(tiny_model, tiny_dir, tmp_path):
+    """blip2_vicuna_instruct.py line 110: use_memory_bank = memory_bank_length > 0; a checkpoint
+    trained with memory_bank_length 0 (from_config's default, line 802) is the baseline."""
+    from malmm_cli.engine.session import Session, SessionOptions
+    from tests.official_checkpoint import write_official_checkpoint
+
+    ckpt = tmp_path / "baseline.pth"
+    write_official_checkpoint(tiny_model, ckpt, num_frames=4, memory_bank_length=0)
+    session = Session(SessionOptions(model=str(tiny_dir), checkpoint=ckpt))
+    job = session.job("caption")
+    assert (job.concat, job.memory, job.frames) == (True, 0, 4) and not session.loaded
+    assert session.job("caption", memory=3).concat is False  # an explicit --memory wins

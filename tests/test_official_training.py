@@ -237,10 +237,13 @@ def _no_dropout(model):
     return model
 
 
-def test_accumulated_micro_batches_make_the_step_one_batch_makes(data, tiny_dir, tmp_path):
+def test_accumulated_micro_batches_make_the_step_one_batch_makes(data, tiny_dir, tmp_path, monkeypatch):
     """base_task.py lines 224-241: each micro-batch's loss / accum_grad_iters, gradients summed,
     one optimizer step every accum_grad_iters iterations: with equal token counts, the step of a
-    whole batch."""
+    whole batch (at one learning rate: LAVIS sets it per iteration, and the step takes the last)."""
+    import malmm_cli.learn.train as train_module
+
+    monkeypatch.setattr(train_module, "learning_rate", lambda *a, **k: 3e-3)
     items = load_dataset(data.train, "classify")
     weights = []
     for accum in (1, 2, 4):
@@ -577,3 +580,42 @@ def test_the_training_prompt_is_cut_from_the_left_in_the_loss(tiny_dir):
     ids = model.tokenizer(long, add_special_tokens=False).input_ids
     assert prompt == [model.tokenizer.bos_token_id] + ids[-7:] and len(prompt) == 8
     assert answer[-1] == model.tokenizer.eos_token_id
+
+
+# ---- issue 24, point 13: eval as a person reads it; labels scored by their mean ----------------------
+
+
+def test_eval_text_shows_the_confusion_matrix_and_records_name_videos_as_written(data, tmp_path):
+    out_file = tmp_path / "p.jsonl"
+    out = malmm("eval", data.test, "--task", "classify", *TINY, "--frames", 3, "-q", "-o", out_file)
+    assert out.exit_code == 0, out.output
+    text = out.stdout
+    assert "confusion (rows: true, columns: predicted)" in text and "labels scored by" in text
+    matrix = text[text.index("confusion"):].splitlines()
+    assert matrix[1].split() == ["cat", "dog"] and [line.split()[0] for line in matrix[2:4]] == ["cat", "dog"]
+    counts = [[int(v) for v in line.split()[1:]] for line in matrix[2:4]]
+    final = json.loads((tmp_path / "p.summary.json").read_text())
+    assert counts == final["confusion"]["matrix"] and sum(map(sum, counts)) == final["n"] == 4
+    written = [r.split(",")[0] for r in data.test.read_text().splitlines()[1:]]
+    assert [r["input"] for r in records(out_file.read_text())] == written  # "clips/test_cat_0.mp4", not absolute
+
+
+def test_label_score_mean_divides_each_labels_log_likelihood_by_its_tokens(data, tiny_model):
+    """--label-score mean: a label's score is its log-likelihood (EOS included) over its token
+    count; sum (the default) is the probability of answering exactly the label."""
+    from malmm_cli.engine import Session
+
+    clip = load_dataset(data.test, "classify")[0].video
+    labels = ["cat", "a dog on the grass", "ball"]  # 1, 5 and 1 words; unknown ones spelt out
+    session = Session.from_model(tiny_model)
+    with session.read(clip, frames=3) as video:
+        by = {how: {s.label: s.score for s in video.classify(labels=labels, label_score=how).labels}
+              for how in ("sum", "mean")}
+        stream = tiny_model.new_stream(["what is shown in the video?"], memory_bank_length=20)
+        stream.add_features(video.kept.store.read(0, video.frames))
+    summed = tiny_model.score(stream, None, labels)[0].double().numpy()
+    counts = np.array([len(ids) + 1 for ids in tiny_model.tokenizer(labels, add_special_tokens=False).input_ids])
+    assert counts[1] > counts[0]
+    for how, scores in (("sum", summed), ("mean", summed / counts)):
+        expected = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
+        assert [by[how][label] for label in labels] == pytest.approx(expected, abs=1e-5)

@@ -376,12 +376,14 @@ class VideoState:
         return self.answer(self._job("ask", questions=questions, memory=memory, beams=beams, max_tokens=max_tokens))
 
     def classify(self, *, labels: str | Sequence[str] | None = None, label_set: str | None = None,
-                 prompt: str | None = None, top_k: int | None = None, memory: int | None = None) -> Result:
-        """Rank `labels` ("a,b,c", a file, or a list) or a built-in `label_set` (lvu_genre, coin, ...)."""
+                 prompt: str | None = None, top_k: int | None = None, memory: int | None = None,
+                 label_score: str | None = None) -> Result:
+        """Rank `labels` ("a,b,c", a file, or a list) or a built-in `label_set` (lvu_genre, coin, ...);
+        `label_score` "sum" (default) or "mean" of each label's token log-probabilities."""
         if labels is not None and not isinstance(labels, str):
             labels = ",".join(labels)
         return self.answer(self._job("classify", labels=labels, label_task=label_set, prompt=prompt, top_k=top_k,
-                                     memory=memory))
+                                     memory=memory, label_score=label_score))
 
     def summarize(self, *, every: float | None = None, scenes: bool = False, prompt: str | None = None,
                   memory: int | None = None, beams: int | None = None, max_tokens: int | None = None) -> Result:

@@ -360,22 +360,20 @@ def _confusion(confusion: dict) -> list:
 
     labels, columns, matrix = confusion["labels"], confusion.get("columns", confusion["labels"]), confusion["matrix"]
     if len(columns) <= SHOWN_MATRIX:
-        table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, title="confusion (rows: true, columns: "
-                      "predicted)", title_justify="left", title_style="")
+        table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
         table.add_column("")
         for column in columns:
             table.add_column(Text(shown(column)), justify="right")
         for label, row in zip(labels, matrix):
             table.add_row(Text(shown(label)), *(str(v) for v in row))
-        return ["", table]
+        return ["", "confusion (rows: true, columns: predicted)", table]
     pairs = sorted(((v, labels[i], columns[j]) for i, row in enumerate(matrix) for j, v in enumerate(row)
                     if v and labels[i] != columns[j]), key=lambda x: (-x[0], x[1], x[2]))[:SHOWN_CLASSES]
     if not pairs:
         return ["", "confusion: none (every item right)"]
-    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, title="most confused (the matrix: --json)",
-                  title_justify="left", title_style="")
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
     for name, justify in (("true", "left"), ("predicted", "left"), ("n", "right")):
         table.add_column(name, justify=justify)
     for n, true, predicted in pairs:
         table.add_row(Text(shown(true)), Text(shown(predicted)), str(n))
-    return ["", table]
+    return ["", "most confused (the whole matrix: --json)", table]
