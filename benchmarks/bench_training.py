@@ -4,6 +4,7 @@ views, and --label-score sum against mean (BENCHMARKS.md, section 21).
 
     python benchmarks/bench_training.py ablation     # M = 6, M = 2, M = 0 and --concat
     python benchmarks/bench_training.py views        # epoch time: --no-augment, --views 1, 4
+    python benchmarks/bench_training.py frames       # epoch time: --frames 3, 6, 12
     python benchmarks/bench_training.py label-score  # sum against mean, by epochs trained
 
 Each runs the CLI in this process on tiny-random, in a fresh MALMM_CACHE_DIR, and prints a
@@ -96,6 +97,23 @@ def views(root: Path) -> list[dict]:
     return rows
 
 
+def frames(root: Path) -> list[dict]:
+    """Epoch time against --frames (12-frame clips, so 12 is every frame), features cached."""
+    made = _data(root)
+    rows = []
+    for count in (3, 6, 12):
+        ckpt = root / f"frames{count}.pth"
+        args = ["train", made.train, "--task", "classify", "--model", "tiny-random", "--frames", str(count),
+                "--epochs", "3", "--lr", "3e-3", "--batch-size", "8", "--memory", "6", "--no-augment", "-o", ckpt]
+        code, _, err = _cli(*args)  # the first run fills the feature cache
+        assert code == 0, err
+        code, _, err = _cli(*args, "--overwrite")
+        assert code == 0, err
+        epochs = _epoch_seconds(err)
+        rows.append({"frames": count, "epoch_s": epochs, "median_epoch_s": sorted(epochs)[len(epochs) // 2]})
+    return rows
+
+
 def label_score(root: Path) -> list[dict]:
     made = _data(root, LONG_LABELS)
     rows = []
@@ -115,12 +133,13 @@ def label_score(root: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=("ablation", "views", "label-score"))
+    parser.add_argument("what", choices=("ablation", "views", "frames", "label-score"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MALMM_CACHE_DIR"] = str(Path(tmp) / "cache")
-        rows = {"ablation": ablation, "views": views, "label-score": label_score}[args.what](Path(tmp))
+        rows = {"ablation": ablation, "views": views, "frames": frames, "label-score": label_score}[args.what](
+            Path(tmp))
     print(f"# {args.what} on {machine()}, {time.strftime('%Y-%m-%d')}")
     for row in rows:
         print(json.dumps(row))

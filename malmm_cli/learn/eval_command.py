@@ -212,7 +212,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     record = final.to_record()
     if summary is not None:
         _write_summary(summary, record)
-    _print(record, opts)
+    _print(record, opts, data)
     if output is not None and not opts.quiet:
         sys.stderr.write(f"malmm: {final.n} prediction(s) in {shown(str(output.path))}"
                          + (f"; {failures} case(s) failed" if failures else "")
@@ -279,7 +279,7 @@ def _write_summary(path: Path, record: dict) -> None:
 # ---- the final record on stdout ------------------------------------------------------------------
 
 
-def _print(record: dict, opts) -> None:
+def _print(record: dict, opts, data: Path) -> None:
     if sys.stdout is None:
         return  # stdout closed: the final record is in FILE.summary.json (checked before the run)
     if opts.json_:
@@ -291,7 +291,8 @@ def _print(record: dict, opts) -> None:
     from rich.text import Text
 
     console = Console(file=sys.stdout, highlight=False)
-    console.print(Text(shown(f"{record['task']}: {record['data']} ({record['model']})"), style="bold"))
+    # The data file as it was given (the record holds its absolute path).
+    console.print(Text(shown(f"{record['task']}: {data} ({record['model']})"), style="bold"))
     for table in _tables(record):
         console.print(table)
 
@@ -315,9 +316,6 @@ def _tables(record: dict) -> list:
     if task == "classify":
         table.add_row("top-1 accuracy", _pct(record["accuracy"]))
         table.add_row("top-5 accuracy", _pct(record["top5"]))
-        how = ("generated, 5 beams (the official eval)" if record.get("scoring") == "generate" else
-               f"likelihood ({record.get('label_score', 'sum')} over tokens)")
-        table.add_row("labels scored by", how)
     elif task == "ask":
         table.add_row("exact match", _pct(record["accuracy"]))
         table.add_row("first-word match", _pct(record["first_word_accuracy"]))
@@ -328,6 +326,10 @@ def _tables(record: dict) -> list:
         if record.get("tokenizer"):
             table.add_row("tokenizer", "PTB (Java)" if record["tokenizer"] == "ptb" else "approximate (no Java)")
     tables = [table]
+    if task == "classify":
+        tables.append("labels scored by " + ("generating 5 beams (the official eval)" if record.get("scoring") ==
+                                             "generate" else f"likelihood, {record.get('label_score', 'sum')} over "
+                                                             "their tokens"))
     if task == "classify" and record["per_class"]:
         tables += ["", _per_class(record["per_class"]), *_confusion(record["confusion"])]
     for note in record.get("notes", ()):

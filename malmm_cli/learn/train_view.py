@@ -66,7 +66,7 @@ class TrainView(TrainEvents):
                 self.task = self.progress.add_task("vision features", total=total, info="")
             self.progress.update(self.task, completed=done)
         elif done == total:
-            self.console.print(f"malmm: vision features of {total} clips ready", highlight=False)
+            self.console.print(f"malmm: vision features of {total} clips ready", highlight=False, soft_wrap=True)
 
     def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
         self.epoch, self.epochs, self.steps, self.base = epoch, epochs, steps, None
@@ -85,14 +85,14 @@ class TrainView(TrainEvents):
             self.last_line = now
             left = (now - self.started) / (done - self.base) * (self.steps - done)
             self.console.print(f"malmm: epoch {self.epoch + 1}/{self.epochs}: step {done}/{self.steps} · "
-                               f"loss {loss:.4f} · {clock(left)} left", highlight=False)
+                               f"loss {loss:.4f} · {clock(left)} left", highlight=False, soft_wrap=True)
 
     def epoch_finished(self, stats) -> None:
         line = epoch_line(stats)
         if self.live:
             self.progress.update(self.task, info=line.split(": ", 1)[1])
         else:
-            self.console.print(f"malmm: {line}", highlight=False)
+            self.console.print(f"malmm: {line}", highlight=False, soft_wrap=True)  # a log line is one line
 
     def close(self) -> None:
         if self.live:
