@@ -66,6 +66,10 @@ def test_train_with_a_label_set_uses_its_prompt_and_its_labels(data, tmp_path):
     info = torch.load(ckpt, weights_only=True)["config"]["malmm"]
     assert (info["prompt"], info["label_set"]) == (BREAKFAST, "breakfast")
     assert info["labels"][:3] == ["cereal", "coffee", "tea"]  # the whole set, as it spells its labels
+    out = malmm("train", train_csv, "--task", "classify", "--label-set", "breakfast", "-o", ckpt, *FAST_TRAIN,
+                "--epochs", 2, "--resume")
+    assert out.exit_code == 0, out.output  # resumed with the options it recorded (the set's prompt among them)
+    assert torch.load(ckpt, weights_only=True)["config"]["malmm"]["state"]["epoch"] == 2
     foreign = _relabel(data.train, tmp_path / "foreign.csv", {"cat": "coffee", "dog": "waffle"})
     out = malmm("train", foreign, "--task", "classify", "--label-set", "breakfast", "-o", tmp_path / "x.pth",
                 *FAST_TRAIN)

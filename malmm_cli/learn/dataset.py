@@ -23,7 +23,7 @@ import csv
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -44,8 +44,9 @@ class Item:
     video: str  # absolute local path, or a URL as written
     target: str  # the label, answer or caption
     question: str | None = None  # ask only
-    spec: str = ""  # the video as the data file writes it (records show this)
-    where: str = ""  # "FILE, line N": where the row is, for messages
+    # How the row is written, for records and messages; not part of what the item is.
+    spec: str = field(default="", compare=False)  # the video as the data file writes it
+    where: str = field(default="", compare=False)  # "FILE, line N"
 
     @property
     def shown(self) -> str:

@@ -315,9 +315,9 @@ def _labels(options: TrainOptions, items: list[Item], val_items: list[Item]):
 
     if options.label_set not in LABEL_SET_NAMES:
         raise UsageError(f"Unknown --label-set '{options.label_set}': choose one of {', '.join(LABEL_SET_NAMES)}.")
-    if options.prompt is not None:
-        raise UsageError("--prompt goes without --label-set: a built-in label set trains with the paper's prompt.")
     chosen = load_label_set(options.label_set)
+    if options.prompt not in (None, chosen.prompt):  # (a resumed run's options name the set's own)
+        raise UsageError("--prompt goes without --label-set: a built-in label set trains with the paper's prompt.")
     spelled = {label.casefold(): label for label in chosen.labels}
 
     def aligned(rows: list[Item]) -> list[Item]:
