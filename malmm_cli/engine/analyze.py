@@ -22,7 +22,7 @@ from models import MALMM, VideoStream
 
 from malmm_cli.errors import VideoError
 from malmm_cli.results.events import Events
-from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
+from malmm_cli.results.records import (Answer, GenerationMeta, MemoryMeta, Result, SamplingMeta,
                                        SegmentText, VideoMeta)
 from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
@@ -32,7 +32,7 @@ from .augment import Augment
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
-from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
+from .tasks import Job, Segment, fixed_segments, label_scores, ranked_labels, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
 
@@ -273,8 +273,8 @@ class Analyzer:
             labels = job.label_set
             self.events.stage(f"scoring {len(labels.labels)} labels for {_count(n, 'video')}")
             with self._heavy():
-                loglik = self._label_loglik(job, self.model.score(rows, prompts, list(labels.labels)))
-            fields = [self._ranked(job, row) for row in loglik]
+                loglik = label_scores(job, self.model.tokenizer, self.model.score(rows, prompts, list(labels.labels)))
+            fields = [ranked_labels(job, row) for row in loglik]
         elif job.task == "classify":
             self.events.stage(f"generating labels for {_count(n, 'video')}")
             beams = job.generation.num_beams
@@ -508,29 +508,9 @@ class Analyzer:
         self.events.stage(f"scoring {len(labels.labels)} labels")
         t0 = time.perf_counter()
         with self._heavy():
-            loglik = self._label_loglik(job, self.model.score(stream, [labels.prompt], list(labels.labels)))[0]
+            loglik = label_scores(job, self.model.tokenizer, self.model.score(stream, [labels.prompt], list(labels.labels)))[0]
         run.timings["llm"] += time.perf_counter() - t0
-        return self._ranked(job, loglik), stream
-
-    def _label_loglik(self, job: Job, summed: torch.Tensor) -> np.ndarray:
-        """[B, K] scores of the labels: their log-likelihood summed over tokens (EOS included), or
-        with --label-score mean that sum over their token count, which takes away the head start
-        a short label has (each token costs log-probability)."""
-        loglik = summed.double().numpy()
-        if job.label_score == "mean":
-            labels = job.label_set.labels
-            ids = self.model.tokenizer(list(labels), add_special_tokens=False).input_ids
-            loglik = loglik / np.array([len(x) + 1 for x in ids], dtype=np.float64)
-        return loglik
-
-    @staticmethod
-    def _ranked(job: Job, loglik: np.ndarray) -> dict:
-        """classify's result fields from the labels' scores (log-likelihoods)."""
-        labels = job.label_set
-        probs = probabilities(loglik)
-        order = np.argsort(-probs, kind="stable")[: job.top_k]
-        ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
-        return {"labels": ranked, "label_set": labels.name, "label_score": job.label_score}
+        return ranked_labels(job, loglik), stream
 
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]

@@ -262,6 +262,28 @@ def classify_generation(label_set_name: str | None) -> Generation:
     return Generation(num_beams=5, max_new_tokens=5 if (label_set_name or "").startswith("lvu_") else 20)
 
 
+def label_scores(job: Job, tokenizer, summed) -> np.ndarray:
+    """[B, K] scores of the labels from their summed log-likelihoods (a tensor, EOS included):
+    as they are, or with --label-score mean over the label's tokens, which takes away the head
+    start a short label has (every token costs log-probability)."""
+    loglik = summed.double().numpy()
+    if job.label_score == "mean":
+        ids = tokenizer(list(job.label_set.labels), add_special_tokens=False).input_ids
+        loglik = loglik / np.array([len(x) + 1 for x in ids], dtype=np.float64)
+    return loglik
+
+
+def ranked_labels(job: Job, scores: np.ndarray) -> dict:
+    """classify's result fields from one video's label scores: the top k with probabilities."""
+    from malmm_cli.results.records import LabelScore
+
+    labels = job.label_set
+    probs = probabilities(scores)
+    order = np.argsort(-probs, kind="stable")[: job.top_k]
+    ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
+    return {"labels": ranked, "label_set": labels.name, "label_score": job.label_score}
+
+
 def probabilities(log_likelihoods: np.ndarray) -> np.ndarray:
     """Softmax over the label set: P(label | video, prompt, the answer is one of the labels)."""
     z = log_likelihoods - log_likelihoods.max()
