@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from malmm_cli.errors import UsageError
 
-from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .presets import SEGMENT_TOP_K, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
 from .tasks import Job, classify_generation, custom_label_set, load_label_set, question_prompt
 
 # Bounds checked before any model loads, each with the reason a user can act on.
@@ -71,8 +71,9 @@ def build_job(task: str, model_label: str, *, fps: float | None = None, frames: 
     """Task defaults (presets.py) overridden by the options: the one place they are combined.
 
     `args` are the task's own: prompt (caption, summarize, classify), questions (ask),
-    label_task or labels, top_k, label_score and scoring (classify), every or scenes
-    (summarize). `concat`: the paper's no-memory baseline instead of the memory bank.
+    label_task or labels, top_k, label_score and scoring (classify), every or scenes, and
+    optionally label_task or labels to classify each segment (summarize). `concat`: the
+    paper's no-memory baseline instead of the memory bank.
     `checkpoint`: a finetuned checkpoint comes with the model, which may supply classify's
     label set and prompt. The job notes which settings were left to their defaults: a
     checkpoint's own values replace those when it is known (tasks.with_trained_defaults).
@@ -133,6 +134,13 @@ def _choice(name: str, value: str | None, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _label_set(args: dict, prompt: str | None):
+    """The label set of --task NAME or --labels FILE|LIST (`prompt`: the instruction for --labels)."""
+    if args.get("label_task") is not None:
+        return load_label_set(args["label_task"])
+    return custom_label_set(args["labels"], prompt)
+
+
 def sampling_job(task: str, model_label: str, *, fps: float | None = None, frames: int | None = None,
                  start: float | None = None, end: float | None = None) -> Job:
     """A job that says only how to sample a video (engine Session.read): `task`'s default
@@ -173,4 +181,11 @@ def _segments(task: str, args: dict) -> dict:
     if not (math.isfinite(every) and every >= MIN_EVERY_SECONDS):
         raise UsageError(f"--every must be at least {MIN_EVERY_SECONDS:g} s: each segment gets its own "
                          "caption from the LLM.")
-    return dict(every=every, scenes=bool(args.get("scenes")))
+    segments = dict(every=every, scenes=bool(args.get("scenes")))
+    # Optional: each segment's top labels as well, scored as classify scores them (the prompt of
+    # the label set, or classify's default for --labels: summarize's --prompt is the caption's).
+    if args.get("label_task") is not None and args.get("labels") is not None:
+        raise UsageError("Give at most one of --task (a built-in label set) or --labels (your own).")
+    if args.get("label_task") is not None or args.get("labels") is not None:
+        segments.update(label_set=_label_set(args, None), top_k=SEGMENT_TOP_K)
+    return segments

@@ -37,9 +37,23 @@ class SamplingMeta:
 
 
 @dataclass(frozen=True)
+class SlotSpan:
+    """What one memory slot holds at the end: the span of video [start, end) its frames come
+    from (over all token positions) and how many frames it stands for (mean over positions)."""
+
+    start: float
+    end: float
+    frames: float
+
+
+@dataclass(frozen=True)
 class MemoryMeta:
     length: int  # M, the bank capacity used
     compressions: int
+    # Summaries only (engine.tasks.memory_timeline): the whole-video stream's slots at the end,
+    # oldest first, and the time of each frame whose step compressed the bank.
+    slots: tuple[SlotSpan, ...] | None = None
+    compressions_at: tuple[float, ...] | None = None
     concat: bool = False  # the paper's no-memory baseline: every frame's query tokens went to the LLM
 
 
@@ -72,6 +86,15 @@ class SegmentText:
     start: float
     end: float
     text: str
+    labels: tuple[LabelScore, ...] | None = None  # summarize --labels/--task: the segment's top labels
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """How a summary was cut: fixed windows of `every` seconds, or at scene changes."""
+
+    every: float | None
+    scenes: bool
 
 
 @dataclass(frozen=True)
@@ -90,6 +113,7 @@ class Result:
     label_set: str | None = None
     segments: tuple[SegmentText, ...] | None = None
     summary: str | None = None
+    segmentation: Segmentation | None = None  # summarize
     generation: GenerationMeta | None = None  # set when text was generated (not for classify)
     beams: tuple[str, ...] | None = None  # classify scored by generation (the official eval): the beams, best first
     label_score: str | None = None  # classify by likelihood: "sum" or "mean" of the label's token log-probabilities
@@ -98,15 +122,21 @@ class Result:
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("prompt", "text", "answers", "labels", "label_set", "segments", "summary", "generation", "beams",
-                    "label_score", "job"):
+        for key in ("prompt", "text", "answers", "labels", "label_set", "segments", "summary", "segmentation",
+                    "generation", "beams", "label_score", "job"):
             if record[key] is None:
                 del record[key]
+        for key in ("slots", "compressions_at"):
+            if record["memory"][key] is None:
+                del record["memory"][key]
         if not record["memory"]["concat"]:
             del record["memory"]["concat"]
         for answer in record.get("answers") or ():
             if answer["prompt"] is None:
                 del answer["prompt"]
+        for segment in record.get("segments") or ():
+            if segment["labels"] is None:
+                del segment["labels"]
         if not record["warnings"]:
             del record["warnings"]
         return record
