@@ -604,6 +604,26 @@ def test_eval_text_shows_the_confusion_matrix_and_records_name_videos_as_written
     assert [r["input"] for r in records(out_file.read_text())] == written  # "clips/test_cat_0.mp4", not absolute
 
 
+def test_eval_text_prints_the_confusion_of_the_labels_in_use_only(data, tmp_path):
+    """A label set larger than the data's labels (a built-in set on a few items): the printed
+    matrix has a row per true label the data has and a column per label true or predicted; the
+    summary keeps the whole matrix."""
+    out = malmm("eval", data.test, "--task", "classify", *TINY, "--frames", 3, "-q", "-o", tmp_path / "p.jsonl",
+                "--labels", "cat,dog,ball,car,tea")
+    assert out.exit_code == 0, out.output
+    final = json.loads((tmp_path / "p.summary.json").read_text())
+    labels, matrix = final["confusion"]["labels"], final["confusion"]["matrix"]
+    assert len(labels) == 5 and len(matrix) == 5
+    predicted = {labels[j] for row in matrix for j, v in enumerate(row) if v}
+    lines = out.stdout[out.stdout.index("confusion"):].splitlines()
+    header, body = lines[1].split(), lines[2:]
+    assert [line.split()[0] for line in body] == ["cat", "dog"]
+    assert header == [x for x in labels if x in {"cat", "dog"} | predicted]
+    assert "labels no item has or got left out" in lines[0]  # ball, car, tea have no row
+    for line, true in zip(body, ("cat", "dog")):
+        assert [int(v) for v in line.split()[1:]] == [matrix[labels.index(true)][labels.index(c)] for c in header]
+
+
 def test_label_score_mean_divides_each_labels_log_likelihood_by_its_tokens(data, tiny_model):
     """--label-score mean: a label's score is its log-likelihood (EOS included) over its token
     count; sum (the default) is the probability of answering exactly the label."""

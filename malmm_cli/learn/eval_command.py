@@ -354,6 +354,16 @@ def _per_class(per_class: dict):
     return table
 
 
+def _in_use(labels: list, columns: list, matrix: list) -> tuple[list[int], list[int]]:
+    """The matrix's rows and columns worth printing: the true labels the data has, and the
+    labels that are true or predicted for some item (a set of 48 labels on 5 test items
+    would otherwise print 48 rows of zeros)."""
+    rows = [i for i, row in enumerate(matrix) if sum(row)]
+    true = {labels[i] for i in rows}
+    cols = [j for j, column in enumerate(columns) if column in true or any(matrix[i][j] for i in rows)]
+    return rows, cols
+
+
 def _confusion(confusion: dict) -> list:
     """The confusion matrix (rows: true label, columns: predicted) for a small label set; for a
     large one, the pairs most often confused (the whole matrix is in --json and the summary)."""
@@ -361,14 +371,17 @@ def _confusion(confusion: dict) -> list:
     from rich.text import Text
 
     labels, columns, matrix = confusion["labels"], confusion.get("columns", confusion["labels"]), confusion["matrix"]
-    if len(columns) <= SHOWN_MATRIX:
+    rows, cols = _in_use(labels, columns, matrix)
+    if len(cols) <= SHOWN_MATRIX:
         table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
-        table.add_column("")
-        for column in columns:
-            table.add_column(Text(shown(column)), justify="right")
-        for label, row in zip(labels, matrix):
-            table.add_row(Text(shown(label)), *(str(v) for v in row))
-        return ["", "confusion (rows: true, columns: predicted)", table]
+        table.add_column("", no_wrap=True)
+        for j in cols:
+            table.add_column(Text(shown(columns[j])), justify="right")
+        for i in rows:
+            table.add_row(Text(shown(labels[i])), *(str(matrix[i][j]) for j in cols))
+        shown_all = len(rows) == len(labels) and len(cols) == len(columns)
+        return ["", "confusion (rows: true, columns: predicted" + ("" if shown_all else
+                "; labels no item has or got left out") + ")", table]
     pairs = sorted(((v, labels[i], columns[j]) for i, row in enumerate(matrix) for j, v in enumerate(row)
                     if v and labels[i] != columns[j]), key=lambda x: (-x[0], x[1], x[2]))[:SHOWN_CLASSES]
     if not pairs:
