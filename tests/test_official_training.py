@@ -474,6 +474,14 @@ def test_ctrl_c_in_the_middle_of_an_epoch_resumes_at_that_step(data, tiny_dir, t
     assert report.steps == 8 and len(report.epochs) == 1  # the 3 steps left of epoch 2
 
 
+def test_the_saved_line_counts_in_words(data, tmp_path):
+    """Issue 24, point 10: "1 epoch", not "1 epochs"."""
+    out = malmm("train", data.train, "--task", "classify", *TINY, "--frames", 2, "--epochs", 1, "--batch-size", 4,
+                "--no-augment", "-o", tmp_path / "c.pth")
+    assert out.exit_code == 0, out.output
+    assert "(1 epoch, 2 steps; frames 2, memory" in out.stderr
+
+
 def test_a_step_counter_with_time_left_inside_each_epoch(data, tiny_dir, tmp_path):
     """Issue 24, point 8: in a log (not a terminal), a line with the step, the loss and the time
     left inside each epoch, besides the line per epoch."""
