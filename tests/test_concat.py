@@ -45,6 +45,8 @@ def _official_frames(hf_model, hf_processor, features: torch.Tensor, instruction
 
 
 def test_concat_stream_equals_the_official_definition_frame_by_frame(trained_like, hf_model, hf_processor, pixels):
+    """blip2_vicuna_instruct.py lines 211-252 (use_memory_bank=False): the T frames' 32 query
+    outputs, concatenated in frame order, are what the LLM reads (_official_frames)."""
     features = trained_like.encode_frames(pixels[:5])
     stream = trained_like.new_stream(INSTRUCTIONS, concat=True)
     stream.add_features(features[:2])  # chunks of any size: the same tokens
@@ -78,6 +80,8 @@ def test_the_memory_path_is_untouched_by_it(trained_like, pixels):
 
 
 def test_training_forward_equals_the_concat_stream_and_trains_every_frame(tiny_dir, trained_like, pixels):
+    """blip2_vicuna_instruct.py lines 211-252 in forward(): the training path is the same
+    concatenation, and with no bank to detach every frame's pass gets a gradient."""
     gen = torch.Generator().manual_seed(3)
     feats = torch.randn(2, 4, 257, 32, generator=gen)
     with torch.no_grad():
