@@ -346,6 +346,13 @@ def test_what_a_chat_request_asks():
     assert chat.work.video == "file:///b.mp4" and chat.work.options["questions"] == ["second\npart?"]
     assert chat.work.options["max_tokens"] == 7 and chat.work.options["start"] == 2.0  # OpenAI's max_tokens
     assert parse_chat({**body, "malmm": {"max_tokens": 3}}, "m").work.options["max_tokens"] == 3  # malmm's first
+    texts = {"model": "m", "messages": [{"role": "user", "content": "file:///a.mp4 what is cooking?"},
+                                        {"role": "assistant", "content": "soup"},
+                                        {"role": "user", "content": "and in https://x.org/b.mp4, who is there?"}]}
+    chat = parse_chat(texts, "m")  # a client that sends only text (llm) writes the URL into it
+    assert chat.work.video == "https://x.org/b.mp4" and chat.work.options["questions"] == ["and in , who is there?"]
+    texts["messages"][2]["content"] = "who is there?"
+    assert parse_chat(texts, "m").work.video == "file:///a.mp4"  # the last video of the conversation
     labels = parse_native("classify", {"input": "/v.mp4", "labels": "a,b"}, "m").options["labels"]
     assert labels == ["a", "b"]  # a list: never taken for a file name
 
@@ -548,14 +555,15 @@ def test_a_request_past_its_time_is_504_and_its_work_stops(session, folders):
 
 def make_ticket(session, path: Path, question: str, seconds: float = 120.0):
     from malmm_cli.engine.jobs import build_job
+    from malmm_cli.serve.app import sampling_of
     from malmm_cli.serve.protocol import Work
     from malmm_cli.serve.worker import Ticket, VideoId
     from malmm_cli.sources.inputs import open_source
 
     work = Work("ask", str(path), {"questions": [question], **FAST})
     source = open_source(str(path))
-    return Ticket(work, build_job("ask", session.label, **work.options), "key", source, VideoId.of(source),
-                  time.monotonic() + seconds)
+    job = build_job("ask", session.label, **work.options)
+    return Ticket(work, job, "key", source, VideoId.of(source), sampling_of(job, session), time.monotonic() + seconds)
 
 
 def test_the_same_work_queued_together_gets_one_answer_and_one_read(session, folders):

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from malmm_cli.engine.jobs import build_job, check_options
+from malmm_cli.engine.tasks import with_trained_defaults
 from malmm_cli.errors import InputError, MalmmError, UsageError
 from malmm_cli.messages import log, note
 from malmm_cli.results.jobkey import job_key
@@ -157,6 +158,7 @@ class Opener:
         task = self._pending.get(located.spec)
         if task is None:
             task = asyncio.ensure_future(asyncio.to_thread(_open, located.spec))
+            task.add_done_callback(_retrieved)  # every request for it may have left before it ends
             self._pending[located.spec] = task
             task.add_done_callback(lambda _: self._pending.pop(located.spec, None))
         try:
@@ -189,6 +191,13 @@ async def _until(deadline: float, request: Request, awaitable):
             raise ApiError(499, "The client closed the connection.", code="client_closed_request")
 
 
+def sampling_of(job, session) -> tuple:
+    """(fps, frames, start, end): how `job` reads its video once a checkpoint's trained frame
+    count applies (engine.tasks.with_trained_defaults; its config is read, nothing is run)."""
+    job = with_trained_defaults(job, session.trained_config())
+    return (job.fps if job.frames is None else None, job.frames, job.start, job.end)
+
+
 def _retrieved(future: asyncio.Future) -> None:
     """Take a future's exception, so that one nobody waits for any more (the request timed out or
     left) is not reported as "never retrieved"; a request still waiting gets it from result()."""
@@ -218,7 +227,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         with engine.admit():
             source, video = await _until(deadline, request, opener.open(located))
             key = job_key(job, session.choice, session.options.checkpoint)
-            ticket = Ticket(work, job, key, source, video, deadline, count_tokens)
+            ticket = Ticket(work, job, key, source, video, sampling_of(job, session), deadline, count_tokens)
             engine.submit(ticket)
             try:
                 return await _until(deadline, request, asyncio.wrap_future(ticket.future))

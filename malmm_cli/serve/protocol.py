@@ -2,9 +2,9 @@
 
 Chat completions: MA-LMM answers one question about one video at a time, so of a
 conversation it reads two things: the question is the text of the last user message, and the
-video is the last `video_url` part of the user messages (a client that sends the whole
-history each turn sends the video once, in the first). System and assistant messages are not
-read. Per-request options go in an extra "malmm" object with the command line's names
+video is the last `video_url` part of the user messages, or the last file:// or http(s) URL
+written in their text (a client that sends the whole history each turn sends the video once,
+in the first). System and assistant messages are not read. Per-request options go in an extra "malmm" object with the command line's names
 (`fps`, `frames`, `start`, `end`, `memory`, `beams`, `max_tokens`); OpenAI's own `max_tokens`
 or `max_completion_tokens` count where "malmm" gives none. Decoding is beam search, as in the
 paper, so sampling settings (temperature, top_p, seed) change nothing and are ignored.
@@ -245,8 +245,15 @@ def parse_chat(body: dict, model_id: str) -> Chat:
     return Chat(Work("ask", video, {**options, "questions": [question]}), stream, usage)
 
 
+# A word of a message's text that is a file:// or http(s) URL names a video too: clients that
+# send only text (llm's OpenAI models, a shell script) write it into the question, as ollama's
+# users write image paths into theirs. Punctuation that ends a sentence is not part of it.
+_URL_WORD = re.compile(r"(?<!\S)(?:file|https?)://\S*[^\s.,;:!?)\]}>\"']", re.IGNORECASE)
+
+
 def _video_and_question(users: list[dict]) -> tuple[str, str]:
-    """The last video_url part of the user messages, and the last user message's text."""
+    """The last video of the user messages (a video_url part, or a URL in their text), and the
+    last user message's text without the URLs in it."""
     video = None
     texts: list[str] = []
     for message in users:
@@ -259,7 +266,9 @@ def _video_and_question(users: list[dict]) -> tuple[str, str]:
         for part in parts:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
+                urls = _URL_WORD.findall(part["text"])
+                video = urls[-1] if urls else video
+                texts.append(_URL_WORD.sub("", part["text"]).strip())
             elif kind == "video_url":
                 video = _url_of(part.get("video_url"))
             elif kind in ("image_url", "input_image", "input_audio", "file"):
@@ -270,7 +279,8 @@ def _video_and_question(users: list[dict]) -> tuple[str, str]:
                                param="messages", code="unsupported_content")
     if video is None:
         raise ApiError(400, "No video: add a video_url part ({\"type\": \"video_url\", \"video_url\": "
-                       "{\"url\": \"file:///...\"}}) to a user message.", param="messages", code="missing_video")
+                       "{\"url\": \"file:///...\"}}) to a user message, or its URL to the text.", param="messages",
+                       code="missing_video")
     question = "\n".join(t for t in texts if t.strip()).strip()
     if not question:
         raise ApiError(400, "No question: the last user message has no text.", param="messages",

@@ -70,6 +70,7 @@ class Ticket:
     job_key: str
     source: VideoSource
     video: VideoId
+    sampling: tuple  # (fps, frames, start, end) as the job reads the video, a checkpoint's frames applied
     deadline: float  # time.monotonic()
     count_tokens: bool = False  # a chat completion: its usage is counted
     future: Future = field(default_factory=Future)
@@ -83,8 +84,8 @@ class Ticket:
         self.cancelled = True
 
     def reading(self) -> tuple:
-        """What its video's read is (the file and the sampling asked for)."""
-        return (self.video, self.job.fps, self.job.frames, self.job.start, self.job.end)
+        """What its video's read is: the file and its sampling (fps None when frames are spread)."""
+        return (self.video, *self.sampling)
 
     def same_work(self, other: Ticket) -> bool:
         return self.video == other.video and self.job == other.job
@@ -230,12 +231,16 @@ class Engine:
     def _loop(self) -> None:
         while (group := self._next_group()) is not None:
             live = [t for t in group if t.live]
-            if live:
-                started = time.monotonic()
-                self._answer(live)
+            started = time.monotonic()
+            try:
+                if live:
+                    self._answer(live)
+            except Exception:  # noqa: BLE001 - a bug here must not end the thread every request waits on
+                log.exception("the model's thread failed between requests")
+            finally:
                 self._seconds_per_answer = 0.8 * self._seconds_per_answer + 0.2 * (time.monotonic() - started)
-            with self._lock:
-                self._current = []
+                with self._lock:
+                    self._current = []
 
     def _answer(self, group: list[Ticket]) -> None:
         first = group[0]
@@ -269,8 +274,8 @@ class Engine:
         with self._lock:
             self._reading = key
         try:
-            state = self.session.read(ticket.source, task=job.task, fps=job.fps if job.frames is None else None,
-                                      frames=job.frames, start=job.start, end=job.end)
+            fps, frames, start, end = ticket.sampling
+            state = self.session.read(ticket.source, task=job.task, fps=fps, frames=frames, start=start, end=end)
         finally:
             with self._lock:
                 self._reading = None
