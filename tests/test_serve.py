@@ -37,7 +37,7 @@ from tests.media import make_video
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-4f9c"
 FAST = {"frames": 8, "memory": 3, "beams": 1, "max_tokens": 3}  # options of a quick answer
-SLOW = {"frames": 120, "memory": 20}  # on tiny-random: seconds of Q-Former work (memory merges)
+SLOW = {"frames": 240, "memory": 20}  # on tiny-random: seconds of decoding and Q-Former work (memory merges)
 
 
 class Served:
@@ -304,6 +304,8 @@ def test_each_error_is_one_sentence_in_openais_shape(server, folders):
         server.client().chat.completions.create(model="tiny-random", messages=messages(clip, "q"),
                                                 extra_body={"malmm": {"beams": 99}})
     assert err.value.status_code == 400 and "beams must be from 1 to 16" in err.value.message
+    with pytest.raises(openai.NotFoundError):  # a stream that cannot start fails before it does
+        server.client().chat.completions.create(model="gpt-4o", messages=messages(clip, "q"), stream=True)
 
 
 def test_local_files_only_from_under_allow_dir_after_resolving_links(server, folders):
@@ -546,10 +548,24 @@ def test_an_unexpected_failure_is_500_in_one_sentence(session, folders, monkeypa
 
 
 def test_a_request_past_its_time_is_504_and_its_work_stops(session, folders):
-    with live_app(session, folders[0], timeout_s=1.0) as (url, engine):
+    with live_app(session, folders[0], timeout_s=0.3) as (url, engine):
         status, _, body = call(url, "/api/ask", {"input": str(folders[0] / "long.mp4"), "question": "q", **SLOW})
         assert_error(status, body, 504, "timeout")
         wait_for(lambda: not engine.status()["busy"], timeout=10)  # stopped at its next chunk of frames
+        assert engine.status()["answered"] == 0
+
+
+def test_a_client_that_leaves_stops_its_work(session, folders):
+    import socket
+
+    body = json.dumps({"input": str(folders[0] / "long.mp4"), "question": "q", **SLOW}).encode()
+    with live_app(session, folders[0]) as (url, engine):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /api/ask HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait_for(lambda: engine.status()["busy"])
+        wait_for(lambda: not engine.status()["busy"], timeout=10)  # well before the answer would come
         assert engine.status()["answered"] == 0
 
 

@@ -205,30 +205,33 @@ def _retrieved(future: asyncio.Future) -> None:
         future.exception()
 
 
-def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
-    session = engine.session
-    model_id, created = session.label, int(time.time())
-    opener = Opener()
-    app = FastAPI(title="malmm", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(Guard, settings=settings)
+class Requests:
+    """A parsed request's way to its Answer: checked, admitted, its video opened, queued, awaited."""
 
-    async def body_of(request: Request) -> dict:
-        return parse_json(await request.body())
+    def __init__(self, engine: Engine, settings: ServeSettings):
+        self.engine = engine
+        self.settings = settings
+        self.session = engine.session
+        self.opener = Opener()
 
-    async def answer(request: Request, work: Work, count_tokens: bool = False):
-        """The engine's Answer for `work`: checked, admitted, its video opened, queued, awaited."""
-        deadline = time.monotonic() + settings.timeout_s
-        try:  # as Session.job, but its last step (resolve: the tokenizer, the model's) runs on the model's thread
+    def job(self, work: Work):
+        """As Session.job builds it, but for its last step (resolve: the model's tokenizer), which
+        runs on the model's thread."""
+        try:
             check_options(**{k: work.options.get(k) for k in CHAT_OPTIONS})  # its arguments, exactly
-            job = build_job(work.task, model_id, **work.options)
+            return build_job(work.task, self.session.label, **work.options)
         except UsageError as err:
             raise api_error(err) from None
-        located = locate(work.video, settings.allow_dirs)
-        with engine.admit():
-            source, video = await _until(deadline, request, opener.open(located))
-            key = job_key(job, session.choice, session.options.checkpoint)
-            ticket = Ticket(work, job, key, source, video, sampling_of(job, session), deadline, count_tokens)
-            engine.submit(ticket)
+
+    async def answer(self, request: Request, work: Work, count_tokens: bool = False):
+        deadline = time.monotonic() + self.settings.timeout_s
+        job = self.job(work)
+        located = locate(work.video, self.settings.allow_dirs)
+        with self.engine.admit():
+            source, video = await _until(deadline, request, self.opener.open(located))
+            key = job_key(job, self.session.choice, self.session.options.checkpoint)
+            ticket = Ticket(work, job, key, source, video, sampling_of(job, self.session), deadline, count_tokens)
+            self.engine.submit(ticket)
             try:
                 return await _until(deadline, request, asyncio.wrap_future(ticket.future))
             except asyncio.CancelledError:  # the server's grace period ran out
@@ -237,6 +240,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             except Exception as err:
                 ticket.cancel()  # the engine skips it, or stops it at its next event
                 raise api_error(err) from None
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every failure in OpenAI's shape: ours, Starlette's (no route, wrong method), and bugs."""
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError):
@@ -252,6 +259,14 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(Exception)
     async def on_failure(request: Request, err: Exception):
         return error_response(api_error(err))
+
+
+def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
+    model_id, created = engine.session.label, int(time.time())
+    requests = Requests(engine, settings)
+    app = FastAPI(title="malmm", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, settings=settings)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
@@ -270,8 +285,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        chat = parse_chat(await body_of(request), model_id)
-        done = await answer(request, chat.work, count_tokens=True)
+        chat = parse_chat(parse_json(await request.body()), model_id)
+        done = await requests.answer(request, chat.work, count_tokens=True)
         reply = Reply(model_id, done.result.answers[0].answer, done.usage, done.result.to_record())
         if chat.stream:
             return StreamingResponse(reply.events(chat.include_usage), media_type="text/event-stream",
@@ -282,8 +297,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def native(task: str, request: Request):
         if task not in TASKS:
             raise ApiError(404, f"There is no /api/{task}; the tasks are {', '.join(TASKS)}.")
-        work = parse_native(task, await body_of(request), model_id)
-        done = await answer(request, work)
+        work = parse_native(task, parse_json(await request.body()), model_id)
+        done = await requests.answer(request, work)
         return Json(done.result.to_record())
 
     return app
