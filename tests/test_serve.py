@@ -47,7 +47,7 @@ class Served:
         command = [sys.executable, "-m", "malmm_cli", "serve", *TINY, "--port", "0", "--no-cache", *args]
         environ = {**os.environ, "MALMM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc = subprocess.Popen(command, cwd=ROOT, env=environ, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self.url: str | None = None
         ready = threading.Event()
@@ -393,6 +393,11 @@ def test_the_help_page_speaks_words():
 def test_a_host_other_than_loopback_needs_a_key_and_bad_options_are_refused(tmp_path):
     out = malmm("serve", "--host", "0.0.0.0", *TINY)
     assert out.exit_code == 2 and "--api-key" in out.stderr and "Traceback" not in out.stderr
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a port in use: said before any model loads
+        out = malmm("serve", "--port", taken.getsockname()[1], *TINY)
+    assert out.exit_code == 2 and "Cannot listen on 127.0.0.1 port" in out.stderr, out.stderr
     for args, needle in ((["--allow-dir", str(tmp_path / "none")], "--allow-dir"), (["--port", "70000"], "--port"),
                          (["--max-queue", "-1"], "--max-queue"), (["--timeout", "0"], "--timeout")):
         out = malmm("serve", *args, *TINY)
