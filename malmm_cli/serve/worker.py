@@ -162,7 +162,7 @@ class Engine:
             if self._admitted > self.settings.max_queue:
                 wait = math.ceil(self._seconds_per_answer * (len(self._queue) + 1))
                 wait = max(1, min(RETRY_AFTER_MAX_S, wait))
-                raise ApiError(429, f"The server is busy ({self.settings.max_queue} requests waiting); try again "
+                raise ApiError(429, f"The server is busy (its queue is full: {self.settings.max_queue} waiting); try again "
                                f"in {wait} s.", headers={"Retry-After": str(wait)})
             self._admitted += 1
         try:
