@@ -21,6 +21,7 @@ from malmm_cli.terminal import error_line, shown
 from .analysis import register as register_analysis
 from .eval import register as register_eval
 from .models import register as register_models
+from .serve import register as register_serve
 from .train import register as register_train
 
 app = typer.Typer(
@@ -38,6 +39,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_serve(app)  # the model behind an OpenAI-compatible HTTP API
 
 
 def _version(value: bool):
