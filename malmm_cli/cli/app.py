@@ -22,6 +22,7 @@ from .analysis import register as register_analysis
 from .eval import register as register_eval
 from .models import register as register_models
 from .train import register as register_train
+from .watch import register as register_watch
 
 app = typer.Typer(
     name="malmm",
@@ -38,6 +39,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_watch(app)  # a live stream
 
 
 def _version(value: bool):
