@@ -31,7 +31,7 @@ import numpy as np
 from malmm_cli.results.records import Answer
 from malmm_cli.results.watch import WatchEvents, WindowRecord
 from malmm_cli.results.writers import short_clock
-from malmm_cli.sources.live import LiveFrame, LiveReader, LiveSpec, StreamEnd
+from malmm_cli.sources.live import LiveFrame, LiveReader, LiveSpec, StreamEnd, window_of
 
 from .tasks import Job
 
@@ -105,7 +105,7 @@ class LiveWatch:
         for run in _same_size(frames):
             features = self._vision(run)
             for frame, feats in zip(run, features):
-                window = int(frame.time // self.every)
+                window = window_of(frame.time, self.every)
                 while window > self._window:  # the open window is complete; so are any empty ones after it
                     yield self._close((self._window + 1) * self.every)
                 t0 = time.perf_counter()

@@ -305,8 +305,12 @@ def open_live(spec: LiveSpec, stop: threading.Event, *, idle_s: float | None = N
             options.update(m3u8_hold_counters="4", max_reload="3", seg_max_retry="1")
             if headers:
                 options["headers"] = "".join(f"{k}: {v}\r\n" for k, v in headers)
+        # FFmpeg reads 5 s of a stream to learn its codecs before the first frame: a live view
+        # would start 5 s late. A second is enough for the video streams of live protocols.
+        options.update(analyzeduration="1000000", probesize="1000000")
         if body is not None:
-            container = av.open(body, format=None, buffer_size=_READ_BYTES, timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S))
+            container = av.open(body, format=None, options=options, buffer_size=_READ_BYTES,
+                                timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S))
         else:
             container = av.open(url, format=fmt, options=options, timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S))
     except InputError:
@@ -476,8 +480,13 @@ class _Clock:
                 self.reopened = False
                 self.anchor(raw - self.base, now)  # real time starts again where the stream resumed
         self.last_raw = raw
-        self.last = raw - self.base
+        self.last = round(raw - self.base, 6)  # 4.4 - 1.4 is 2.9999999999999996: a frame in the wrong window
         return self.last
+
+    @property
+    def end(self) -> float:
+        """Where the stream read so far ends: its last frame shows for one frame time."""
+        return round(self.last + self.step, 6) if self.base is not None else 0.0
 
     def due(self, t: float) -> float:
         return self.wall0 + (t - self.t0)
@@ -521,12 +530,12 @@ class LiveReader:
         try:
             end = self._read_all()
         except InputError as e:
-            end = StreamEnd(self.clock.last, str(e))
+            end = StreamEnd(self.clock.end, str(e))
         except Exception as e:  # noqa: BLE001 - a bug in the reader: said in one sentence, not lost in a thread
             log.debug("live reader failed", exc_info=True)
-            end = StreamEnd(self.clock.last, f"reading {self.spec.input} failed: {type(e).__name__}: {e}")
+            end = StreamEnd(self.clock.end, f"reading {self.spec.input} failed: {type(e).__name__}: {e}")
         finally:
-            self.queue.finish(end or StreamEnd(self.clock.last))
+            self.queue.finish(end or StreamEnd(self.clock.end))
 
     def _read_all(self) -> StreamEnd:
         opened = open_live(self.spec, self.stop_event, idle_s=self.retries_s)  # the first open fails at once
@@ -538,7 +547,7 @@ class LiveReader:
             cut_at = time.monotonic()
             opened = self._reopen(cut, cut_at)
             if opened is None:
-                return StreamEnd(self.clock.last, self._cut_sentence(cut))
+                return StreamEnd(self.clock.end, self._cut_sentence(cut))
             self.state.reconnects += 1
             self.state.note = ""
             self.clock.reopened = True
@@ -610,7 +619,7 @@ class LiveReader:
             error = _av_reason(e)
         finally:
             opened.close()
-        end = self.clock.last + self.clock.step  # the last frame shows for one frame time
+        end = self.clock.end
         if self.duration is not None:
             end = min(end, self.duration)
         if previous is not None and next_sample is not None and next_sample < end - _TIME_SLACK:
@@ -637,10 +646,16 @@ class LiveReader:
         if dropped is not None:
             with self._lock:
                 self.state.dropped += 1
-                self.state.drops_by_window[int(dropped.time // self.every)] += 1
+                self.state.drops_by_window[window_of(dropped.time, self.every)] += 1
 
     def _ahead(self, frame: LiveFrame) -> bool:
         return frame.due - time.monotonic() > _SLACK_S
+
+
+def window_of(t: float, every: float) -> int:
+    """The window of stream time `t`: [k * every, (k + 1) * every) is window k (a time a rounding
+    error below a boundary is on it)."""
+    return int(math.floor(t / every + 1e-9))
 
 
 def _clock(seconds: float) -> str:
