@@ -251,9 +251,8 @@ def test_records_come_out_in_real_time_on_stdout(started):
     assert watcher.wait() == 0, watcher.err
     came = [t for t, _ in watcher.lines]
     check_windows(watcher.records(), 1.0)
-    # The stream plays in real time: records one second of stream apart come about a second apart.
-    gaps = np.diff(came)
-    assert len(came) == 4 and 0.4 < float(np.median(gaps)) < 2.0, gaps
+    # The stream plays in real time: its records come as it plays (4 s), not all at its end.
+    assert len(came) == 4 and came[-1] - came[0] > 1.5, np.diff(came)
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):
@@ -389,3 +388,161 @@ class _Proc:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+# ---- keeping up ------------------------------------------------------------------------------
+
+
+def test_a_slow_model_drops_frames_and_its_lag_stays_bounded(started, monkeypatch):
+    """A vision encoder slowed to 4 frames/s against a stream sampled at 10: the oldest queued
+    frames are dropped and counted per window, and the lag stays within what the bounded
+    queue allows (without dropping, it would grow by 0.6 s per second of stream)."""
+    from malmm_cli.engine import Session
+
+    session = Session.load("tiny-random", device="cpu")
+    model = session.model
+    encode = model.encode_frames
+
+    def slow(pixels):
+        time.sleep(0.25 * pixels.shape[0])
+        return encode(pixels)
+
+    monkeypatch.setattr(model, "encode_frames", slow)
+    server = TsServer(seconds=10, fps=10)
+    started(server)
+    watch = session.watch(server.url, session.job("caption", fps=10.0, beams=1, max_tokens=5), every=2,
+                          queue_frames=4)
+    recs = [r.to_record() for r in watch]
+    assert watch.error is None
+    check_windows(recs, 2.0)
+    dropped = sum(r["dropped"] for r in recs)
+    assert dropped == watch.reader.state.dropped > 20  # every drop is counted, in its window
+    assert sum(r["frames"] for r in recs) + dropped == watch.reader.state.sampled == 100
+    lags = [r["lag"] for r in recs if r["lag"] is not None]
+    assert max(lags) < 4.0, lags  # queue (1 s) + a chunk (1 s) + the answer; unbounded: 6 s by the end
+
+
+# ---- options and output ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--every", "0.5"], "holds no sampled frame at --fps 1"),
+    (["--task", "ask"], "--task ask needs a question"),
+    (["--task", "classify"], "--task classify needs --label-set"),
+    (["-Q", "why?"], "-Q goes with --task ask"),
+    (["--duration", "0"], "--duration must be a positive time"),
+    (["--resume", "-o", "x.jsonl"], None),
+])
+def test_usage_errors_are_one_sentence_before_anything_loads(args, message):
+    out = malmm("watch", SAMPLE, *args, *TINY)
+    assert out.exit_code == 2
+    if message is not None:
+        assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.parametrize("source, message", [
+    ("ftp://127.0.0.1/live.ts", "unsupported scheme 'ftp'"),
+    ("/no/such/stream.ts", "does not exist"),
+    ("/dev/video99", "no camera is connected there"),
+])
+def test_a_source_that_cannot_be_watched(source, message):
+    out = malmm("watch", source, *TINY)
+    assert out.exit_code == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_nothing_listening_is_one_sentence():
+    out = malmm("watch", f"http://127.0.0.1:{free_port()}/live.ts", *TINY, "-q")
+    assert out.exit_code == 1 and "cannot be opened (connection refused)" in out.stderr, out.stderr
+
+
+def test_output_follows_the_batch_commands_rules(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my notes\n")
+    out = malmm("watch", SAMPLE, "-o", mine, *TINY, "-q")
+    assert out.exit_code == 2 and "not a results file written by malmm" in out.stderr
+    assert mine.read_text() == "my notes\n"  # never touched
+    srt = tmp_path / "live.srt"
+    assert malmm("watch", SAMPLE, "--every", 2, "-o", srt, *TINY, "-q").exit_code == 0
+    first = srt.read_text()
+    assert first.startswith("1\n00:00:00,000 --> 00:00:02,000\n") and first.count(" --> ") == 3
+    again = malmm("watch", SAMPLE, "--every", 2, "-o", srt, *TINY, "-q")
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    vtt = tmp_path / "live.vtt"
+    assert malmm("watch", SAMPLE, "--every", 3, "-o", vtt, *TINY, "-q").exit_code == 0
+    assert vtt.read_text().startswith("WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n")
+    assert malmm("watch", SAMPLE, "--every", 3, "-o", srt, "--overwrite", *TINY, "-q").exit_code == 0
+    assert srt.read_text().count(" --> ") == 2
+
+
+def test_help_examples_that_need_no_network_run_as_printed(tmp_path, monkeypatch):
+    from .cli import help_examples, help_text
+
+    examples = help_examples(help_text(["watch"]))
+    assert len(examples) == 4 and all(" | " not in e for e in examples)
+    make_video(tmp_path / "recording.ts", fps=10, n_frames=40, size=(64, 48))
+    an_hour_ago = time.time() - 3600  # a finished recording: not awaited to grow
+    os.utime(tmp_path / "recording.ts", (an_hour_ago, an_hour_ago))
+    monkeypatch.chdir(tmp_path)
+    local = [e for e in examples if "recording.ts" in e]
+    out = malmm(*local[0].split()[1:], *TINY, "-q")
+    assert out.exit_code == 0 and (tmp_path / "recording.srt").read_text().count(" --> ") == 1
+
+
+# ---- the terminal ----------------------------------------------------------------------------
+
+
+def test_the_panel_at_80_columns_shows_stream_time_lag_drops_and_memory():
+    import io
+
+    from rich.console import Console
+
+    from malmm_cli.results.watch_view import RichWatchView
+    from malmm_cli.sources.live import ReaderState
+    from models.memory_bank import BankStatus
+
+    console = Console(file=io.StringIO(), width=80, force_terminal=True, color_system=None)
+    view = RichWatchView(console)
+    view.started("http://127.0.0.1:8000/a/very/long/path/to/the/camera/feed/of/the/front/door/live.m3u8", 1.0,
+                 10.0, 40, False)
+    try:
+        memory = BankStatus(40, 12, 12, 0, tuple([1.0] * 12), tuple((i, i) for i in range(12)))
+        view.progress(75.2, 0.42, 75, ReaderState(dropped=3, reconnects=1), memory)
+        with console.capture() as capture:
+            console.print(view.panel)
+    finally:
+        view.close()
+    lines = capture.get().splitlines()
+    text = "\n".join(lines)
+    assert all(len(line) <= 80 for line in lines)
+    assert "stream 1:15" in text and "lag 0.4 s" in text and "3 dropped" in text and "1 reconnects" in text
+    assert "memory bank: 12/40 slots" in text and "…/" in lines[0] and lines[0].endswith("/live.m3u8 ─╮")
+
+
+needs_tmux = pytest.mark.skipif(TMUX is None, reason="tmux is not installed (apt-get install tmux)")
+
+
+@needs_tmux
+def test_ctrl_c_in_a_terminal_writes_the_current_window_and_leaves_a_clean_screen(started):
+    from .test_live import BOX, Pane
+
+    server = TsServer(seconds=120)
+    started(server)
+    pane = Pane([sys.executable, "-m", "malmm_cli", "watch", server.url, "--every", "1", *TINY])
+    try:
+        def live(screen):
+            return any("stream 0:0" in line for line in screen) and any(line.startswith("[0:00 - 0:01]")
+                                                                          for line in screen)
+
+        screen = pane.wait_for(live)
+        panel = [line for line in screen if line.startswith("│")]
+        assert panel and all(line.endswith("│") and len(line) == 80 for line in panel), "\n".join(screen)
+        assert any("memory bank:" in line for line in panel) and any("dropped" in line for line in panel)
+        pane.tmux("send-keys", "-t", "t", "C-c")
+        screen = pane.wait_for(lambda s: any(line.startswith("EXIT=") for line in s), timeout=60)
+        shown = [line for line in screen if line.strip()]
+        assert not BOX & set("".join(screen)), "\n".join(screen)  # the panel is gone, nothing torn
+        assert shown[-1] == "EXIT=130" and "the current window was written" in shown[-2], "\n".join(screen)
+        windows = [line for line in shown if re.match(r"\[\d+:\d\d - \d+:\d\d\] ", line)]
+        assert windows[0].startswith("[0:00 - 0:01]") and len(windows) >= 2
+    finally:
+        pane.close()

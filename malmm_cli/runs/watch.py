@@ -115,8 +115,13 @@ def run_watch(source: str, opts: WatchOptions) -> int:
         spec = live_spec(source)
         fmt = choose_format("jsonl" if c.json_ else opts.fmt, c.output)
         output = WatchOutput(c.output, fmt, source, c.overwrite)
+    except MalmmError as err:
+        error(str(err))
+        return err.exit_code
+    try:
         output.claim()  # before the model loads: a refusal costs nothing
     except MalmmError as err:
+        output.close()  # the lock taken while checking
         error(str(err))
         return err.exit_code
     with sigterm_as_interrupt() as fired:

@@ -175,8 +175,11 @@ class _Fd(_Bytes):
     def read(self, n: int) -> bytes:
         while not self.stop.is_set():
             data = os.read(self.fd, min(n, _READ_BYTES))
-            if data or self.idle_s is None or time.monotonic() - self.last_data > self.idle_s:
+            if data:
                 self.last_data = time.monotonic()
+                return data
+            if self.idle_s is None or time.monotonic() - self.last_data > self.idle_s:
+                self.idle_s = None  # the end: FFmpeg reads past it more than once, none of them waits again
                 return data
             time.sleep(_POLL_S)
         return b""
