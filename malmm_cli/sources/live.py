@@ -8,7 +8,7 @@ still arriving; PyAV demuxes and decodes packet by packet. What `malmm watch SOU
   Content-Length) is told apart from a cut connection (IncompleteRead); an HLS playlist
   (`.m3u8`, or a reply typed as one) read by FFmpeg's HLS demuxer; a web page (text/html)
   resolved by yt-dlp to its stream URL, then read as one of those;
-- `rtsp://`, `rtsps://`, `rtmp://`, `rtmps://`, `srt://`, `udp://`, `rtp://`: FFmpeg's own
+- `rtsp://`, `rtsps://`, `rtmp://`, `rtmps://`, `udp://`, `rtp://`: FFmpeg's own
   protocols (RTSP over TCP);
 - `/dev/videoN`: a webcam (V4L2);
 - `-`: standard input (anything FFmpeg can demux without seeking: MPEG-TS, Matroska, ...);
@@ -50,7 +50,7 @@ from malmm_cli.errors import InputError
 
 log = logging.getLogger("malmm")
 
-FFMPEG_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "srt", "udp", "rtp")
+FFMPEG_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "udp", "rtp")  # PyAV's FFmpeg has no SRT
 HTTP_SCHEMES = ("http", "https")
 HLS_TYPES = ("application/vnd.apple.mpegurl", "application/x-mpegurl", "audio/mpegurl", "audio/x-mpegurl")
 OPEN_TIMEOUT_S = 15.0  # connecting and the first bytes of a source
