@@ -313,6 +313,26 @@ def test_hls_playlist_growing_as_segments_are_added(tmp_path, started):
     assert sum(r["frames"] for r in recs) == 5
 
 
+def test_a_live_page_is_resolved_by_yt_dlp_to_its_stream(tmp_path, started):
+    """A web page (text/html) goes to yt-dlp, which finds the stream in it (here an HLS
+    playlist in a <video> tag); a page without one is one sentence."""
+    segments = _hls_segments(tmp_path, 3)
+    _playlist(tmp_path, segments, ended=True)
+    (tmp_path / "live.html").write_text('<html><head><title>Live</title></head><body>'
+                                        '<video controls src="index.m3u8"></video></body></html>')
+    (tmp_path / "empty.html").write_text("<html><head><title>Nothing</title></head><body>hello</body></html>")
+    server = HlsServer(tmp_path)
+    started(server)
+    out = malmm("watch", server.url.replace("index.m3u8", "live.html"), "--every", 1, *TINY, "--json", "-q")
+    assert out.exit_code == 0, out.stderr
+    recs = records(out.stdout)
+    check_windows(recs, 1.0)
+    assert len(recs) == 3 and recs[0]["input"].endswith("/live.html")
+    out = malmm("watch", server.url.replace("index.m3u8", "empty.html"), *TINY, "-q")
+    assert out.exit_code == 1 and "is a web page, and yt-dlp found no stream in it" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
+
+
 def test_a_server_killed_mid_stream(tmp_path, started):
     """The records written stay; the watcher tries to reconnect, then gives up by itself after
     --retries seconds, in one sentence, exit 1."""

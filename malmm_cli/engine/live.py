@@ -56,6 +56,7 @@ class LiveWatch:
         self.error: str | None = None
         self.stopped = False
         self.frames = 0  # sampled frames fed, over the whole watch
+        self.end = 0.0  # stream time where the last record written ends
         self._window = 0  # the open window
         self._in_window = 0  # its frames
         self._last: LiveFrame | None = None  # its last frame
@@ -156,6 +157,7 @@ class LiveWatch:
                     "compressions": memory.compressions if memory else 0},
             cumulative=self.cumulative, timings={k: round(v, 4) for k, v in self._timings.items()}, **fields)
         self._window += 1
+        self.end = end
         self._in_window = 0
         self._timings = dict.fromkeys(self._timings, 0.0)
         if not self.cumulative:

@@ -206,6 +206,5 @@ def _ending(watch, output, stopped: list[int], quiet: bool) -> int:
         error(watch.error.rstrip(".") + kept + ".")
         return 1
     if not quiet:
-        end = watch.reader.state.stream_time
-        sys.stderr.write(f"malmm: the stream ended after {end:.1f} s; {output.written} record(s) written{where}\n")
+        sys.stderr.write(f"malmm: the stream ended after {watch.end:.1f} s; {output.written} record(s) written{where}\n")
     return 0

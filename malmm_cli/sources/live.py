@@ -239,13 +239,15 @@ def resolve_page(url: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     import yt_dlp
 
     options = {"quiet": True, "no_warnings": True, "noplaylist": True, "playlist_items": "1",
-               "format": "bv*[height<=720]/b[height<=720]/bv*/b", "socket_timeout": OPEN_TIMEOUT_S}
+               "format": "bv*[height<=720]/b[height<=720]/bv*/b", "socket_timeout": OPEN_TIMEOUT_S,
+               "logger": _Silent()}  # its errors become our one sentence, not lines of its own
     try:
         with yt_dlp.YoutubeDL(options) as ydl:
             info = ydl.extract_info(url, download=False)
     except yt_dlp.utils.YoutubeDLError as e:
         message = re.sub(r"^ERROR:\s*", "", str(e)).strip().rstrip(".")
-        raise InputError(f"{url} is a web page, and yt-dlp found no stream in it ({message}).") from None
+        why = "" if message.startswith("Unsupported URL") else f" ({message})"
+        raise InputError(f"{url} is a web page, and yt-dlp found no stream in it{why}.") from None
     if info.get("_type") == "playlist":
         entries = [e for e in info.get("entries") or () if e]
         info = entries[0] if entries else {}
@@ -254,6 +256,15 @@ def resolve_page(url: str) -> tuple[str, tuple[tuple[str, str], ...]]:
     if not chosen.get("url"):
         raise InputError(f"{url} is a web page, and yt-dlp found no stream URL in it.")
     return chosen["url"], tuple((chosen.get("http_headers") or info.get("http_headers") or {}).items())
+
+
+class _Silent:
+    """yt-dlp's logger: quiet (what matters comes back as its exception)."""
+
+    def debug(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    warning = error = info = debug
 
 
 # ---- opening -------------------------------------------------------------------------------
