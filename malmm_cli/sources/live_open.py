@@ -170,6 +170,17 @@ class _Fd(_Bytes):
             os.close(self.fd)
 
 
+class _GrowingFile(_Fd):
+    """A file still being written: read as it grows, and seekable (an MP4 or Matroska demuxer
+    looks for its index)."""
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+
 def _reason(err: BaseException) -> str:
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
@@ -287,9 +298,9 @@ def open_live(spec: LiveSpec, stop: threading.Event, *, idle_s: float | None = N
             kind, body, url, headers = _open_http(spec.input, url, headers, stop)
         if kind == "stdin":
             body = _Fd(0, stop, None, owned=False)
-        elif kind == "file":
-            fresh = time.time() - os.stat(url).st_mtime <= (idle_s or 0)
-            body = _Fd(os.open(url, os.O_RDONLY), stop, idle_s if fresh else None, owned=True)
+        elif kind == "file" and time.time() - os.stat(url).st_mtime <= (idle_s or 0):
+            body = _GrowingFile(os.open(url, os.O_RDONLY), stop, idle_s, owned=True)
+        # A file nobody writes any more is FFmpeg's to read (by path: seekable, no Python in between).
         elif kind == "device":
             fmt = "v4l2"
         elif kind == "ffmpeg" and url.lower().startswith(("rtsp://", "rtsps://")):
