@@ -452,6 +452,7 @@ def test_a_slow_model_drops_frames_and_its_lag_stays_bounded(started, monkeypatc
     (["-Q", "why?"], "-Q goes with --task ask"),
     (["--duration", "0"], "--duration must be a positive time"),
     (["--resume", "-o", "x.jsonl"], None),
+    (["--json", "--format", "srt"], "--json and --format srt disagree"),
 ])
 def test_usage_errors_are_one_sentence_before_anything_loads(args, message):
     out = malmm("watch", SAMPLE, *args, *TINY)

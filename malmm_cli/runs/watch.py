@@ -86,6 +86,8 @@ def validate(opts: WatchOptions) -> None:
         raise UsageError("--overwrite needs --output (the file whose records to replace).")
     if c.resume:
         raise UsageError("--resume does not apply to a live stream; use --overwrite, or another -o file.")
+    if c.json_ and opts.fmt not in (None, "jsonl"):
+        raise UsageError(f"--json and --format {opts.fmt} disagree; use one.")
 
 
 def _job(opts: WatchOptions, label: str):
