@@ -488,6 +488,7 @@ def test_output_follows_the_batch_commands_rules(tmp_path):
     assert first.startswith("1\n00:00:00,000 --> 00:00:02,000\n") and first.count(" --> ") == 3
     again = malmm("watch", SAMPLE, "--every", 2, "-o", srt, *TINY, "-q")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert "--resume" not in again.stderr  # watch has no --resume: the refusal offers only what it has
     vtt = tmp_path / "live.vtt"
     assert malmm("watch", SAMPLE, "--every", 3, "-o", vtt, *TINY, "-q").exit_code == 0
     assert vtt.read_text().startswith("WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n")

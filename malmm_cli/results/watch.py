@@ -124,7 +124,7 @@ class WatchOutput:
         else:
             if path.is_dir():
                 raise UsageError(f"--output {path} is a directory; give a file name.")
-            self.sink = ResultsFile(path, fmt, _input_ids(source))
+            self.sink = ResultsFile(path, fmt, _input_ids(source), resumable=False)  # a stream is not resumed
 
     def claim(self) -> None:
         self.sink.claim("overwrite" if self.overwrite else "new", None)
