@@ -60,8 +60,8 @@ def listening(port: int) -> bool:
 class TsServer:
     """ffmpeg serving `seconds` of a synthetic stream in real time, MPEG-TS over HTTP (one client)."""
 
-    def __init__(self, seconds: float, fps: int = 10, size: str = "96x64"):
-        self.port = free_port()
+    def __init__(self, seconds: float, fps: int = 10, size: str = "96x64", port: int | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/live.ts"
         self.proc = subprocess.Popen(
             [ffmpeg_exe(), "-loglevel", "error", "-re", "-f", "lavfi", "-i",
@@ -357,6 +357,39 @@ def test_a_server_killed_mid_stream(tmp_path, started):
     assert f"{len(recs)} record(s) written" in errors[0]
     assert re.search(r"reconnecting, try [2-9]", watcher.err), watcher.err  # retries were made, with backoff
     assert "Traceback" not in watcher.err
+
+
+def test_a_restarted_server_is_read_on_from_where_the_stream_was_cut(started):
+    """A server killed mid-stream and started again, its times starting over: the reader
+    reconnects and reads the new stream as what plays now, on from the cut (none of it is taken
+    for a replay of what was read, as a reopened HLS playlist's segments would be)."""
+    first = TsServer(seconds=30)
+    started(first)
+    reader = LiveReader(live_spec(first.url), fps=2.0, every=1.0, retries_s=20)
+    started(reader)
+    reader.start()
+    frames, ends = [], []
+
+    def read_until(done) -> None:
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, (frames, reader.state)
+            items = reader.queue.take(64, 0.5)
+            frames.extend(i for i in items if not isinstance(i, StreamEnd))
+            ends.extend(i for i in items if isinstance(i, StreamEnd))
+
+    read_until(lambda: any(f.time >= 2.5 for f in frames))
+    first.stop()
+    read_until(lambda: "reconnecting" in reader.state.note)  # every frame before the cut is queued by now
+    frames.extend(reader.queue.take(64, 0.1))
+    cut = frames[-1].time
+    started(TsServer(seconds=4, port=first.port))  # the same URL, a new encoder: its times start at 0 again
+    read_until(lambda: ends)
+    times = [f.time for f in frames]
+    after = [t for t in times if t > cut]
+    assert reader.state.reconnects == 1 and ends[0].error is None
+    assert times == sorted(set(times))
+    assert len(after) >= 6 and after[0] - cut < 1.0, times  # 4 s of the new stream at 2 frames/s
 
 
 def test_sigterm_writes_the_current_window_and_exits_143(started):

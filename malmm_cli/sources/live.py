@@ -125,6 +125,12 @@ class FrameQueue:
             return out
 
 
+# How far back in stream time a reopened source may start again, repeating what was read: an
+# HLS playlist a few segments back, a file from its start. A stream, camera or pipe gives what
+# plays now, so a time back there is a restarted encoder, read as new.
+_REPLAY_S = {"hls": 60.0, "page-hls": 60.0, "file": math.inf}
+
+
 class _Clock:
     """Stream time of decoded frames: from 0 at the first frame, continuous across reconnects."""
 
@@ -135,6 +141,7 @@ class _Clock:
         self.step = 0.04  # a frame's duration, for a frame without a time and after a restart
         self.wall0 = self.t0 = 0.0  # real-time anchor: stream time t0 was shown at wall0
         self.reopened = False  # set on a reconnect: the next frame re-anchors real time
+        self.replay_s = 0.0  # how far back a reopened source may start again: frames there are skipped
 
     def anchor(self, t: float, now: float) -> None:
         self.wall0, self.t0 = now, t
@@ -142,8 +149,9 @@ class _Clock:
     def place(self, raw: float | None, now: float) -> float | None:
         """The stream time of a frame with raw time `raw` (s, the container's), or None for a
         frame to skip: one seen already (a reopened HLS stream starts a few segments back) or
-        out of order. Times that start over (a restarted encoder, a discontinuity) go on from
-        the last stream time."""
+        out of order. Times that start over (a restarted encoder, a discontinuity, any time back
+        after reopening a source that does not replay: it gives what plays now) go on from the
+        last stream time."""
         if raw is None:
             raw = 0.0 if self.last_raw is None else self.last_raw + self.step
         if self.base is None:
@@ -151,9 +159,10 @@ class _Clock:
             self.anchor(0.0, now)
         else:
             back = raw <= self.last_raw
-            if self.reopened and back and raw > self.last_raw - 60:
+            if self.reopened and back and raw > self.last_raw - self.replay_s:
                 return None
-            if raw < self.last_raw - 1 or raw > self.last_raw + (60 if self.reopened else 3600):
+            restarted = self.reopened and back  # further back than a replay: what plays now
+            if restarted or raw < self.last_raw - 1 or raw > self.last_raw + (60 if self.reopened else 3600):
                 self.base = raw - (self.last + self.step)
             elif back:
                 return None
@@ -232,6 +241,7 @@ class LiveReader:
             self.state.reconnects += 1
             self.state.note = ""
             self.clock.reopened = True
+            self.clock.replay_s = _REPLAY_S.get(opened.kind, 0.0)
 
     def _describe(self, opened: Opened) -> None:
         s, ctx = self.state, opened.stream.codec_context
