@@ -123,7 +123,11 @@ def test_live_view_at_80_columns_and_wider_shows_every_number(width, tmp_path):
     assert match.groups()[:2] == ("1234", "3000") and "elapsed" in match.group(0)
     assert any("memory bank: 40/40 slots · 1194 compressions · oldest slot 0:00-0:01" in line for line in lines)
     chart = next(line for line in lines if "frames per slot" in line)
-    assert len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", chart)) == 40  # one bar per slot: there is room
+    bars, scale = chart.split(" (█ = ")
+    assert len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", bars)) == 40  # one bar per slot: there is room
+    assert scale.startswith("13)")  # the scale: a full bar is the fullest slot's 13 frames
+    assert any(line.strip("│ ").startswith("slot: frames averaged into one entry · compression:") for line in lines)
+    assert any("video at 0:49 of 2:00" in line for line in lines)  # where the run is, in the video's time
 
 
 @pytest.mark.parametrize("width", [60, 50, 40])
@@ -138,7 +142,7 @@ def test_live_view_below_80_columns_drops_elapsed_first(width, tmp_path):
 def test_live_view_memory_chart_is_scaled_to_the_width(tmp_path):
     lines = live_view(str(long_path(tmp_path)), 80, slots=200)
     assert all(cell_len(line) <= 80 for line in lines), lines
-    chart = next(line for line in lines if "frames per slot" in line)
+    chart = next(line for line in lines if "frames per slot" in line).split(" (█ = ")[0]
     assert 40 < len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", chart)) < 80
 
 

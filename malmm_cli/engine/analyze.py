@@ -21,9 +21,10 @@ import torch
 from models import MALMM, VideoStream
 
 from malmm_cli.errors import VideoError
+from malmm_cli.messages import log, plural
 from malmm_cli.results.events import Events
 from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
-                                       SegmentText, VideoMeta)
+                                       SegmentText, VideoMeta, now)
 from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
@@ -31,6 +32,7 @@ from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preproce
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
+from .provenance import made_by
 from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
@@ -57,6 +59,7 @@ class _Run:
         return VideoError(f"No frames could be decoded from '{self.source.input}'.")
 
 
+NO_FRAMES = "(no frames decoded)"  # the text of a segment whose frames could not be read
 LLM_ROWS = 16  # rows per LLM call when a batch's answers are generated (each row has its beams)
 
 
@@ -88,10 +91,6 @@ class _Lane:
         """Stop its decoder, and drop an unfinished feature-cache entry."""
         if self.features is not None:
             self.features.close()
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_lockstep(jobs: list[Job], videos: int) -> None:
@@ -133,6 +132,7 @@ class Analyzer:
         self.events = events or Events()
         self.chunk_size = chunk_size
         self.threads: ThreadPlan | None = None
+        self._made_by = None  # results.records.MadeBy of this model, once a record needs it
 
     def run(self, source: VideoSource, job: Job, kept: KeptFeatures | None = None) -> Result:
         """One video through `job`, in one pass. With `kept` (from :meth:`read` of this
@@ -251,13 +251,13 @@ class Analyzer:
         t0 = time.perf_counter()
         if job.task == "classify":
             labels = job.label_set
-            self.events.stage(f"scoring {len(labels.labels)} labels for {_count(n, 'video')}")
+            self.events.stage(f"scoring {len(labels.labels)} labels for {plural(n, 'video')}")
             with self._heavy():
                 loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
             fields = [self._ranked(job, row) for row in loglik]
         else:
-            self.events.stage(f"writing {_count(n, 'caption')}" if job.task == "caption" else
-                              f"answering {_count(len(prompts), 'question')} about {_count(n, 'video')}")
+            self.events.stage(f"writing {plural(n, 'caption')}" if job.task == "caption" else
+                              f"answering {plural(len(prompts), 'question')} about {plural(n, 'video')}")
             texts: list[str] = []
             with self._heavy():
                 for a in range(0, len(prompts), LLM_ROWS):
@@ -296,10 +296,16 @@ class Analyzer:
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
             memory=MemoryMeta(job.memory, compressions),
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
+            made_by=self._provenance(),
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
             **fields,
         )
+
+    def _provenance(self):
+        if self._made_by is None:
+            self._made_by = made_by(self.model)
+        return replace(self._made_by, created=now())
 
     # ---- CPU threads ------------------------------------------------------------------
 
@@ -342,6 +348,7 @@ class Analyzer:
             t0 = time.perf_counter()
             hit = self.cache.get(**entry)
             run.timings["decode"] += time.perf_counter() - t0
+            log.debug("%s: vision features %s the cache", run.source.input, "read from" if hit else "not in")
             if hit is not None:
                 with hit:
                     t0 = time.perf_counter()
@@ -449,7 +456,7 @@ class Analyzer:
         return {"text": texts[0]}, stream
 
     def _ask(self, run: _Run):
-        texts, stream = self._answer(run, f"answering {len(run.job.questions)} question(s)")
+        texts, stream = self._answer(run, f"answering {plural(len(run.job.questions), 'question')}")
         return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
 
     def _classify(self, run: _Run):
@@ -485,9 +492,18 @@ class Analyzer:
         parts = tuple(SegmentText(s.start, s.end, t) for s, t in zip(segments, texts))
         return {"segments": parts, "summary": summary}, whole
 
-    def _caption_segment(self, run: _Run, stream: VideoStream, prompt: str, i: int, n: int) -> str:
-        self.events.stage(f"captioning segment {i + 1}/{n}")
-        return self._generate(run, stream, [prompt])[0]
+    def _caption_segment(self, run: _Run, stream: VideoStream, prompt: str, segments: list[Segment],
+                         texts: list[str]) -> None:
+        """Caption the next segment (the one after `texts`) from `stream`, and say so."""
+        i, n = len(texts), len(segments)
+        self.events.stage(f"captioning segment {i + 1} of {n}")
+        self._segment_done(segments, texts, self._generate(run, stream, [prompt])[0])
+
+    def _segment_done(self, segments: list[Segment], texts: list[str], text: str) -> None:
+        """The next segment's text, kept and told at once (whisper prints each segment as it comes)."""
+        seg = segments[len(texts)]
+        texts.append(text)
+        self.events.segment(len(texts) - 1, len(segments), seg.start, seg.end, text)
 
     def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[str]:
         """One pass: each frame goes to the whole-video stream and to its segment's stream;
@@ -499,18 +515,21 @@ class Analyzer:
         def per_frame(pos: int, feats: torch.Tensor) -> None:
             i = owner[pos]  # every sampled position belongs to exactly one segment
             if i > len(texts) and current[0] is not None:
-                texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
+                self._caption_segment(run, current[0], prompt, segments, texts)
                 current[0] = None
             if current[0] is None:
-                texts.extend(["(no frames decoded)"] * (i - len(texts)))
+                while len(texts) < i:
+                    self._segment_done(segments, texts, NO_FRAMES)
                 current[0] = self._new_stream(run, [prompt], len(segments[i].frames))
             current[0].add_features(feats)
 
         self._feed(run, [whole], per_frame)
         if current[0] is not None:
-            texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
+            self._caption_segment(run, current[0], prompt, segments, texts)
         # Segments after the last decoded frame (a video cut short) have nothing to caption.
-        return texts + ["(no frames decoded)"] * (len(segments) - len(texts))
+        while len(texts) < len(segments):
+            self._segment_done(segments, texts, NO_FRAMES)
+        return texts
 
     def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[str]]:
         """Boundaries depend on the whole video, so: one pass over the video feeds the
@@ -531,13 +550,13 @@ class Analyzer:
             self._feed(run, [whole], per_frame)
             timestamps = run.sampling.timestamps[: run.frames_done]
             segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
-            texts = []
-            for i, seg in enumerate(segments):
+            texts: list[str] = []
+            for seg in segments:
                 stream = self._new_stream(run, [prompt], len(seg.frames))
                 t0 = time.perf_counter()
                 for a in range(0, len(seg.frames), self.chunk_size):
                     block = seg.frames[a : a + self.chunk_size]
                     stream.add_features(store.read(block[0], block[-1] + 1))
                 run.timings["qformer"] += time.perf_counter() - t0
-                texts.append(self._caption_segment(run, stream, prompt, i, len(segments)))
+                self._caption_segment(run, stream, prompt, segments, texts)
         return segments, texts
