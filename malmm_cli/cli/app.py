@@ -20,6 +20,7 @@ from malmm_cli.terminal import error_line, shown
 
 from .analysis import GLOB_HINT
 from .analysis import register as register_analysis
+from .cache import register as register_cache
 from .eval import register as register_eval
 from .models import register as register_models
 from .options import GroupInWords
@@ -42,6 +43,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_cache(app)  # malmm cache [clear|prune]
 
 
 def _version(value: bool):
