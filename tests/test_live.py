@@ -164,6 +164,20 @@ def test_finished_line_is_one_line_with_the_file_name(tmp_path):
                                                                                            "1500 frames in 12.3 s")
 
 
+def test_the_memory_bank_as_it_ended_stays_after_the_view_closes():
+    console = Console(width=80, file=io.StringIO(), color_system=None)  # not a terminal: only what stays
+    events = RichEvents(console, total_inputs=1)
+    sampling = SimpleNamespace(indices=range(300), timestamps=[i / 25 for i in range(300)])
+    events.started("clip.mp4", SimpleNamespace(duration=12.0), sampling, capacity=4)
+    events.frames(300, 11.96, BankStatus(4, 4, 300, 296, (290.0, 5.0, 3.0, 2.0), ((0, 289), (290, 294),
+                                                                                 (295, 297), (298, 299))))
+    events.finished(SimpleNamespace(input="clip.mp4", sampling=SimpleNamespace(frames=300), timings={"total": 2.0}))
+    lines = console.file.getvalue().splitlines()
+    assert lines == ["✓ clip.mp4: 300 frames in 2.0 s",
+                     "  memory bank: 4/4 slots · 296 compressions · oldest slot 0:00-0:11",
+                     "  frames per slot: █▁▁▁ (█ = 290)"]
+
+
 def test_live_view_does_not_take_over_stdout():
     """Results go to stdout; the view is on stderr and must not redirect stdout into itself."""
     from malmm_cli.sources.video import plan_sampling, probe
@@ -265,6 +279,9 @@ def test_a_finished_run_leaves_one_line_per_input(tmp_path):
         assert not BOX & set("".join(screen)), "\n".join(screen)
         done = [line for line in screen if line.startswith("✓ ")]
         assert len(done) == 1 and re.search(r"…/holiday_clip\.mp4: 60 frames in \d+\.\d s$", done[0]), screen
+        after = screen[screen.index(done[0]) + 1:]  # the memory bank as it ended stays below it
+        assert after[0].startswith("  memory bank: 40/40 slots · 20 compressions") and \
+            after[1].startswith("  frames per slot: ") and after[1].endswith(")"), screen
         assert "EXIT=0" in screen, "\n".join(screen)
     finally:
         pane.close()

@@ -99,8 +99,7 @@ def chart_row(slot_frames: Sequence[float], width: int) -> str:
     if room < 1:
         return ""
     top = chart_top(slot_frames, room)
-    return label + slot_chart(slot_frames, room) + f" (█ = {top:,.0f})" if top >= 100 else \
-        label + slot_chart(slot_frames, room) + f" (█ = {top:.3g})"
+    return label + slot_chart(slot_frames, room) + (f" (█ = {top:.0f})" if top >= 10 else f" (█ = {top:.1f})")
 
 
 def _fit(chars: Iterable[str], cells: int) -> str:
@@ -372,6 +371,7 @@ class RichEvents(Events):
     def segment(self, index, total, start, end, text):
         if isinstance(self.view, _View):
             self.view.segments = f"summary: segment {index + 1} of {total} captioned"
+            self.view.note = ("video " + _at(end, self.duration), "dim")  # the stage that captioned it is over
         if self.show_segments:
             line = segment_line(SegmentText(start, end, text)).rstrip("\n")
             self.console.print(Text(line), soft_wrap=True)  # above the view while it is up
