@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
         "malmm summarize lecture.mp4 --every 2:00",
         "malmm summarize lecture.mp4 --scenes --format md",
+        "malmm summarize lecture.mp4 --format all -o lecture/",
     ))(summarize)
 
 
