@@ -37,6 +37,10 @@ another. DIR/.malmm-outputs.json maps each file name to the input it was written
 name once given is kept on later runs), to the job key it was written with, and to the
 SHA-256 of its content. --resume counts a file as done only if it was written for that very
 input with the same key; a file of that input from other work is written again.
+
+A format whose writer has an index page (html: DIR/index.html) keeps it listing every page of
+malmm's in the folder, rewritten after each one: it is guarded as the pages are (the index
+records it as belonging to no input), and no input's page takes its name.
 """
 
 from __future__ import annotations
@@ -71,17 +75,19 @@ from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, T
     recorded_inputs,
     successes,
 )
-from .writers import EXTENSIONS, WRITERS, get_writer, header_line, segment_line
+from .writers import EXTENSIONS, WRITERS, ResultWriter, get_writer, header_line, segment_line
 from .written import file_content
 
 log = logging.getLogger("malmm")
 
 INDEX_NAME = ".malmm-outputs.json"
+INDEX_PAGE_KEY = ""  # the input key recorded for a writer's index page (html's index.html): no input's
 MODES = ("new", "resume", "overwrite")
 _HELD = (signal.SIGINT, signal.SIGTERM)
 _HASHED = re.compile(r".*\.[0-9a-f]{8}", re.IGNORECASE)
 _FILE_SUFFIXES = frozenset(EXTENSIONS) | VIDEO_EXTENSIONS  # an -o with one of these names a file
-_FORMAT_NAMES = {"text": "text", "json": "JSON", "md": "Markdown", "srt": "SubRip (srt)", "vtt": "WebVTT (vtt)"}
+_FORMAT_NAMES = {"text": "text", "json": "JSON", "md": "Markdown", "srt": "SubRip (srt)", "vtt": "WebVTT (vtt)",
+                 "html": "HTML"}
 
 
 # ---- what counts as ours ---------------------------------------------------------------------
@@ -128,11 +134,15 @@ def _signals_held():
 
 
 class _PerVideoDir:
-    """One file per input and format in a directory (srt, vtt, md; every format with --format
-    all), each replaced atomically when it is written. `formats`: format -> file extension."""
+    """One file per input and format in a directory (srt, vtt, html; every format with --format
+    all), each replaced atomically when it is written. `writers`: format -> its writer, placed
+    for this folder; a writer with an index page (html's index.html) keeps it listing its pages."""
 
-    def __init__(self, path: Path, formats: dict[str, str], specs: list[str], ids: set[tuple[int, int]]):
-        self.path, self.formats, self.specs, self.ids = path, formats, specs, ids
+    def __init__(self, path: Path, writers: dict[str, ResultWriter], specs: list[str], ids: set[tuple[int, int]]):
+        self.path, self.writers, self.specs, self.ids = path, writers, specs, ids
+        self.formats = {fmt: writer.extension.lstrip(".") for fmt, writer in writers.items()}  # format -> extension
+        self.index_pages = {fmt: w.index_name for fmt, w in writers.items() if w.index_name}  # e.g. index.html
+        self.entries: dict[str, dict[str, dict]] = {}  # format -> page name -> what its index page shows of it
         self.keys = {s: input_key(s) for s in specs}
         self.fd: int | None = None
         self.created = False
@@ -150,9 +160,12 @@ class _PerVideoDir:
         self._lock_dir()
         self.index, self.jobs, self.digests = self._load_index()
         self.job = job
+        reserved = frozenset(self.index_pages.values())
         for fmt, ext in self.formats.items():
-            names = plan_names(self.specs, self.keys, ext, self.index)
+            names = plan_names(self.specs, self.keys, ext, self.index, reserved)
             self.names.update({(spec, fmt): names[spec] for spec in self.specs})
+        for page in self.index_pages.values():
+            self._check_index_page(page)
         done_files = {key for key in self.names if mode == "resume" and self._done(key, job)}
         done = {spec for spec in self.specs if all((spec, fmt) in done_files for fmt in self.formats)}
         for (spec, fmt), name in self.names.items():
@@ -188,6 +201,13 @@ class _PerVideoDir:
         elif mode == "new":
             raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
                              "there or --overwrite to replace them.")
+
+    def _check_index_page(self, page: str) -> None:
+        """An index page may be replaced only if it is malmm's, as any page."""
+        target = self.path / page
+        if os.path.lexists(target) and (is_input(target, self.ids) or not self._ours(target)):
+            raise UsageError(f"{target} exists and is not an index page that malmm wrote (or it was changed since); "
+                             "move it away or choose another -o directory.")
 
     def _ours(self, target: Path) -> bool:
         """Whether the file at `target` is empty, or holds what malmm last wrote there (noted in
@@ -249,7 +269,40 @@ class _PerVideoDir:
         pass
 
     def put(self, spec: str, text: str, fmt: str | None = None) -> None:
-        name = self.names[spec, fmt or next(iter(self.formats))]
+        fmt = fmt or next(iter(self.formats))
+        name = self.names[spec, fmt]
+        self._replace(name, self.keys[spec], text, self.job)
+        page = self.index_pages.get(fmt)
+        if page is not None:
+            writer = self.writers[fmt]
+            entries = self._index_entries(fmt)
+            entry = writer.index_entry(text)
+            if entry is not None:
+                entries[name] = entry
+            index = writer.index_page(sorted(entries.items(), key=lambda item: item[0].casefold()))
+            self._replace(page, INDEX_PAGE_KEY, index, None)
+
+    def _index_entries(self, fmt: str) -> dict[str, dict]:
+        """What the index page of `fmt` lists: its pages of malmm's in the folder (read once per
+        run, then kept up to date as pages are written)."""
+        if fmt not in self.entries:
+            entries = self.entries[fmt] = {}
+            writer, page, ext = self.writers[fmt], self.index_pages[fmt], self.formats[fmt]
+            for name in self.index:
+                target = self.path / name
+                if name == page or not name.lower().endswith(f".{ext}"):
+                    continue
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.lstat(target).st_mode):
+                        data = target.read_bytes()
+                        if hashlib.sha256(data).hexdigest() in self.digests.get(name, ()):
+                            entry = writer.index_entry(data.decode("utf-8", "replace"))
+                            if entry is not None:
+                                entries[name] = entry
+        return self.entries[fmt]
+
+    def _replace(self, name: str, key: str, text: str, job: str | None) -> None:
+        """Write file `name` of input `key` (atomically, recorded in the index before and after)."""
         data = text.encode("utf-8", "backslashreplace")  # as _ResultsFile.put
         new = hashlib.sha256(data).hexdigest()
         # Before the file is replaced, the index names the input it is for, drops another job's
@@ -257,9 +310,9 @@ class _PerVideoDir:
         # between leaves a claim without a file or a file without a key, which --resume redoes;
         # never a file that no input owns, nor one taken for work it is not, nor one of malmm's
         # that malmm will not replace.
-        if self.jobs.get(name, self.job) != self.job or self.index.get(name) != self.keys[spec]:
+        if self.jobs.get(name, job) != job or self.index.get(name) != key:
             self.jobs.pop(name, None)
-        self.index[name] = self.keys[spec]
+        self.index[name] = key
         self.digests[name] = [d for d in (self.current.get(name), new) if d]
         self._save_index()
         tmp = self.path / f".{name}.partial"
@@ -271,8 +324,8 @@ class _PerVideoDir:
             raise
         self.current[name] = new
         self.digests[name] = [new]
-        if self.job is not None:
-            self.jobs[name] = self.job
+        if job is not None:
+            self.jobs[name] = job
         self._save_index()
 
     def close(self) -> None:
@@ -289,9 +342,11 @@ def _stem(spec: str) -> str:
     return Path(spec.rstrip("/").split("?")[0]).stem or "video"
 
 
-def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str, str]) -> dict[str, str]:
+def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str, str],
+               reserved: frozenset[str] = frozenset()) -> dict[str, str]:
     """File name per input: the one it was given before (the index), else `<stem>.<fmt>` if
-    that is unambiguous, else `<stem>.<hash of the input>.<fmt>` (see the module doc)."""
+    that is unambiguous, else `<stem>.<hash of the input>.<fmt>` (see the module doc). No
+    input gets a `reserved` name (a writer's index page)."""
     owner = {name.casefold(): key for name, key in index.items()}
     before = {key: name for name, key in index.items() if name.lower().endswith(f".{fmt}")}
     stems = Counter(_stem(s).casefold() for s in specs)  # casefold: x.srt and X.srt are one file on macOS
@@ -301,7 +356,8 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
         plain = f"{stem}.{fmt}"
         if key in before:
             names[spec] = before[key]
-        elif stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key:
+        elif (stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key
+              and plain.casefold() not in {r.casefold() for r in reserved}):
             names[spec] = plain
         else:
             digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
@@ -329,7 +385,7 @@ def _every_format(task: str, path: Path | None) -> dict[str, object]:
 
 class Output:
     """Where a run's results go: stdout, one file (records appended as they finish), or a
-    directory with one file per input for per-video formats (srt, vtt).
+    directory with one file per input for per-video formats (srt, vtt, html).
 
     `claim(mode, job)` (before the model loads) checks and locks; `open()` starts writing;
     `write`/`write_error` append whole records, marked with the job key; `close()` releases
@@ -362,11 +418,14 @@ class Output:
             raise UsageError(f"--output {path} names a {_FORMAT_NAMES.get(named, named)} file, but {given} writes "
                              f"{_FORMAT_NAMES.get(fmt, fmt)}; name it {path.with_suffix(ext).name}, or leave out "
                              f"{given}.")
+        # Where the output goes, for what it links to (html: the video, relative to the page).
+        folder = Path(".") if path is None else path if self.per_file else path.parent
+        self.writers = {name: writer.placed(folder) for name, writer in self.writers.items()}
+        self.writer = next(iter(self.writers.values()))
         if path is None:
             self.sink = Stdout()
         elif self.per_file:
-            formats = {name: writer.extension.lstrip(".") for name, writer in self.writers.items()}
-            self.sink = _PerVideoDir(path, formats, specs, input_ids(specs))
+            self.sink = _PerVideoDir(path, self.writers, specs, input_ids(specs))
         else:
             self.sink = ResultsFile(path, fmt, input_ids(specs))
         self.written = 0
