@@ -380,6 +380,7 @@ def test_on_a_terminal_malmm_asks_before_it_downloads(network_but_no_model):
 def test_verbose_says_what_malmm_does():
     out = malmm("caption", SAMPLE, *TINY, *FAST, "-v", "--no-cache")
     assert out.exit_code == 0 and "malmm: job " in out.stderr and "CPU threads:" in out.stderr
+    assert "(s)" not in out.stderr  # counts agree with their nouns in -v's lines too
     assert "malmm: job " not in malmm("caption", SAMPLE, *TINY, *FAST).stderr
     both = malmm("caption", SAMPLE, *TINY, "-q", "-v")
     assert both.exit_code == 2 and "either --quiet or --verbose" in both.stderr
@@ -395,8 +396,10 @@ def test_format_all_writes_every_format_of_the_registry(tmp_path):
                 "--format", "all", "-o", target)
     assert out.exit_code == 0, out.stderr
     formats = [w for w in WRITERS.values() if "summarize" in w.tasks]
+    pages = [w.index_name for w in formats if w.index_name]  # html's index.html, listing its pages
     assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == sorted(
-        f"{stem}{w.extension}" for stem in ("sample", "other") for w in formats)
+        [f"{stem}{w.extension}" for stem in ("sample", "other") for w in formats] + pages)
+    assert "html" in {w.name for w in formats} and 'href="sample.html"' in (target / "index.html").read_text()
     assert (target / "sample.vtt").read_text().startswith("WEBVTT")
     assert records((target / "sample.json").read_text())[0]["segments"][0]["start"] == 0.0
     again = malmm("summarize", SAMPLE, second, *TINY, "--every", 3, "--beams", 1, "--max-tokens", 2,
