@@ -24,6 +24,7 @@ from .cache import register as register_cache
 from .eval import register as register_eval
 from .models import register as register_models
 from .options import GroupInWords
+from .serve import register as register_serve
 from .train import register as register_train
 
 app = typer.Typer(
@@ -43,6 +44,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_serve(app)  # the model behind an OpenAI-compatible HTTP API
 register_cache(app)  # malmm cache [clear|prune]
 
 

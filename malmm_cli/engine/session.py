@@ -350,6 +350,12 @@ class VideoState:
         return self.kept.count
 
     @property
+    def nbytes(self) -> int:
+        """What keeping it costs, in bytes (its features, in a temporary file): what a budget of
+        kept videos counts (malmm serve's --keep)."""
+        return self.kept.store.nbytes
+
+    @property
     def timings(self) -> dict[str, float]:
         """What the read cost, in seconds: decode, vision, total (the answers cost none of it)."""
         return dict(self.kept.timings)
