@@ -11,8 +11,8 @@ from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, Class
                       CpusPerWorkerOpt, Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt,
                       GpusPerWorkerOpt, HelpInWords, InputArg, Inputs, JsonOpt, LabelScoreOpt, LabelsOpt, LabelTaskOpt,
                       MaxTokensOpt, MemoryOpt, MinTokensOpt, ModelOpt, MoreQuestionsOpt, NoCacheOpt, OutputOpt,
-                      OverwriteOpt, Quant, QuantOpt, QuestionArg, QuietOpt, RayOpt, ResumeOpt, ScenesOpt, StartOpt,
-                      SummaryFormat, SummaryPromptOpt, TopKOpt, WorkersOpt, examples)
+                      OverwriteOpt, PrecisionOpt, Quant, QuantOpt, QuestionArg, QuietOpt, RayOpt, ResumeOpt, ScenesOpt,
+                      StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, VerboseOpt, WorkersOpt, YesOpt, examples)
 from .options import SegmentLabelsOpt, SegmentLabelTaskOpt
 
 
@@ -39,7 +39,23 @@ def register(app: typer.Typer) -> None:
         "malmm summarize lecture.mp4 --every 2:00",
         "malmm summarize lecture.mp4 --scenes --format md",
         "malmm summarize lecture.mp4 --format html -o lecture.html --task coin",
+        "malmm summarize lecture.mp4 --format all -o lecture/",
     ))(summarize)
+
+
+# `malmm ask *.mp4 "why?"`: the shell hands ask several files where it takes one INPUT.
+GLOB_HINT = ("ask takes one INPUT, then the QUESTION: was a glob expanded by the shell? Quote it ('*.mp4'), "
+             "or pass a folder or @list.txt.")
+
+
+def _question_is_a_video(question: str) -> bool:
+    """Whether the QUESTION names a video file here (the second file of an expanded glob)."""
+    from pathlib import Path
+
+    from malmm_cli.sources.media import VIDEO_EXTENSIONS
+
+    path = Path(question)
+    return path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
 
 
 def _run(task: str, inputs: list[str], values: dict, **args) -> int:
@@ -54,9 +70,11 @@ def caption(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
     quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
@@ -73,9 +91,11 @@ def ask(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
     quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
@@ -83,6 +103,11 @@ def ask(
 ):
     """Answer questions about a video (several questions in one pass). With one question and
     one input, the answer alone goes to stdout."""
+    if _question_is_a_video(question):
+        from malmm_cli.messages import error
+
+        error(f"The question '{question}' is a video file. {GLOB_HINT}")
+        raise typer.Exit(2)
     raise typer.Exit(_run("ask", [input], locals(), questions=[question, *(more or [])]))
 
 
@@ -96,9 +121,11 @@ def classify(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
     quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, batch: BatchOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
@@ -119,9 +146,11 @@ def summarize(
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
     quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     min_tokens: MinTokensOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,

@@ -46,6 +46,8 @@ class SessionOptions:
     quant: str = "auto"  # auto | none | 8bit | 4bit: the LLM's precision
     cache: bool = True  # read and write the vision feature cache (under $MALMM_CACHE_DIR)
     quiet: bool = True  # no loading messages on stderr
+    precision: str | None = None  # auto | fp32 | bf16 (presets.PRECISIONS); None: $MALMM_PRECISION, else auto
+    confirm_download: bool = False  # a model not downloaded yet: ask first on a terminal, else refuse (the CLI)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,13 @@ class Session:
 
     @classmethod
     def load(cls, model: str | None = None, *, checkpoint: str | Path | None = None, device: str = "auto",
-             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None) -> Session:
+             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None,
+             precision: str | None = None) -> Session:
         """A session with its model loaded: `model` a preset (tiny-random, instructblip-vicuna-7b),
-        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b)."""
-        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet)
+        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b);
+        `precision` auto, fp32 or bf16 (default: $MALMM_PRECISION, else auto)."""
+        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet,
+                                 precision)
         session = cls(options, events=events)
         session.model  # noqa: B018 - loads it now
         return session
@@ -324,6 +329,19 @@ class Session:
             raise
         return VideoState(self, source, kept, job)
 
+    def watch(self, source, job: Job, *, every: float, cumulative: bool = False, duration: float | None = None,
+              retries: float = 30.0, events=None, queue_frames: int | None = None):
+        """A live source (a stream URL, a camera, a growing file, "-"; sources/live.py), read as
+        its frames arrive: iterate the returned engine.live.LiveWatch for one record per `every`
+        seconds of stream time. `job`: caption, ask or classify, sampled at job.fps."""
+        from malmm_cli.sources.live import LiveSpec, live_spec
+
+        from .live import LiveWatch
+
+        spec = source if isinstance(source, LiveSpec) else live_spec(str(source))
+        return LiveWatch(self, spec, self.resolve(job), every=every, cumulative=cumulative, duration=duration,
+                         retries=retries, events=events, queue_frames=queue_frames)
+
     def features(self, source: str | Path | VideoSource, *, task: str = "caption", fps: float | None = None,
                  frames: int | None = None, start: float | None = None, end: float | None = None,
                  indices=None, augment=None, pre_norm: bool = False):
@@ -360,6 +378,12 @@ class VideoState:
     def frames(self) -> int:
         """Frames kept (those the read decoded)."""
         return self.kept.count
+
+    @property
+    def nbytes(self) -> int:
+        """What keeping it costs, in bytes (its features, in a temporary file): what a budget of
+        kept videos counts (malmm serve's --keep)."""
+        return self.kept.store.nbytes
 
     @property
     def timings(self) -> dict[str, float]:

@@ -187,8 +187,9 @@ def _say_saved(o: dict, report) -> None:
                          f"{sampling}); the last in {shown(str(last_path(out)))}; "
                          f"metrics in {shown(str(metrics_path(out)))}\n")
     else:
-        counted = ", ".join(f"{n} {noun}{'' if n == 1 else 's'}" for n, noun in ((options.epochs, "epoch"),
-                                                                              (report.steps, "step")))
+        from malmm_cli.messages import plural
+
+        counted = f"{plural(options.epochs, 'epoch')}, {plural(report.steps, 'step')}"
         sys.stderr.write(f"malmm: saved {shown(str(out))} ({counted}; {sampling}); metrics in "
                          f"{shown(str(metrics_path(out)))}\n")
 
