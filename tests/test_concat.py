@@ -186,3 +186,15 @@ def test_an_official_checkpoint_without_a_memory_bank_is_read_as_the_baseline(ti
     job = session.job("caption")
     assert (job.concat, job.memory, job.frames) == (True, 0, 4) and not session.loaded
     assert session.job("caption", memory=3).concat is False  # an explicit --memory wins
+
+
+def test_watch_refuses_the_baseline_in_one_sentence():
+    """A checkpoint trained with --concat makes its jobs concat by default; watch keeps its
+    memory constant, which the baseline cannot (frames x 32 LLM tokens), so it says so before
+    reading anything, instead of running with M = 0."""
+    from malmm_cli.engine.live import LiveWatch
+    from malmm_cli.engine.tasks import Job
+    from malmm_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="give --memory M"):
+        LiveWatch(None, None, Job(task="caption", model_label="tiny-random", memory=0, fps=1.0, concat=True), every=10)

@@ -28,6 +28,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from malmm_cli.errors import UsageError
 from malmm_cli.results.records import Answer
 from malmm_cli.results.watch import WatchEvents, WindowRecord
 from malmm_cli.results.writers import short_clock
@@ -48,6 +49,9 @@ class LiveWatch:
                  queue_frames: int | None = None):
         if job.task not in ("caption", "ask", "classify") or job.fps is None:
             raise ValueError("a live job is caption, ask or classify, sampled by rate (fps)")
+        if job.concat:  # the baseline's LLM context grows with every frame: no constant memory
+            raise UsageError("watch reads with a memory bank; this checkpoint was trained without one (--concat): "
+                             "give --memory M to watch with a bank of M slots.")
         self.session, self.spec, self.job = session, spec, job
         self.every, self.cumulative, self.duration = every, cumulative, duration
         self.events = events or WatchEvents()
