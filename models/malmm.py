@@ -24,10 +24,10 @@ from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, QFORMER_MAX_TEXT, TEM
 from .loading import load_malmm
 from .qformer import MemoryQFormer
 from .quantize import expected_llm_warnings
-from .streams import VideoBatch, VideoStream, temporal_slot
+from .streams import ConcatStream, VideoBatch, VideoStream, temporal_slot
 
 # Re-exported: the constants and stream classes have always been importable from here.
-__all__ = ["MALMM", "VideoStream", "VideoBatch", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
+__all__ = ["MALMM", "VideoStream", "VideoBatch", "ConcatStream", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
            "CLIP_STD", "QFORMER_MAX_TEXT", "temporal_slot"]
 
 
@@ -75,6 +75,9 @@ class MALMM(nn.Module):
         self.quantization: str | None = None  # as loaded: None, "8bit" or "4bit"
         self.overlay_report = None  # models.overlay.OverlayReport of an overlaid MA-LMM checkpoint
         self.trained_frames: int | None = None  # T_train of that checkpoint: temporal rows it trained
+        # Instruction tokens kept (from the left) for the Q-Former, and for the LLM prompt in
+        # training: LAVIS max_txt_len, 128 by default, what a checkpoint's config says otherwise.
+        self.max_text_tokens = QFORMER_MAX_TEXT
         self.eval()
 
     @property
@@ -116,10 +119,15 @@ class MALMM(nn.Module):
     # ---- vision -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n, P, C]: ViT + post-LayerNorm (InstructBLIP's ln_vision), batched."""
+    def encode_frames(self, pixel_values: torch.Tensor, *, pre_norm: bool = False) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, P, C]: ViT + post-LayerNorm (InstructBLIP's ln_vision), batched.
+        ``pre_norm=True`` stops before that LayerNorm (what training with a trainable ln_vision
+        caches: :func:`models.training.apply_ln_vision` then applies it)."""
         pixel_values = pixel_values.to(self.device, self.vision_dtype)
-        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if not pre_norm:
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        vision = self.vision_model
+        return vision.encoder(inputs_embeds=vision.embeddings(pixel_values)).last_hidden_state
 
     # ---- streams ----------------------------------------------------------------------
 
@@ -130,19 +138,25 @@ class MALMM(nn.Module):
         total_frames: int | None = None,
         memory_bank_length: int | None = None,
         cache_projections: bool = True,
-    ) -> VideoStream:
+        concat: bool = False,
+    ) -> VideoStream | ConcatStream:
         """Start reading a video. One row per instruction; all rows see the same frames.
 
         ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when
         known, spreads videos longer than 120 frames over the temporal position slots (see
         :func:`temporal_slot`). ``cache_projections=False`` re-projects the banks at every frame
         (the straightforward path; same results, slower). Several videos at once: :meth:`new_batch`.
+        ``concat=True``: the paper's no-memory baseline instead (:class:`ConcatStream`: every
+        frame's 32 query tokens go to the LLM; no bank, so M is not used).
         """
         if isinstance(instructions, str):
             instructions = [instructions]
         instructions = list(instructions)
         if not instructions:
             raise ValueError("new_stream needs at least one instruction")
+        if concat:
+            with torch.inference_mode():
+                return ConcatStream(self, instructions)
         M = self.memory_bank_length if memory_bank_length is None else memory_bank_length
         if M < 0:
             raise ValueError(f"memory_bank_length must be >= 0, got {M}")

@@ -34,7 +34,7 @@ def check_record(record: dict, task: str) -> None:
     assert set(memory) == {"length", "compressions"} | timeline and memory["compressions"] >= 0
     assert set(timings) == {"decode", "vision", "qformer", "llm", "total"}
     assert all(v >= 0 for v in timings.values())
-    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
+    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set", "label_score"},
                 "summarize": {"segments", "summary", "segmentation"}}[task]
     if task != "classify":  # generated text says how it was decoded
         expected = expected | {"generation"}
@@ -42,7 +42,8 @@ def check_record(record: dict, task: str) -> None:
                                              "repetition_penalty"}
     optional = {"warnings"}
     made_by = {"malmm_version", "checkpoint", "device", "dtype", "quant", "created"}  # each line stands alone
-    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "job"} | made_by
+    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "prompt", "job"} | made_by
+    assert isinstance(record["prompt"], str) and record["prompt"]  # the instruction the model was given
     assert set(record) - optional == base | expected
     assert set(record["dtype"]) == {"vision", "qformer", "llm"} and record["quant"] in ("none", "8bit", "4bit")
 

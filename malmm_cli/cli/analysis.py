@@ -7,12 +7,12 @@ import typer
 
 from malmm_cli.engine.presets import TOP_K
 
-from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, CpusPerWorkerOpt,
-                      Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt, GpusPerWorkerOpt, HelpInWords,
-                      InputArg, Inputs, JsonOpt, LabelsOpt, LabelTaskOpt, MaxTokensOpt, MemoryOpt, ModelOpt,
-                      MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, PrecisionOpt, Quant, QuantOpt, QuestionArg,
-                      QuietOpt, RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt,
-                      VerboseOpt, WorkersOpt, YesOpt, examples)
+from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, ConcatOpt,
+                      CpusPerWorkerOpt, Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt,
+                      GpusPerWorkerOpt, HelpInWords, InputArg, Inputs, JsonOpt, LabelScoreOpt, LabelsOpt, LabelTaskOpt,
+                      MaxTokensOpt, MemoryOpt, MinTokensOpt, ModelOpt, MoreQuestionsOpt, NoCacheOpt, OutputOpt,
+                      OverwriteOpt, PrecisionOpt, Quant, QuantOpt, QuestionArg, QuietOpt, RayOpt, ResumeOpt, ScenesOpt,
+                      StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, VerboseOpt, WorkersOpt, YesOpt, examples)
 from .options import SegmentLabelsOpt, SegmentLabelTaskOpt
 
 
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         "malmm classify clip.mp4 --task coin --top-k 3",
         "malmm classify clip.mp4 --labels 'cat,dog,bird'",
         "malmm classify clip.mp4 --task lvu_genre --json",
+        "malmm classify clip.mp4 --labels 'cat,dog,bird' --label-score mean",
     ))(classify)
     app.command(cls=HelpInWords, epilog=examples(
         "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
@@ -67,12 +68,14 @@ def caption(
     inputs: Inputs,
     prompt: CaptionPromptOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
     beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -86,12 +89,14 @@ def ask(
     question: QuestionArg,
     more: MoreQuestionsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
     beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -112,8 +117,10 @@ def classify(
     labels: LabelsOpt = None,
     top_k: TopKOpt = TOP_K,
     prompt: ClassifyPromptOpt = None,
+    label_score: LabelScoreOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
@@ -122,8 +129,10 @@ def classify(
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
-    """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
-    raise typer.Exit(_run("classify", inputs, locals(), label_task=task, labels=labels, top_k=top_k, prompt=prompt))
+    """Rank every label of a set by the model's likelihood; report the top k with probabilities. With
+    --checkpoint and no --task or --labels: the label set and prompt it was trained with."""
+    raise typer.Exit(_run("classify", inputs, locals(), label_task=task, labels=labels, top_k=top_k, prompt=prompt,
+                          label_score=label_score))
 
 
 def summarize(
@@ -135,12 +144,14 @@ def summarize(
     task: SegmentLabelTaskOpt = None,
     labels: SegmentLabelsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
     beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):

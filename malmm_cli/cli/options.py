@@ -181,6 +181,12 @@ CaptionPromptOpt = Annotated[Optional[str], typer.Option(metavar="TEXT", show_de
     f"Instruction. \\[default: {TASK_DEFAULTS['caption'].prompt!r}]"))]
 SummaryPromptOpt = Annotated[Optional[str], typer.Option(
     metavar="TEXT", show_default=False, help=f"Instruction. \\[default: {TASK_DEFAULTS['summarize'].prompt!r}]")]
+MinTokensOpt = Annotated[Optional[int], typer.Option(
+    "--min-tokens", metavar="N", show_default=False,
+    help="Fewest new tokens per generated text. \\[default: per task: 1; YouCook2 captions 2]")]
+ConcatOpt = Annotated[bool, typer.Option(
+    "--concat", help="No memory bank: the paper's baseline. Every frame goes through the Q-Former on its own and "
+    "all frames' 32 tokens go to the LLM (frames x 32 tokens: at most about 60 frames for Vicuna).")]
 BatchOpt = Annotated[Optional[int], typer.Option(
     "--batch", metavar="N", show_default=False,
     help="Read N videos at once, in lockstep: one batched model step per frame for all of them. More videos "
@@ -196,6 +202,10 @@ LabelsOpt = Annotated[Optional[str], typer.Option(
     metavar="FILE|LIST", help='Your own labels: a file (one per line, or a JSON list) or "a,b,c".', show_default=False)]
 TopKOpt = Annotated[int, typer.Option("--top-k", "-k", metavar="K", min=1, show_default=False,
                                       help=f"How many labels to report. \\[default: {TOP_K}]")]
+LabelScoreOpt = Annotated[Optional[str], typer.Option(
+    "--label-score", metavar="sum|mean", show_default=False,
+    help="How a label's likelihood is scored: the sum of its tokens' log-probabilities (the probability of "
+    "answering exactly it), or their mean (no head start for short labels). \\[default: sum]")]
 ClassifyPromptOpt = Annotated[Optional[str], typer.Option(
     metavar="TEXT", show_default=False,
     help=f"Instruction for --labels. \\[default: {TASK_DEFAULTS['classify'].prompt!r}]")]
@@ -253,6 +263,13 @@ LabelSetOpt = Annotated[Optional[str], typer.Option(
 EvalPromptOpt = Annotated[Optional[str], typer.Option(
     metavar="TEXT", show_default=False, help="Instruction for caption, or for classify with your labels. "
     "\\[default: per task]")]
+ScoringOpt = Annotated[Optional[str], typer.Option(
+    "--scoring", metavar="likelihood|generate", show_default=False,
+    help="classify: rank every label by its likelihood, or generate 5 beams and match the label exactly, as "
+    "the official eval does (top-1: beam 0; top-5: any beam). \\[default: likelihood]")]
+EvalPresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", metavar="youcook2", show_default=False,
+    help="caption: a data set's official decoding (youcook2: 30 tokens at most, 2 at least).")]
 EvalJsonOpt = Annotated[bool, typer.Option("--json", help="Print the final record as one JSON line.")]
 EvalOutputOpt = Annotated[Optional[Path], typer.Option(
     "--output", "-o", metavar="FILE", show_default=False,
@@ -273,19 +290,45 @@ TrainTaskOpt = Annotated[LearnTask, typer.Option(metavar="classify|ask|caption",
 CheckpointOutOpt = Annotated[Path, typer.Option("--output", "-o", metavar="CKPT", show_default=False,
                                                 help="Checkpoint file to write (.pth), saved after every epoch.")]
 ValOpt = Annotated[Optional[Path], typer.Option(
-    metavar="FILE", show_default=False, help="Validation data (same columns): loss, and accuracy for "
-    "classify, after every epoch.")]
+    metavar="FILE", show_default=False, help="Validation data (same columns), after every epoch: the loss and "
+    "the task metric (classify accuracy, ask exact match, caption CIDEr); -o then keeps the best epoch, "
+    "CKPT's .last.pth the last.")]
 EpochsOpt = Annotated[Optional[int], typer.Option(
     metavar="N", show_default=False, help="Passes over the data. \\[default: per task, as the paper: 20, 5, 10]")]
 LrOpt = Annotated[Optional[float], typer.Option(
     metavar="LR", show_default=False, help="Peak learning rate. \\[default: 1e-4; caption 1e-5]")]
 BatchSizeOpt = Annotated[Optional[int], typer.Option(
-    "--batch-size", metavar="N", show_default=False, help="Clips per step. \\[default: 16; ask 32]")]
+    "--batch-size", metavar="N", show_default=False,
+    help="Clips per optimizer step, as the paper's 4 GPUs together. \\[default: 64; ask and caption 128]")]
+AccumOpt = Annotated[Optional[int], typer.Option(
+    "--accum", metavar="K", show_default=False,
+    help="Split each step into K micro-batches (less memory, the same step). \\[default: 1; caption 2]")]
 TrainPromptOpt = Annotated[Optional[str], typer.Option(
-    metavar="TEXT", show_default=False, help="Instruction for classify and caption. \\[default: the task's]")]
+    metavar="TEXT", show_default=False, help="Instruction for classify and caption. \\[default: the task's, or "
+    "the --label-set's]")]
+TrainLabelSetOpt = Annotated[Optional[str], typer.Option(
+    "--label-set", metavar="NAME", show_default=False,
+    help="classify: train with a built-in label set's prompt (lvu_genre, coin, breakfast, ...); every label of "
+    "DATA must be in it.")]
+AugmentOpt = Annotated[Optional[bool], typer.Option(
+    "--augment/--no-augment", help="The official training sampling: a random frame per segment, one random "
+    "crop and flip per clip. \\[default: on]", show_default=False)]
+ViewsOpt = Annotated[Optional[int], typer.Option(
+    "--views", metavar="K", show_default=False,
+    help="Augmented views per clip, computed once: the vision encoder runs K x frames times per clip; each "
+    "epoch trains on one view. \\[default: 4]")]
+LnVisionOpt = Annotated[bool, typer.Option(
+    "--train-ln-vision", help="Train the vision encoder's last LayerNorm too, as the official code does (saved "
+    "as ln_vision.*).")]
+TrainPresetOpt = Annotated[Optional[str], typer.Option(
+    "--preset", metavar="youcook2", show_default=False,
+    help="caption: a data set's official settings (youcook2: lr 1e-4; decoding 2 to 30 tokens).")]
+TrainResumeOpt = Annotated[bool, typer.Option(
+    "--resume", help="Continue the training that wrote CKPT (its last epoch's weights, optimizer and place).")]
 StartFromOpt = Annotated[Optional[Path], typer.Option(
     "--checkpoint", metavar="FILE", show_default=False, help="Start from these MA-LMM weights (.pth).")]
-SeedOpt = Annotated[int, typer.Option(metavar="N", help="Seed for shuffling and dropout.")]
+SeedOpt = Annotated[Optional[int], typer.Option(
+    metavar="N", show_default=False, help="Seed for shuffling, augmentation and dropout. \\[default: 42]")]
 # Training takes any torch device name (cuda:1 on a machine with several GPUs), not only the three choices.
 TrainDeviceOpt = Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where to train.")]
 ReplaceCheckpointOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing CKPT.")]

@@ -29,11 +29,12 @@ from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
 
+from .augment import Augment
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
 from .provenance import made_by
-from .tasks import Job, Segment, fixed_segments, memory_timeline, probabilities, scene_segments
+from .tasks import Job, Segment, fixed_segments, label_scores, memory_timeline, ranked_labels, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
 
@@ -50,6 +51,13 @@ class _Run:
     frames_done: int = 0
     kept: KeptFeatures | None = None  # features kept by a read: replayed instead of decoded
     read_at: list[np.ndarray] = field(default_factory=list)  # timestamps of the frames fed, chunk by chunk
+    augment: Augment | None = None  # a training view's crop and flip (engine/augment.py)
+    pre_norm: bool = False  # features before ln_vision (training a trainable ln_vision)
+
+    @property
+    def view(self) -> str:
+        """How this run's features differ from the plain ones, for the cache key ("" if not)."""
+        return "|".join(([self.augment.key()] if self.augment else []) + (["pre-ln"] if self.pre_norm else []))
 
     @property
     def planned(self) -> int:
@@ -91,6 +99,11 @@ class _Lane:
         """Stop its decoder, and drop an unfinished feature-cache entry."""
         if self.features is not None:
             self.features.close()
+
+
+def _answers(job: Job, texts: Sequence[str]) -> tuple[Answer, ...]:
+    """ask's answers, each with its question as the user wrote it and the prompt it became."""
+    return tuple(Answer(q, a, p) for q, a, p in zip(job.questions, texts, job.prompts))
 
 
 def _check_lockstep(jobs: list[Job], videos: int) -> None:
@@ -162,6 +175,13 @@ class Analyzer:
         """
         jobs = [job] * len(sources) if isinstance(job, Job) else list(job)
         _check_lockstep(jobs, len(sources))
+        if jobs and jobs[0].concat:  # no bank to batch: the baseline reads its videos one at a time
+            for i, (source, each) in enumerate(zip(sources, jobs)):
+                try:
+                    yield i, self.run(source, each)
+                except errors as err:
+                    yield i, err
+            return
         started = time.perf_counter()
         self._plan_threads()
         lanes: list[_Lane] = []
@@ -251,12 +271,22 @@ class Analyzer:
         n = len(lanes)
         prompts = [p for lane in lanes for p in lane.prompts]
         t0 = time.perf_counter()
-        if job.task == "classify":
+        if job.task == "classify" and job.scoring == "likelihood":
             labels = job.label_set
             self.events.stage(f"scoring {len(labels.labels)} labels for {plural(n, 'video')}")
             with self._heavy():
-                loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
-            fields = [self._ranked(job, row) for row in loglik]
+                loglik = label_scores(job, self.model.tokenizer, self.model.score(rows, prompts, list(labels.labels)))
+            fields = [ranked_labels(job, row) for row in loglik]
+        elif job.task == "classify":
+            self.events.stage(f"generating labels for {plural(n, 'video')}")
+            beams = job.generation.num_beams
+            texts = []
+            with self._heavy():
+                for a in range(0, len(prompts), LLM_ROWS):
+                    texts += self.model.generate(rows.part(a, a + LLM_ROWS), prompts[a : a + LLM_ROWS],
+                                                 num_return_sequences=beams, **asdict(job.generation))
+            fields = [{"beams": tuple(texts[i * beams : (i + 1) * beams]), "label_set": job.label_set.name}
+                      for i in range(n)]
         else:
             self.events.stage(f"writing {plural(n, 'caption')}" if job.task == "caption" else
                               f"answering {plural(len(prompts), 'question')} about {plural(n, 'video')}")
@@ -269,7 +299,7 @@ class Analyzer:
             for lane in lanes:
                 mine, at = texts[at : at + len(lane.prompts)], at + len(lane.prompts)
                 fields.append({"text": mine[0]} if job.task == "caption" else
-                              {"answers": tuple(Answer(q, a) for q, a in zip(lane.run.job.questions, mine))})
+                              {"answers": _answers(lane.run.job, mine)})
         share = (time.perf_counter() - t0) / n
         for lane in lanes:
             lane.run.timings["llm"] += share
@@ -296,7 +326,8 @@ class Analyzer:
             model=job.model_label,
             video=VideoMeta(info.duration, info.fps, info.width, info.height),
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
-            memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ())),
+            memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ()), concat=job.concat),
+            prompt=job.prompt,
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
             made_by=self._provenance(),
             timings={k: round(v, 4) for k, v in run.timings.items()},
@@ -348,7 +379,7 @@ class Analyzer:
             # What this model computes, [n, P, C] with P = CLS + patches: an entry holding
             # anything else is damaged.
             entry = dict(
-                key=feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id),
+                key=feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id, run.view),
                 count=run.planned, torch_dtype=str(self.model.vision_dtype),
                 shape=((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size))
             t0 = time.perf_counter()
@@ -373,10 +404,12 @@ class Analyzer:
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    pixels = preprocess(chunk.frames, spec=self.model.image_spec, antialias=run.job.antialias)
+                    rgb = chunk.frames if run.augment is None else run.augment.apply(chunk.frames)
+                    pixels = preprocess(rgb, spec=self.model.image_spec, antialias=run.job.antialias)
                     t1 = time.perf_counter()
                     with self._heavy():
-                        feats = self.model.encode_frames(pixels)
+                        feats = (self.model.encode_frames(pixels, pre_norm=True) if run.pre_norm else
+                                 self.model.encode_frames(pixels))
                     run.timings["decode"] += t1 - t0
                     run.timings["vision"] += time.perf_counter() - t1
                     if writer is not None:  # on a write error it drops the entry and goes quiet
@@ -411,10 +444,21 @@ class Analyzer:
         return KeptFeatures(keep, run.info, run.sampling, np.concatenate(stamps), tuple(run.warnings[decoded_from:]),
                             {k: round(v, 4) for k, v in run.timings.items()})
 
-    def features_of(self, source: VideoSource, job: Job) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def features_of(self, source: VideoSource, job: Job, *, indices: Sequence[int] | None = None,
+                    augment: Augment | None = None,
+                    pre_norm: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(timestamps, features) of `source` sampled as `job` says, chunk by chunk, from the
-        cache or through the ViT (and into the cache): the vision pass alone (train's)."""
+        cache or through the ViT (and into the cache): the vision pass alone (train's).
+
+        A training view instead: `indices`, the frames to read (sorted source frame indices,
+        e.g. engine/augment.segment_frames), `augment`, one crop and flip for all of them, and
+        `pre_norm`, features before ln_vision. Each is part of the cache key."""
         run = self._prepare(source, job)
+        if indices is not None:
+            idx = np.unique(np.clip(np.asarray(indices, dtype=np.int64), 0, run.info.frame_count - 1))
+            run.sampling = Sampling(idx, run.info.times()[idx].astype(np.float64), run.sampling.start,
+                                    run.sampling.end, None, len(idx))
+        run.augment, run.pre_norm = augment, pre_norm
         for timestamps, feats in self._features(run):
             run.frames_done += feats.shape[0]
             yield timestamps, feats
@@ -440,12 +484,13 @@ class Analyzer:
     # ---- model calls ------------------------------------------------------------------------
 
     def _new_stream(self, run: _Run, instructions, total: int) -> VideoStream:
-        return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory)
+        return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory,
+                                     concat=run.job.concat)
 
-    def _generate(self, run: _Run, stream: VideoStream, prompts) -> list[str]:
+    def _generate(self, run: _Run, stream: VideoStream, prompts, **extra) -> list[str]:
         t0 = time.perf_counter()
         with self._heavy():
-            texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation))
+            texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation), **extra)
         run.timings["llm"] += time.perf_counter() - t0
         return texts
 
@@ -464,34 +509,29 @@ class Analyzer:
 
     def _ask(self, run: _Run):
         texts, stream = self._answer(run, f"answering {plural(len(run.job.questions), 'question')}")
-        return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
+        return {"answers": _answers(run.job, texts)}, stream
 
     def _classify(self, run: _Run):
-        labels = run.job.label_set
+        job, labels = run.job, run.job.label_set
         stream = self._new_stream(run, [labels.prompt], run.planned)
         self._feed(run, [stream])
+        if job.scoring == "generate":  # the official eval: 5 beams, the label matched against them
+            self.events.stage("generating the label")
+            beams = self._generate(run, stream, [labels.prompt], num_return_sequences=job.generation.num_beams)
+            return {"beams": tuple(beams), "label_set": labels.name}, stream
         self.events.stage(f"scoring {len(labels.labels)} labels")
-        return self._ranked(run.job, self._score(run, stream)), stream
+        return ranked_labels(job, self._score(run, stream)), stream
 
     def _score(self, run: _Run, stream: VideoStream) -> np.ndarray:
-        """Log-likelihoods of the job's labels after its label prompt, for a stream of that prompt."""
-        labels = run.job.label_set
+        """The job's label scores (label_scores: sum or mean log-likelihood) after its label
+        prompt, for a stream of that prompt."""
+        job, labels = run.job, run.job.label_set
         t0 = time.perf_counter()
         with self._heavy():
-            loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
+            summed = self.model.score(stream, [labels.prompt], list(labels.labels))
+            loglik = label_scores(job, self.model.tokenizer, summed)[0]
         run.timings["llm"] += time.perf_counter() - t0
         return loglik
-
-    @staticmethod
-    def _ranked(job: Job, loglik: np.ndarray) -> dict:
-        """classify's result fields from the labels' log-likelihoods."""
-        labels = job.label_set
-        probs = probabilities(loglik)
-        order = np.argsort(-probs, kind="stable")[: job.top_k]
-        ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
-        return {"labels": ranked, "label_set": labels.name}
-
-    ranked = _ranked  # classify's fields from log-likelihoods, for the live loop too
 
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]
@@ -525,7 +565,7 @@ class Analyzer:
         i, n = len(described), len(segments)
         self.events.stage(f"captioning segment {i + 1} of {n}")
         text = self._generate(run, streams[0], [prompt])[0]
-        labels = None if len(streams) == 1 else self._ranked(run.job, self._score(run, streams[1]))["labels"]
+        labels = None if len(streams) == 1 else ranked_labels(run.job, self._score(run, streams[1]))["labels"]
         self._segment_done(segments, described, (text, labels))
 
     def _segment_done(self, segments: list[Segment], described: list[Described], item: Described) -> None:

@@ -82,11 +82,16 @@ def video_fingerprint(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def feature_key(fingerprint: str, indices: np.ndarray, model_id: str) -> str:
+def feature_key(fingerprint: str, indices: np.ndarray, model_id: str, view: str = "") -> str:
+    """An entry's name: the video's content, the frames sampled, the model's vision path, and
+    `view` (a training view: its crop and flip, engine/augment.py; or features taken before
+    ln_vision); the plain view ("") keeps the keys entries always had."""
     h = hashlib.sha256()
     h.update(fingerprint.encode())
     h.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
     h.update(model_id.encode())
+    if view:
+        h.update(b"|view|" + view.encode())
     return h.hexdigest()[:40]
 
 

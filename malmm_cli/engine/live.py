@@ -28,12 +28,13 @@ from dataclasses import asdict
 
 import numpy as np
 
+from malmm_cli.errors import UsageError
 from malmm_cli.results.records import Answer
 from malmm_cli.results.watch import WatchEvents, WindowRecord
 from malmm_cli.results.writers import short_clock
 from malmm_cli.sources.live import LiveFrame, LiveReader, LiveSpec, StreamEnd, window_of
 
-from .tasks import Job
+from .tasks import Job, label_scores, ranked_labels
 
 CHUNK = 16  # sampled frames through the ViT at once, at most
 _WAIT_S = 0.2  # how often the loop looks at the stop flag while the queue is empty
@@ -48,6 +49,9 @@ class LiveWatch:
                  queue_frames: int | None = None):
         if job.task not in ("caption", "ask", "classify") or job.fps is None:
             raise ValueError("a live job is caption, ask or classify, sampled by rate (fps)")
+        if job.concat:  # the baseline's LLM context grows with every frame: no constant memory
+            raise UsageError("watch reads with a memory bank; this checkpoint was trained without one (--concat): "
+                             "give --memory M to watch with a bank of M slots.")
         self.session, self.spec, self.job = session, spec, job
         self.every, self.cumulative, self.duration = every, cumulative, duration
         self.events = events or WatchEvents()
@@ -168,15 +172,14 @@ class LiveWatch:
     def _answer(self, stream) -> dict:
         """The window's fields: caption text, answers, or ranked labels, as the batch commands
         produce them from a stream."""
-        from .analyze import Analyzer
-
         job, model = self.job, self.model
         t0 = time.perf_counter()
         with self.session.analyzer.heavy():
             if job.task == "classify":
                 labels = job.label_set
-                loglik = model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
-                fields = Analyzer.ranked(job, loglik)
+                scores = label_scores(job, model.tokenizer, model.score(stream, [labels.prompt], list(labels.labels)))
+                fields = ranked_labels(job, scores[0])
+                del fields["label_score"]  # watch scores by the sum (a window record has no such field)
             else:
                 texts = model.generate(stream, list(job.prompts), **asdict(job.generation))
                 fields = ({"text": texts[0]} if job.task == "caption" else

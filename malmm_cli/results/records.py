@@ -57,6 +57,7 @@ class MemoryMeta:
     # oldest first, and the time of each frame whose step compressed the bank.
     slots: tuple[SlotSpan, ...] | None = None
     compressions_at: tuple[float, ...] | None = None
+    concat: bool = False  # the paper's no-memory baseline: every frame's query tokens went to the LLM
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class MadeBy:
 class Answer:
     question: str
     answer: str
+    prompt: str | None = None  # the instruction this question became (the record's "prompt" filled in)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class Result:
     sampling: SamplingMeta
     memory: MemoryMeta
     timings: dict[str, float]
+    prompt: str | None = None  # the instruction the model was given (ask: the template each question fills)
     text: str | None = None
     answers: tuple[Answer, ...] | None = None
     labels: tuple[LabelScore, ...] | None = None
@@ -138,19 +141,26 @@ class Result:
     summary: str | None = None
     segmentation: Segmentation | None = None  # summarize
     generation: GenerationMeta | None = None  # set when text was generated (not for classify)
+    beams: tuple[str, ...] | None = None  # classify scored by generation (the official eval): the beams, best first
+    label_score: str | None = None  # classify by likelihood: "sum" or "mean" of the label's token log-probabilities
     made_by: MadeBy | None = None  # the engine sets it; a record shows its fields at top level
     warnings: tuple[str, ...] = field(default_factory=tuple)
     job: str | None = None  # jobkey.job_key: which work this is, for --resume; last, out of a reader's way
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "segmentation", "generation",
-                    "job"):
+        for key in ("prompt", "text", "answers", "labels", "label_set", "segments", "summary", "segmentation",
+                    "generation", "beams", "label_score", "job"):
             if record[key] is None:
                 del record[key]
         for key in ("slots", "compressions_at"):
             if record["memory"][key] is None:
                 del record["memory"][key]
+        if not record["memory"]["concat"]:
+            del record["memory"]["concat"]
+        for answer in record.get("answers") or ():
+            if answer["prompt"] is None:
+                del answer["prompt"]
         for segment in record.get("segments") or ():
             if segment["labels"] is None:
                 del segment["labels"]

@@ -58,6 +58,8 @@ class CommonOptions:
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
     batch: int | None = None  # videos read in lockstep through one batched step (runners.Lockstep)
+    min_tokens: int | None = None  # generation override: fewest new tokens
+    concat: bool = False  # the paper's no-memory baseline (every frame's query tokens to the LLM)
     precision: object = None  # auto | fp32 | bf16; None: $MALMM_PRECISION, else auto
     yes: bool = False  # fetch a model that is not downloaded yet without asking
     verbose: bool = False  # say on stderr what malmm does and why (the malmm logger at DEBUG)
@@ -70,7 +72,8 @@ class CommonOptions:
     def job_options(self) -> dict:
         """What engine.jobs.build_job takes of them."""
         return dict(fps=self.fps, frames=self.frames, start=self.start, end=self.end, memory=self.memory,
-                    beams=self.beams, max_tokens=self.max_tokens)
+                    beams=self.beams, max_tokens=self.max_tokens, min_tokens=self.min_tokens, concat=self.concat,
+                    checkpoint=self.checkpoint is not None)
 
     def session_options(self) -> SessionOptions:
         precision = None if self.precision is None else str(getattr(self.precision, "value", self.precision))
@@ -150,6 +153,8 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, *, fmt: str |
         validate(opts)
         choice = resolve_model(opts.model)
         job = build_job(task, choice.label, **opts.job_options(), **args)
+        if "labels" in job.trained_defaults:  # the checkpoint's label set: read (or refused) before any load
+            _checkpoint_labels(job, opts, choice)
         if (opts.batch or 1) > 1 and task not in LOCKSTEP_TASKS:
             raise UsageError(f"--batch reads whole videos in lockstep: {', '.join(LOCKSTEP_TASKS)} only.")
         check_environment(opts)
@@ -172,6 +177,17 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, *, fmt: str |
             return exit_code(stop, fired)
         finally:
             output.close()  # releases the output's lock
+
+
+def _checkpoint_labels(job, opts: CommonOptions, choice) -> None:
+    """A classify job that takes its labels from --checkpoint: the checkpoint's config is read
+    (its weights are not) and names a label set, or this is a usage error before any load."""
+    from models import ModelError
+
+    try:
+        Session(opts.session_options(), choice=choice).resolve(job)
+    except ModelError as err:  # not a readable checkpoint: the same sentence loading would give
+        raise UsageError(str(err)) from None
 
 
 def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOptions) -> int:
