@@ -349,6 +349,24 @@ class VideoState:
         """What the read cost, in seconds: decode, vision, total (the answers cost none of it)."""
         return dict(self.kept.timings)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds, in bytes: the visual banks kept for follow-up answers (kept.py), on
+        the model's device; the features themselves are in a temporary file."""
+        return self.kept.nbytes
+
+    @property
+    def kv_budget(self) -> int:
+        """Bytes the kept visual banks may take (default kept.KV_BUDGET_BYTES); 0 keeps none
+        (every answer then runs the whole Q-Former: the same answers, slower)."""
+        return self.kept.kv_budget
+
+    @kv_budget.setter
+    def kv_budget(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"kv_budget must be 0 or more bytes, not {value}")
+        self.kept.set_budget(int(value))
+
     def caption(self, *, prompt: str | None = None, memory: int | None = None, beams: int | None = None,
                 max_tokens: int | None = None) -> Result:
         return self.answer(self._job("caption", prompt=prompt, memory=memory, beams=beams, max_tokens=max_tokens))
