@@ -19,6 +19,7 @@ from malmm_cli.errors import MalmmError
 from malmm_cli.terminal import error_line, shown
 
 from .analysis import register as register_analysis
+from .chat import register as register_chat
 from .eval import register as register_eval
 from .models import register as register_models
 from .train import register as register_train
@@ -38,6 +39,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_chat(app)  # after the batch commands in `malmm --help`
 
 
 def _version(value: bool):
