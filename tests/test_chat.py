@@ -216,6 +216,30 @@ def test_piped_each_line_is_answered_on_one_line_as_malmm_ask_answers(fp32, tmp_
         assert alone.exit_code == 0 and line == alone.stdout.rstrip("\n")
 
 
+def test_the_readmes_chat_lines_run_in_a_shell_as_printed(tmp_path):
+    """A real pipe and a real redirection, in another process: the README's two chat lines."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", (root / "README.md").read_text(), re.S)
+                 if "malmm chat" in b)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(lines) == 2
+    shutil.copy(SAMPLE, tmp_path / "talk.mp4")
+    (tmp_path / "questions.txt").write_text("what is cooking?\nwho is there?\n")
+    env = {**os.environ, "MALMM_MODEL": "tiny-random", "PYTHONPATH": str(root)}
+    python = f"{shlex.quote(sys.executable)} -m malmm_cli "
+    outs = [subprocess.run(["bash", "-c", line.replace("malmm ", python)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600) for line in lines]
+    assert all(out.returncode == 0 for out in outs), [out.stderr for out in outs]
+    assert len(outs[0].stdout.splitlines()) == 2 and outs[0].stderr == ""  # -q: nothing on stderr
+    saved = records((tmp_path / "answers.jsonl").read_text())
+    assert [r["answers"][0]["question"] for r in saved] == ["what is cooking?", "who is there?"]
+    assert [r["answers"][0]["answer"] for r in saved] == outs[0].stdout.splitlines()  # the same answers
+
+
 def test_saved_records_equal_malmm_asks_records(fp32, tmp_path):
     saved = tmp_path / "chat.jsonl"
     options = ["--frames", 10, "--memory", 4, "--beams", 2]
@@ -377,6 +401,27 @@ def test_the_prompt_ends_on_ctrl_d_and_ctrl_c_and_keeps_history(tmp_path):
     with create_pipe_input() as pipe:  # up-arrow recalls the last line
         pipe.send_text("\x1b[A\r\x04")
         assert list(prompt_lines(history, input=pipe, output=DummyOutput())) == ["/caption"]
+
+
+def test_sigterm_at_the_prompt_ends_the_chat_as_it_ends_any_command():
+    """SIGTERM is not a Ctrl-C at the prompt (which ends the chat with exit 0): it goes on to
+    run_chat, which exits 143."""
+    import threading
+
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from malmm_cli.cli.chat_prompt import prompt_lines
+    from malmm_cli.interrupts import Terminated, sigterm_as_interrupt
+
+    got = []
+    with sigterm_as_interrupt(), create_pipe_input() as pipe:
+        pipe.send_text("hello\r")
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+        with pytest.raises(Terminated):
+            for line in prompt_lines(None, input=pipe, output=DummyOutput()):
+                got.append(line)
+    assert got == ["hello"]
 
 
 # ---- a real terminal: tmux at 80x24 ----------------------------------------------------------

@@ -112,8 +112,6 @@ class Chat:
     def open(cls, spec: str, opts, interactive: bool) -> Chat | None:
         """Check the options, load the model and read the video (the live view on stderr).
         None when the model does not load (said in one sentence)."""
-        from malmm_cli.engine.jobs import build_job
-        from malmm_cli.engine.presets import resolve_model
         from malmm_cli.engine.session import Session, failure, input_errors
         from malmm_cli.errors import InputError, MalmmError
         from malmm_cli.messages import error
@@ -123,8 +121,7 @@ class Chat:
         from malmm_cli.sources.inputs import open_source
         from models import ModelError
 
-        validate(opts)
-        build_job("ask", resolve_model(opts.model).label, **opts.job_options(), questions=["?"])  # the options
+        validate(opts)  # before anything loads: options out of bounds cost nothing
         check_environment(opts)
         if Path(spec).expanduser().is_dir():
             raise InputError(f"{spec} is a folder; malmm chat reads one video (malmm ask takes folders).")
@@ -152,13 +149,13 @@ class Chat:
         """Say what was read (and, on a terminal, what to do next) on stderr."""
         import shutil
 
-        from malmm_cli.messages import note
+        from malmm_cli.messages import log, note
         from malmm_cli.results.progress import shorten_middle
         from malmm_cli.results.writers import short_clock
 
         video = self.video
-        for warning in video.kept.warnings:
-            note(f"warning: {warning}")
+        for warning in video.kept.warnings:  # as the batch commands say theirs (none with --quiet)
+            log.warning("%s: %s", video.source.input, warning)
         if self.opts.quiet:
             return
         sampling = video.kept.sampling
@@ -181,6 +178,7 @@ class Chat:
     def take(self, line: str) -> bool:
         """Answer one line; False when it ends the chat (/quit)."""
         from malmm_cli.errors import MalmmError
+        from malmm_cli.interrupts import Terminated
 
         from .chat_requests import HELP, parse_line
 
@@ -202,8 +200,8 @@ class Chat:
                 self.answer(request)
         except MalmmError as err:
             self.fail(str(err), answered=request.task not in ("help", "save"), recorded=True)
-        except KeyboardInterrupt:
-            if not self.interactive:
+        except KeyboardInterrupt as stop:
+            if not self.interactive or isinstance(stop, Terminated):  # SIGTERM ends the chat, as any command
                 raise
             sys.stderr.write("malmm: answer cancelled\n")
         return True

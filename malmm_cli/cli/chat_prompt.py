@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from malmm_cli.interrupts import Terminated
 from malmm_cli.results.events import Events
 
 from .chat_requests import COMMANDS
@@ -38,7 +39,11 @@ def prompt_lines(history: Path | None, *, input=None, output=None) -> Iterator[s
     while True:
         try:
             yield session.prompt(PROMPT)
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D, Ctrl-C at the prompt: the chat ends
+        except EOFError:  # Ctrl-D
+            return
+        except KeyboardInterrupt as stop:  # Ctrl-C at the prompt ends the chat; SIGTERM ends it as it ends any command
+            if isinstance(stop, Terminated):
+                raise
             return
 
 
