@@ -1,4 +1,4 @@
-"""Benchmark 21: `malmm chat`'s first question against its follow-ups, with and without keeping
+"""Benchmark 24: `malmm chat`'s first question against its follow-ups, with and without keeping
 the visual memory bank (engine/kept.py, models/visual_track.py).
 
     python benchmarks/bench_chat.py --size tiny|real [--frames 20] [--memory 10] [--rounds 3] [--threads N]

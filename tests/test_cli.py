@@ -30,11 +30,12 @@ def check_record(record: dict, task: str) -> None:
     assert set(video) == {"duration", "fps", "width", "height"} and video["duration"] > 0
     assert set(sampling) == {"fps", "frames", "start", "end"} and sampling["frames"] >= 1
     assert 0 <= sampling["start"] < sampling["end"] <= video["duration"] + 1e-6
-    assert set(memory) == {"length", "compressions"} and memory["compressions"] >= 0
+    timeline = {"slots", "compressions_at"} if task == "summarize" else set()  # what the memory held, drawn
+    assert set(memory) == {"length", "compressions"} | timeline and memory["compressions"] >= 0
     assert set(timings) == {"decode", "vision", "qformer", "llm", "total"}
     assert all(v >= 0 for v in timings.values())
     expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
-                "summarize": {"segments", "summary"}}[task]
+                "summarize": {"segments", "summary", "segmentation"}}[task]
     if task != "classify":  # generated text says how it was decoded
         expected = expected | {"generation"}
         assert set(record["generation"]) == {"num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",

@@ -13,6 +13,7 @@ from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, Class
                       MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, Quant, QuantOpt, QuestionArg, QuietOpt,
                       RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, WorkersOpt,
                       examples)
+from .options import SegmentLabelsOpt, SegmentLabelTaskOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
         "malmm summarize lecture.mp4 --every 2:00",
         "malmm summarize lecture.mp4 --scenes --format md",
+        "malmm summarize lecture.mp4 --format html -o lecture.html --task coin",
     ))(summarize)
 
 
@@ -103,6 +105,8 @@ def summarize(
     scenes: ScenesOpt = False,
     format: FormatOpt = None,
     prompt: SummaryPromptOpt = None,
+    task: SegmentLabelTaskOpt = None,
+    labels: SegmentLabelsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
     device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
@@ -113,4 +117,5 @@ def summarize(
 ):
     """Timestamped segments with one caption each, plus a summary of the whole video."""
     fmt = None if format is None else "text" if format in (SummaryFormat.txt, SummaryFormat.text) else format.value
-    raise typer.Exit(_run("summarize", inputs, locals(), every=every, scenes=scenes, fmt=fmt, prompt=prompt))
+    raise typer.Exit(_run("summarize", inputs, locals(), every=every, scenes=scenes, fmt=fmt, prompt=prompt,
+                          label_task=task, labels=labels))

@@ -75,6 +75,7 @@ class SummaryFormat(str, Enum):
     srt = "srt"
     vtt = "vtt"
     json = "json"
+    html = "html"  # a page to look at: player, chapters, the memory drawn (results/html.py)
 
 
 class LearnTask(str, Enum):
@@ -167,8 +168,14 @@ EveryOpt = Annotated[Optional[float], typer.Option(
     metavar="TIME", parser=_time, show_default=False,
     help=f"Segment length: seconds, MM:SS or HH:MM:SS. \\[default: {SUMMARY_EVERY_SECONDS:g}]")]
 ScenesOpt = Annotated[bool, typer.Option("--scenes", help="Cut where the picture changes most instead of every N s.")]
+SegmentLabelTaskOpt = Annotated[Optional[str], typer.Option(
+    "--task", metavar="NAME", show_default=False,
+    help="Also rank each segment's labels from a built-in set (as classify --task); the top 3 are kept.")]
+SegmentLabelsOpt = Annotated[Optional[str], typer.Option(
+    metavar="FILE|LIST", show_default=False,
+    help='Also rank each segment\'s labels from your own set: a file or "a,b,c" (as classify --labels).')]
 FormatOpt = Annotated[Optional[SummaryFormat], typer.Option(
-    "--format", "-f", metavar="txt|md|srt|vtt|json", show_default=False,
+    "--format", "-f", metavar="txt|md|srt|vtt|json|html", show_default=False,
     help="Output format. \\[default: txt, or from the -o extension]")]
 
 # Running a batch on Ray (runs/runners.py's OnRay); without --ray nothing of Ray is imported.

@@ -23,7 +23,7 @@ from models import MALMM, VideoStream
 from malmm_cli.errors import VideoError
 from malmm_cli.results.events import Events
 from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
-                                       SegmentText, VideoMeta)
+                                       Segmentation, SegmentText, VideoMeta)
 from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
@@ -31,7 +31,7 @@ from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preproce
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
-from .tasks import Job, Segment, fixed_segments, probabilities, scene_segments
+from .tasks import Job, Segment, fixed_segments, memory_timeline, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
 
@@ -47,6 +47,7 @@ class _Run:
     warnings: list[str] = field(default_factory=list)
     frames_done: int = 0
     kept: KeptFeatures | None = None  # features kept by a read: replayed instead of decoded
+    read_at: list[np.ndarray] = field(default_factory=list)  # timestamps of the frames fed, chunk by chunk
 
     @property
     def planned(self) -> int:
@@ -122,6 +123,8 @@ class _Rows:
 
 
 PerFrame = Callable[[int, torch.Tensor], None]  # (position in the sampling, features [1, P, C])
+Described = tuple[str, tuple[LabelScore, ...] | None]  # a summary segment's caption and its top labels
+NOTHING_DECODED: Described = ("(no frames decoded)", None)
 
 
 class Analyzer:
@@ -296,7 +299,7 @@ class Analyzer:
             model=job.model_label,
             video=VideoMeta(info.duration, info.fps, info.width, info.height),
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
-            memory=MemoryMeta(job.memory, compressions),
+            memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ())),
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
@@ -413,6 +416,7 @@ class Analyzer:
     def _feed(self, run: _Run, streams: list[VideoStream], per_frame: PerFrame | None = None) -> None:
         """Run the video through `streams`, and through `per_frame` frame by frame."""
         for timestamps, feats in self._features(run):
+            run.read_at.append(timestamps)
             t0 = time.perf_counter()
             for stream in streams:
                 stream.add_features(feats)
@@ -466,11 +470,16 @@ class Analyzer:
         stream = self._whole_stream(run, [labels.prompt])
         self._feed(run, [stream])
         self.events.stage(f"scoring {len(labels.labels)} labels")
+        return self._ranked(run.job, self._score(run, stream)), stream
+
+    def _score(self, run: _Run, stream: VideoStream) -> np.ndarray:
+        """Log-likelihoods of the job's labels after its label prompt, for a stream of that prompt."""
+        labels = run.job.label_set
         t0 = time.perf_counter()
         with self._heavy():
             loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
         run.timings["llm"] += time.perf_counter() - t0
-        return self._ranked(run.job, loglik), stream
+        return loglik
 
     @staticmethod
     def _ranked(job: Job, loglik: np.ndarray) -> dict:
@@ -485,43 +494,60 @@ class Analyzer:
         prompt = run.job.prompts[0]
         whole = self._whole_stream(run, [prompt])
         if run.job.scenes:
-            segments, texts = self._scenes(run, whole, prompt)
+            segments, described = self._scenes(run, whole, prompt)
         else:
             segments = fixed_segments(run.sampling.start, run.sampling.end, run.job.every, run.sampling.timestamps)
-            texts = self._windows(run, whole, prompt, segments)
+            described = self._windows(run, whole, prompt, segments)
         self.events.stage("writing the overall summary")
         summary = self._generate(run, whole, [prompt])[0]
-        parts = tuple(SegmentText(s.start, s.end, t) for s, t in zip(segments, texts))
-        return {"segments": parts, "summary": summary}, whole
+        parts = tuple(SegmentText(s.start, s.end, text, labels) for s, (text, labels) in zip(segments, described))
+        read_at = np.concatenate(run.read_at) if run.read_at else np.zeros(0)
+        fields = {"segments": parts, "summary": summary,
+                  "segmentation": Segmentation(None if run.job.scenes else run.job.every, run.job.scenes),
+                  "memory_timeline": memory_timeline(whole.memory, read_at, run.sampling.end)}
+        if run.job.label_set is not None:
+            fields["label_set"] = run.job.label_set.name
+        return fields, whole
 
-    def _caption_segment(self, run: _Run, stream: VideoStream, prompt: str, i: int, n: int) -> str:
+    def _segment_streams(self, run: _Run, prompt: str, frames: int) -> list[VideoStream]:
+        """A segment's streams, fed the same frames: its caption's, and with a label set its
+        labels' (the label set's own instruction, as classify reads a video)."""
+        prompts = [prompt] + ([run.job.label_set.prompt] if run.job.label_set is not None else [])
+        return [self._new_stream(run, [p], frames) for p in prompts]
+
+    def _caption_segment(self, run: _Run, streams: list[VideoStream], prompt: str, i: int, n: int) -> Described:
+        """A segment's caption, and its top labels when the job has a label set."""
         self.events.stage(f"captioning segment {i + 1}/{n}")
-        return self._generate(run, stream, [prompt])[0]
+        text = self._generate(run, streams[0], [prompt])[0]
+        if len(streams) == 1:
+            return text, None
+        return text, self._ranked(run.job, self._score(run, streams[1]))["labels"]
 
-    def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[str]:
-        """One pass: each frame goes to the whole-video stream and to its segment's stream;
-        a segment is captioned as soon as its last frame has been read."""
+    def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[Described]:
+        """One pass: each frame goes to the whole-video stream and to its segment's streams;
+        a segment is described as soon as its last frame has been read."""
         owner = {pos: i for i, seg in enumerate(segments) for pos in seg.frames}
-        texts: list[str] = []
-        current: list = [None]  # the open segment's stream
+        described: list[Described] = []
+        current: list = [None]  # the open segment's streams
 
         def per_frame(pos: int, feats: torch.Tensor) -> None:
             i = owner[pos]  # every sampled position belongs to exactly one segment
-            if i > len(texts) and current[0] is not None:
-                texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
+            if i > len(described) and current[0] is not None:
+                described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
                 current[0] = None
             if current[0] is None:
-                texts.extend(["(no frames decoded)"] * (i - len(texts)))
-                current[0] = self._new_stream(run, [prompt], len(segments[i].frames))
-            current[0].add_features(feats)
+                described.extend([NOTHING_DECODED] * (i - len(described)))
+                current[0] = self._segment_streams(run, prompt, len(segments[i].frames))
+            for stream in current[0]:
+                stream.add_features(feats)
 
         self._feed(run, [whole], per_frame)
         if current[0] is not None:
-            texts.append(self._caption_segment(run, current[0], prompt, len(texts), len(segments)))
-        # Segments after the last decoded frame (a video cut short) have nothing to caption.
-        return texts + ["(no frames decoded)"] * (len(segments) - len(texts))
+            described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
+        # Segments after the last decoded frame (a video cut short) have nothing to describe.
+        return described + [NOTHING_DECODED] * (len(segments) - len(described))
 
-    def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[str]]:
+    def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[Described]]:
         """Boundaries depend on the whole video, so: one pass over the video feeds the
         whole-video stream, measures frame-to-frame change and keeps the features in a
         temporary file; segments are then read back from it. The ViT runs once. The file goes
@@ -540,13 +566,15 @@ class Analyzer:
             self._feed(run, [whole], per_frame)
             timestamps = run.sampling.timestamps[: run.frames_done]
             segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
-            texts = []
+            described = []
             for i, seg in enumerate(segments):
-                stream = self._new_stream(run, [prompt], len(seg.frames))
+                streams = self._segment_streams(run, prompt, len(seg.frames))
                 t0 = time.perf_counter()
                 for a in range(0, len(seg.frames), self.chunk_size):
                     block = seg.frames[a : a + self.chunk_size]
-                    stream.add_features(store.read(block[0], block[-1] + 1))
+                    feats = store.read(block[0], block[-1] + 1)
+                    for stream in streams:
+                        stream.add_features(feats)
                 run.timings["qformer"] += time.perf_counter() - t0
-                texts.append(self._caption_segment(run, stream, prompt, i, len(segments)))
-        return segments, texts
+                described.append(self._caption_segment(run, streams, prompt, i, len(segments)))
+        return segments, described

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from malmm_cli.errors import UsageError
 
-from .presets import SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from .presets import SEGMENT_TOP_K, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
 from .tasks import Job, custom_label_set, load_label_set, question_prompt
 
 # Bounds checked before any model loads, each with the reason a user can act on.
@@ -63,7 +63,8 @@ def build_job(task: str, model_label: str, *, fps: float | None = None, frames: 
     """Task defaults (presets.py) overridden by the options: the one place they are combined.
 
     `args` are the task's own: prompt (caption, summarize, classify with labels), questions
-    (ask), label_task or labels, and top_k (classify), every or scenes (summarize). The job
+    (ask), label_task or labels, and top_k (classify), every or scenes, and optionally
+    label_task or labels to classify each segment (summarize). The job
     notes which of frames and memory were left to their defaults: a finetuned checkpoint's
     own values replace those when the model is known (tasks.with_trained_defaults).
     """
@@ -87,13 +88,16 @@ def build_job(task: str, model_label: str, *, fps: float | None = None, frames: 
     # classify
     if (args.get("label_task") is None) == (args.get("labels") is None):
         raise UsageError("Give exactly one of --task (a built-in label set) or --labels (your own).")
+    if args.get("label_task") is not None and args.get("prompt"):
+        raise UsageError("--prompt goes with --labels; built-in label sets use the paper's prompt.")
+    return Job(label_set=_label_set(args, args.get("prompt")), top_k=args.get("top_k") or TOP_K, **common)
+
+
+def _label_set(args: dict, prompt: str | None):
+    """The label set of --task NAME or --labels FILE|LIST (`prompt`: the instruction for --labels)."""
     if args.get("label_task") is not None:
-        if args.get("prompt"):
-            raise UsageError("--prompt goes with --labels; built-in label sets use the paper's prompt.")
-        label_set = load_label_set(args["label_task"])
-    else:
-        label_set = custom_label_set(args["labels"], args.get("prompt"))
-    return Job(label_set=label_set, top_k=args.get("top_k") or TOP_K, **common)
+        return load_label_set(args["label_task"])
+    return custom_label_set(args["labels"], prompt)
 
 
 def sampling_job(task: str, model_label: str, *, fps: float | None = None, frames: int | None = None,
@@ -136,4 +140,11 @@ def _segments(task: str, args: dict) -> dict:
     if not (math.isfinite(every) and every >= MIN_EVERY_SECONDS):
         raise UsageError(f"--every must be at least {MIN_EVERY_SECONDS:g} s: each segment gets its own "
                          "caption from the LLM.")
-    return dict(every=every, scenes=bool(args.get("scenes")))
+    segments = dict(every=every, scenes=bool(args.get("scenes")))
+    # Optional: each segment's top labels as well, scored as classify scores them (the prompt of
+    # the label set, or classify's default for --labels: summarize's --prompt is the caption's).
+    if args.get("label_task") is not None and args.get("labels") is not None:
+        raise UsageError("Give at most one of --task (a built-in label set) or --labels (your own).")
+    if args.get("label_task") is not None or args.get("labels") is not None:
+        segments.update(label_set=_label_set(args, None), top_k=SEGMENT_TOP_K)
+    return segments

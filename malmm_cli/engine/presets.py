@@ -127,4 +127,5 @@ TASK_DEFAULTS: dict[str, TaskDefaults] = {
 
 SUMMARY_EVERY_SECONDS = 60.0  # default --every window when neither --every nor --scenes is given
 TOP_K = 5  # classify --top-k default
+SEGMENT_TOP_K = 3  # summarize --labels/--task: labels kept per segment (the report draws them as bars)
 LOCKSTEP_TASKS = ("caption", "ask", "classify")  # --batch: whole videos in lockstep (a summary captions segments)

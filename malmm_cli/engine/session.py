@@ -385,9 +385,14 @@ class VideoState:
                                      memory=memory))
 
     def summarize(self, *, every: float | None = None, scenes: bool = False, prompt: str | None = None,
-                  memory: int | None = None, beams: int | None = None, max_tokens: int | None = None) -> Result:
+                  memory: int | None = None, beams: int | None = None, max_tokens: int | None = None,
+                  labels: str | Sequence[str] | None = None, label_set: str | None = None) -> Result:
+        """Segments with a caption each and a summary; with `labels` or a built-in `label_set`,
+        each segment's top labels too (the frames are not read again for them)."""
+        if labels is not None and not isinstance(labels, str):
+            labels = ",".join(labels)
         return self.answer(self._job("summarize", every=every, scenes=scenes, prompt=prompt, memory=memory,
-                                     beams=beams, max_tokens=max_tokens))
+                                     beams=beams, max_tokens=max_tokens, labels=labels, label_task=label_set))
 
     def _job(self, task: str, **options) -> Job:
         return self.session.job(task, **self.sampling, **options)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from malmm_cli.errors import UsageError
+from malmm_cli.results.records import SlotSpan
 from .presets import TASK_DEFAULTS, Generation
 from malmm_cli.sources.textfiles import MAX_LABEL_CHARS, MAX_LABELS, check_length, lines, open_regular
 
@@ -252,3 +253,29 @@ def scene_segments(start: float, end: float, timestamps: np.ndarray, change: np.
         if min(abs(at - b) for b in [start, end, *chosen]) >= min_seconds:
             chosen.append(at)
     return _assign([start, *sorted(chosen), end], timestamps)
+
+
+# ---- what the memory holds ------------------------------------------------------------
+
+
+def memory_timeline(memory, timestamps: np.ndarray, end: float) -> tuple[tuple[SlotSpan, ...], tuple[float, ...]]:
+    """(slots, compressions_at) of a stream that read the frames at `timestamps`, in order:
+    the summary's picture of its memory. `memory` is the stream's models BankStatus at the end;
+    `end` the end of the sampled range.
+
+    Slot s holds, at each token position, the frames counted by that position's slot s, and
+    a position's counts, oldest slot first, sum to the frames seen (method.md, MBC). So slot s
+    covers frames slot_spans[s] (first, last, over all positions); as a span of video it runs
+    from its first frame's time to the next frame's time (the range's end after the last
+    frame), and stands for slot_frames[s] frames (mean over positions). Every step that takes
+    the bank past M compresses it once, and the bank fills at M frames: the compressions
+    happened at the last `compressions` frames read.
+    """
+    n = memory.frames_seen
+    if n != len(timestamps):
+        raise ValueError(f"{len(timestamps)} timestamps for a stream that read {n} frames")
+    times = [float(t) for t in timestamps] + [float(end)]
+    slots = tuple(SlotSpan(round(times[first], 3), round(times[last + 1], 3), round(frames, 3))
+                  for (first, last), frames in zip(memory.slot_spans, memory.slot_frames))
+    compressions_at = tuple(round(t, 3) for t in times[n - memory.compressions : n])
+    return slots, compressions_at

@@ -37,6 +37,10 @@ another. DIR/.malmm-outputs.json maps each file name to the input it was written
 name once given is kept on later runs), to the job key it was written with, and to the
 SHA-256 of its content. --resume counts a file as done only if it was written for that very
 input with the same key; a file of that input from other work is written again.
+
+A format whose writer has an index page (html: DIR/index.html) keeps it listing every page of
+malmm's in the folder, rewritten after each one: it is guarded as the pages are (the index
+records it as belonging to no input), and no input's page takes its name.
 """
 
 from __future__ import annotations
@@ -69,12 +73,13 @@ from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, T
     recorded_inputs,
     successes,
 )
-from .writers import EXTENSIONS, get_writer
+from .writers import EXTENSIONS, ResultWriter, get_writer
 from .written import file_content
 
 log = logging.getLogger("malmm")
 
 INDEX_NAME = ".malmm-outputs.json"
+INDEX_PAGE_KEY = ""  # the input key recorded for a writer's index page (html's index.html): no input's
 MODES = ("new", "resume", "overwrite")
 _HELD = (signal.SIGINT, signal.SIGTERM)
 _HASHED = re.compile(r".*\.[0-9a-f]{8}", re.IGNORECASE)
@@ -125,10 +130,14 @@ def _signals_held():
 
 
 class _PerVideoDir:
-    """One file per input in a directory (srt, vtt), replaced atomically when it is written."""
+    """One file per input in a directory (srt, vtt, html), replaced atomically when it is written."""
 
-    def __init__(self, path: Path, fmt: str, specs: list[str], ids: set[tuple[int, int]]):
+    def __init__(self, path: Path, fmt: str, specs: list[str], ids: set[tuple[int, int]],
+                 writer: ResultWriter | None = None):
         self.path, self.fmt, self.specs, self.ids = path, fmt, specs, ids
+        self.writer = writer
+        self.index_page = writer.index_name if writer is not None else None  # e.g. index.html
+        self.entries: dict[str, dict] | None = None  # page name -> what the index page shows of it
         self.keys = {s: input_key(s) for s in specs}
         self.fd: int | None = None
         self.created = False
@@ -144,7 +153,10 @@ class _PerVideoDir:
         self._lock_dir()
         self.index, self.jobs, self.digests = self._load_index()
         self.job = job
-        self.names = plan_names(self.specs, self.keys, self.fmt, self.index)
+        reserved = frozenset({self.index_page} if self.index_page else ())
+        self.names = plan_names(self.specs, self.keys, self.fmt, self.index, reserved)
+        if self.index_page is not None:
+            self._check_index_page()
         done = set()
         for spec in self.specs:
             target = self.path / self.names[spec]
@@ -170,6 +182,13 @@ class _PerVideoDir:
                 raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
                                  "there or --overwrite to replace them.")
         return done
+
+    def _check_index_page(self) -> None:
+        """The index page may be replaced only if it is malmm's, as any page."""
+        target = self.path / self.index_page
+        if os.path.lexists(target) and (is_input(target, self.ids) or not self._ours(target)):
+            raise UsageError(f"{target} exists and is not an index page that malmm wrote (or it was changed since); "
+                             "move it away or choose another -o directory.")
 
     def _ours(self, target: Path) -> bool:
         """Whether the file at `target` is empty, or holds what malmm last wrote there (noted in
@@ -231,7 +250,35 @@ class _PerVideoDir:
         pass
 
     def put(self, spec: str, text: str) -> None:
-        name = self.names[spec]
+        self._replace(self.names[spec], self.keys[spec], text, self.job)
+        if self.index_page is not None:
+            entries = self._index_entries()
+            entry = self.writer.index_entry(text)
+            if entry is not None:
+                entries[self.names[spec]] = entry
+            page = self.writer.index_page(sorted(entries.items(), key=lambda item: item[0].casefold()))
+            self._replace(self.index_page, INDEX_PAGE_KEY, page, None)
+
+    def _index_entries(self) -> dict[str, dict]:
+        """What the index page lists: the pages of malmm's in the folder (read once per run, then
+        kept up to date as pages are written)."""
+        if self.entries is None:
+            self.entries = {}
+            for name in self.index:
+                target = self.path / name
+                if name == self.index_page or not name.lower().endswith(f".{self.fmt}"):
+                    continue
+                with contextlib.suppress(OSError):
+                    if stat.S_ISREG(os.lstat(target).st_mode):
+                        data = target.read_bytes()
+                        if hashlib.sha256(data).hexdigest() in self.digests.get(name, ()):
+                            entry = self.writer.index_entry(data.decode("utf-8", "replace"))
+                            if entry is not None:
+                                self.entries[name] = entry
+        return self.entries
+
+    def _replace(self, name: str, key: str, text: str, job: str | None) -> None:
+        """Write file `name` of input `key` (atomically, recorded in the index before and after)."""
         data = text.encode("utf-8", "backslashreplace")  # as _ResultsFile.put
         new = hashlib.sha256(data).hexdigest()
         # Before the file is replaced, the index names the input it is for, drops another job's
@@ -239,9 +286,9 @@ class _PerVideoDir:
         # between leaves a claim without a file or a file without a key, which --resume redoes;
         # never a file that no input owns, nor one taken for work it is not, nor one of malmm's
         # that malmm will not replace.
-        if self.jobs.get(name, self.job) != self.job or self.index.get(name) != self.keys[spec]:
+        if self.jobs.get(name, job) != job or self.index.get(name) != key:
             self.jobs.pop(name, None)
-        self.index[name] = self.keys[spec]
+        self.index[name] = key
         self.digests[name] = [d for d in (self.current.get(name), new) if d]
         self._save_index()
         tmp = self.path / f".{name}.partial"
@@ -253,8 +300,8 @@ class _PerVideoDir:
             raise
         self.current[name] = new
         self.digests[name] = [new]
-        if self.job is not None:
-            self.jobs[name] = self.job
+        if job is not None:
+            self.jobs[name] = job
         self._save_index()
 
     def close(self) -> None:
@@ -271,9 +318,11 @@ def _stem(spec: str) -> str:
     return Path(spec.rstrip("/").split("?")[0]).stem or "video"
 
 
-def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str, str]) -> dict[str, str]:
+def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str, str],
+               reserved: frozenset[str] = frozenset()) -> dict[str, str]:
     """File name per input: the one it was given before (the index), else `<stem>.<fmt>` if
-    that is unambiguous, else `<stem>.<hash of the input>.<fmt>` (see the module doc)."""
+    that is unambiguous, else `<stem>.<hash of the input>.<fmt>` (see the module doc). No
+    input gets a `reserved` name (a writer's index page)."""
     owner = {name.casefold(): key for name, key in index.items()}
     before = {key: name for name, key in index.items() if name.lower().endswith(f".{fmt}")}
     stems = Counter(_stem(s).casefold() for s in specs)  # casefold: x.srt and X.srt are one file on macOS
@@ -283,7 +332,8 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
         plain = f"{stem}.{fmt}"
         if key in before:
             names[spec] = before[key]
-        elif stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key:
+        elif (stems[stem.casefold()] == 1 and not _HASHED.fullmatch(stem) and owner.get(plain.casefold(), key) == key
+              and plain.casefold() not in {r.casefold() for r in reserved}):
             names[spec] = plain
         else:
             digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()  # a name's bytes as they are
@@ -300,7 +350,7 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
 
 class Output:
     """Where a run's results go: stdout, one file (records appended as they finish), or a
-    directory with one file per input for per-video formats (srt, vtt).
+    directory with one file per input for per-video formats (srt, vtt, html).
 
     `claim(mode, job)` (before the model loads) checks and locks; `open()` starts writing;
     `write`/`write_error` append whole records, marked with the job key; `close()` releases
@@ -320,10 +370,12 @@ class Output:
             # -o all.srt would become a folder named all.srt, holding one file per video.
             raise UsageError(f"--output {path} names a file, but {fmt} makes one file per video: with "
                              f"{len(specs)} inputs, give -o DIRECTORY (a name without {path.suffix}).")
+        # Where the output goes, for what it links to (html: the video, relative to the page).
+        self.writer = self.writer.placed(Path(".") if path is None else path if self.per_file else path.parent)
         if path is None:
             self.sink = Stdout()
         elif self.per_file:
-            self.sink = _PerVideoDir(path, fmt, specs, input_ids(specs))
+            self.sink = _PerVideoDir(path, fmt, specs, input_ids(specs), self.writer)
         else:
             self.sink = ResultsFile(path, fmt, input_ids(specs))
         self.written = 0

@@ -37,9 +37,23 @@ class SamplingMeta:
 
 
 @dataclass(frozen=True)
+class SlotSpan:
+    """What one memory slot holds at the end: the span of video [start, end) its frames come
+    from (over all token positions) and how many frames it stands for (mean over positions)."""
+
+    start: float
+    end: float
+    frames: float
+
+
+@dataclass(frozen=True)
 class MemoryMeta:
     length: int  # M, the bank capacity used
     compressions: int
+    # Summaries only (engine.tasks.memory_timeline): the whole-video stream's slots at the end,
+    # oldest first, and the time of each frame whose step compressed the bank.
+    slots: tuple[SlotSpan, ...] | None = None
+    compressions_at: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +84,15 @@ class SegmentText:
     start: float
     end: float
     text: str
+    labels: tuple[LabelScore, ...] | None = None  # summarize --labels/--task: the segment's top labels
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """How a summary was cut: fixed windows of `every` seconds, or at scene changes."""
+
+    every: float | None
+    scenes: bool
 
 
 @dataclass(frozen=True)
@@ -87,15 +110,23 @@ class Result:
     label_set: str | None = None
     segments: tuple[SegmentText, ...] | None = None
     summary: str | None = None
+    segmentation: Segmentation | None = None  # summarize
     generation: GenerationMeta | None = None  # set when text was generated (not for classify)
     warnings: tuple[str, ...] = field(default_factory=tuple)
     job: str | None = None  # jobkey.job_key: which work this is, for --resume; last, out of a reader's way
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "generation", "job"):
+        for key in ("text", "answers", "labels", "label_set", "segments", "summary", "segmentation", "generation",
+                    "job"):
             if record[key] is None:
                 del record[key]
+        for key in ("slots", "compressions_at"):
+            if record["memory"][key] is None:
+                del record["memory"][key]
+        for segment in record.get("segments") or ():
+            if segment["labels"] is None:
+                del segment["labels"]
         if not record["warnings"]:
             del record["warnings"]
         return record

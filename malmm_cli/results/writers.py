@@ -1,4 +1,4 @@
-"""Output writers, one registry: text (human), json (one object per line), srt, vtt, md.
+"""Output writers, one registry: text (human), json (one object per line), srt, vtt, md, html.
 
 Time formatting lives here and nowhere else; everything upstream is float seconds.
 """
@@ -6,8 +6,10 @@ Time formatting lives here and nowhere else; everything upstream is float second
 from __future__ import annotations
 
 import html
+import io
 import re
 import unicodedata
+from pathlib import Path
 from typing import TextIO
 
 from malmm_cli.errors import UsageError
@@ -39,6 +41,11 @@ class ResultWriter:
     name = ""
     tasks: tuple[str, ...] = ("caption", "ask", "classify", "summarize")
     many_per_file = True  # whether several inputs can share one output file
+    index_name: str | None = None  # per-video files in a folder: the name of a page that lists them
+
+    def placed(self, folder: Path) -> ResultWriter:
+        """This writer for output that goes into `folder` (what a page links to is relative to it)."""
+        return self
 
     def write(self, result: Result, out: TextIO, *, header: bool = False) -> None:
         raise NotImplementedError
@@ -161,8 +168,49 @@ class VttWriter(ResultWriter):
             out.write(f"{clock(seg.start)} --> {clock(seg.end)}\n{vtt_text(seg.text)}\n\n")
 
 
-WRITERS: dict[str, ResultWriter] = {w.name: w for w in (TextWriter(), JsonWriter(), MarkdownWriter(), SrtWriter(), VttWriter())}
-EXTENSIONS = {".json": "json", ".jsonl": "json", ".txt": "text", ".md": "md", ".srt": "srt", ".vtt": "vtt"}
+class HtmlWriter(ResultWriter):
+    """A self-contained page per video (results/html.py): player, chapters with thumbnails,
+    the memory drawn, and the same summary as SRT, VTT and JSON downloads. In a folder of
+    them, index.html lists them all."""
+
+    name = "html"
+    tasks = ("summarize",)
+    many_per_file = False
+    index_name = "index.html"
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = folder  # where the page goes; None: the current directory
+
+    def placed(self, folder):
+        return HtmlWriter(folder)
+
+    def write(self, result, out, *, header=False):
+        from .html import render_report
+
+        downloads = {}
+        for fmt in ("srt", "vtt", "json"):
+            buf = io.StringIO()
+            WRITERS[fmt].write(result, buf)
+            downloads[fmt] = buf.getvalue()
+        out.write(render_report(result, folder=self.folder or Path("."), downloads=downloads, clock=short_clock))
+
+    def index_entry(self, text: str) -> dict | None:
+        """What the index shows of a page this writer wrote (None: not such a page)."""
+        from .html import report_entry
+
+        return report_entry(text)
+
+    def index_page(self, entries: list[tuple[str, dict]]) -> str:
+        """The index of pages: (file name, index_entry) of each."""
+        from .html import render_index
+
+        return render_index(entries, clock=short_clock)
+
+
+WRITERS: dict[str, ResultWriter] = {w.name: w for w in (TextWriter(), JsonWriter(), MarkdownWriter(), SrtWriter(), VttWriter(),
+                                                        HtmlWriter())}
+EXTENSIONS = {".json": "json", ".jsonl": "json", ".txt": "text", ".md": "md", ".srt": "srt", ".vtt": "vtt",
+              ".html": "html", ".htm": "html"}
 
 
 def get_writer(fmt: str, task: str) -> ResultWriter:
