@@ -354,6 +354,14 @@ def test_help_page_and_its_examples(tmp_path, monkeypatch):
     assert len(records(out.stdout)) == 2  # the last example: two questions, two records
 
 
+def test_slash_help_fits_an_80_column_terminal_and_names_every_command():
+    from malmm_cli.cli.chat_requests import HELP
+
+    assert max(len(line) for line in HELP.splitlines()) <= 80
+    for command in ("/caption", "/classify TASK", "/classify --labels", "/summarize", "/save", "/help", "/quit"):
+        assert command in HELP
+
+
 # ---- Ctrl-C during an answer, and the prompt ---------------------------------------------------
 
 

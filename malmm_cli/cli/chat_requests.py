@@ -19,16 +19,20 @@ from malmm_cli.terminal import shown
 from malmm_cli.times import parse_time
 
 HELP = """\
-Type a question and press Enter; the answer comes from the video read once (no decoding, no
-vision encoder again). Commands:
-  /caption [--prompt TEXT]                      describe the video
-  /classify TASK [--top-k K]                    rank a built-in label set (coin, breakfast, lvu_genre, ...)
-  /classify --labels a,b,c [--top-k K] [--prompt TEXT]   rank your own labels (or a labels file)
-  /summarize [--every TIME | --scenes] [--prompt TEXT]   timestamped segments and a summary
-  /save [--overwrite] FILE                      write this chat's records so far (JSON Lines)
-  /help                                         this text
-  /quit                                         leave (or Ctrl-D; Ctrl-C cancels an answer)
-Up and down recall earlier lines (kept in the malmm cache folder)."""
+Type a question and press Enter: the answer comes from the video read once
+(no decoding, no vision encoder again). Commands:
+  /caption [--prompt TEXT]              describe the video
+  /classify TASK [--top-k K]            rank a built-in label set (coin,
+                                        breakfast, lvu_genre, ...)
+  /classify --labels a,b,c [--top-k K] [--prompt TEXT]
+                                        rank your own labels (or a file)
+  /summarize [--every TIME | --scenes] [--prompt TEXT]
+                                        timestamped segments and a summary
+  /save [--overwrite] FILE              write this chat's records so far
+                                        (JSON Lines)
+  /help                                 this text
+  /quit                                 leave (or Ctrl-D)
+Ctrl-C cancels an answer. Up and Down recall earlier lines."""
 
 
 @dataclass(frozen=True)
