@@ -11,7 +11,7 @@ video as the first answer at each bank length M computed it (models.VisualTrack:
 frame's cross-attention keys/values and the bank's merges). It does not depend on the
 question, so later answers at that M replay it and run only the question's part of the
 Q-Former: no key/value projection of the frames, no similarity, no merge of the features
-(BENCHMARKS.md, section 21). The answers are the same bits either way (tests/test_chat.py).
+(BENCHMARKS.md, section 24). The answers are the same bits either way (tests/test_chat.py).
 """
 
 from __future__ import annotations
