@@ -22,7 +22,9 @@ from .analysis import register as register_analysis
 from .chat import register as register_chat
 from .eval import register as register_eval
 from .models import register as register_models
+from .serve import register as register_serve
 from .train import register as register_train
+from .watch import register as register_watch
 
 app = typer.Typer(
     name="malmm",
@@ -40,6 +42,8 @@ register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
 register_chat(app)  # after the batch commands in `malmm --help`
+register_serve(app)  # the model behind an OpenAI-compatible HTTP API
+register_watch(app)  # a live stream
 
 
 def _version(value: bool):

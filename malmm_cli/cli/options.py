@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand
 
 from malmm_cli.engine.presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
+from malmm_cli.engine.presets import WATCH_EVERY_SECONDS, WATCH_FPS, WATCH_RETRY_SECONDS
 from malmm_cli.learn.eval_command import SUMMARY_SUFFIX
 from malmm_cli.times import parse_time
 
@@ -258,3 +259,52 @@ ModelPathArg = Annotated[Optional[str], typer.Argument(
     metavar="MODEL", help="Preset name or hub id; without it, where malmm and Hugging Face keep things.",
     show_default=False)]
 ListJsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object per model (one per line).")]
+
+# ---- watch (a live stream) ---------------------------------------------------------------------
+
+
+class WatchTask(str, Enum):
+    caption = "caption"
+    ask = "ask"
+    classify = "classify"
+
+
+class WatchFormat(str, Enum):
+    jsonl = "jsonl"
+    srt = "srt"
+    vtt = "vtt"
+    txt = "txt"
+
+
+SourceArg = Annotated[str, typer.Argument(
+    metavar="SOURCE", show_default=False,
+    help="A stream: http(s) URL (MPEG-TS, HLS .m3u8, or a page yt-dlp resolves), rtsp://, rtmp://, a camera "
+    "(/dev/video0), a file (read as it grows) or - (standard input).")]
+WatchEveryOpt = Annotated[Optional[float], typer.Option(
+    metavar="TIME", parser=_time, show_default=False,
+    help=f"One record per TIME of stream time: seconds, MM:SS or HH:MM:SS. \\[default: {WATCH_EVERY_SECONDS:g}]")]
+WatchTaskOpt = Annotated[WatchTask, typer.Option(
+    "--task", metavar="caption|ask|classify", show_default=False,
+    help="What each record says: a caption, answers to -Q, or labels. \\[default: caption]")]
+WatchQuestionOpt = Annotated[Optional[list[str]], typer.Option(
+    "--question", "-Q", metavar="QUESTION", show_default=False,
+    help="A question for --task ask (repeatable); all are answered in each window.")]
+WatchFpsOpt = Annotated[Optional[float], typer.Option(
+    metavar="FPS", show_default=False, help=f"Sample this many frames per second of stream time. \\[default: {WATCH_FPS:g}]")]
+CumulativeOpt = Annotated[bool, typer.Option(
+    "--cumulative", help="Answer each window over everything seen so far (the memory bank keeps the whole "
+    "stream, in constant memory), not over the window alone.")]
+DurationOpt = Annotated[Optional[float], typer.Option(
+    metavar="TIME", parser=_time, show_default=False, help="Stop after TIME of stream time. \\[default: until it ends]")]
+RetriesOpt = Annotated[Optional[float], typer.Option(
+    "--retries", metavar="SECONDS", show_default=False,
+    help=f"A cut stream is reopened, with backoff, for this long before giving up; a file is awaited this long "
+    f"to grow. \\[default: {WATCH_RETRY_SECONDS:g}]")]
+WatchFormatOpt = Annotated[Optional[WatchFormat], typer.Option(
+    "--format", "-f", metavar="jsonl|srt|vtt|txt", show_default=False,
+    help="Record format. \\[default: from the -o extension, else txt]")]
+WatchOutputOpt = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", metavar="FILE", show_default=False,
+    help="Write the records to FILE (each flushed as its window closes) instead of standard output.")]
+WatchOverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace the records already in the --output file (a file malmm wrote).")]

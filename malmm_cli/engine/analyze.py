@@ -322,6 +322,10 @@ class Analyzer:
         """Threads for a large op (ViT on a chunk, the LLM)."""
         return torch_threads(self.threads.heavy) if self.threads is not None else contextlib.nullcontext()
 
+    # The same policy for front ends that drive the model themselves (the live loop, engine/live.py).
+    plan_threads = _plan_threads
+    heavy = _heavy
+
     # ---- features ---------------------------------------------------------------------
 
     def _features(self, run: _Run, **decoding) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -489,6 +493,8 @@ class Analyzer:
         order = np.argsort(-probs, kind="stable")[: job.top_k]
         ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
         return {"labels": ranked, "label_set": labels.name}
+
+    ranked = _ranked  # classify's fields from log-likelihoods, for the live loop too
 
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]

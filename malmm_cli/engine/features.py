@@ -504,6 +504,11 @@ class FrameStore:
         self.file.seek(0, os.SEEK_END)
         return from_storage(block, self.torch_dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the features written so far."""
+        return self.count * math.prod(self.shape) * storage_dtype(self.torch_dtype).itemsize if self.count else 0
+
     def close(self) -> None:
         self.file.close()
 

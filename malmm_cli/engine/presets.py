@@ -129,3 +129,9 @@ SUMMARY_EVERY_SECONDS = 60.0  # default --every window when neither --every nor 
 TOP_K = 5  # classify --top-k default
 SEGMENT_TOP_K = 3  # summarize --labels/--task: labels kept per segment (the report draws them as bars)
 LOCKSTEP_TASKS = ("caption", "ask", "classify")  # --batch: whole videos in lockstep (a summary captions segments)
+
+# malmm watch (a live stream): sampled by stream time, one record per window of stream time.
+WATCH_FPS = 1.0  # --fps default
+WATCH_EVERY_SECONDS = 10.0  # --every default: a record every 10 s of stream time
+WATCH_RETRY_SECONDS = 30.0  # --retries default: how long a cut stream is reopened before giving up
+WATCH_TASKS = ("caption", "ask", "classify")

@@ -311,6 +311,19 @@ class Session:
             raise
         return VideoState(self, source, kept, job)
 
+    def watch(self, source, job: Job, *, every: float, cumulative: bool = False, duration: float | None = None,
+              retries: float = 30.0, events=None, queue_frames: int | None = None):
+        """A live source (a stream URL, a camera, a growing file, "-"; sources/live.py), read as
+        its frames arrive: iterate the returned engine.live.LiveWatch for one record per `every`
+        seconds of stream time. `job`: caption, ask or classify, sampled at job.fps."""
+        from malmm_cli.sources.live import LiveSpec, live_spec
+
+        from .live import LiveWatch
+
+        spec = source if isinstance(source, LiveSpec) else live_spec(str(source))
+        return LiveWatch(self, spec, self.resolve(job), every=every, cumulative=cumulative, duration=duration,
+                         retries=retries, events=events, queue_frames=queue_frames)
+
     def features(self, source: str | Path | VideoSource, *, task: str = "caption", fps: float | None = None,
                  frames: int | None = None, start: float | None = None, end: float | None = None):
         """The vision features [T, P, C] of `source` (on the CPU), from the cache or through the
@@ -351,9 +364,10 @@ class VideoState:
 
     @property
     def nbytes(self) -> int:
-        """Memory it holds, in bytes: the visual banks kept for follow-up answers (kept.py), on
-        the model's device; the features themselves are in a temporary file."""
-        return self.kept.nbytes
+        """What keeping it costs, in bytes: its features (in a temporary file) and the visual
+        banks kept in memory for follow-up answers (kept.py, on the model's device). What a
+        budget of kept videos counts (malmm serve's --keep)."""
+        return self.kept.store.nbytes + self.kept.nbytes
 
     @property
     def kv_budget(self) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import cache
 from importlib import resources
@@ -51,10 +52,13 @@ def load_label_set(name: str) -> LabelSet:
     raise UsageError(f"Unknown task '{name}': choose one of {', '.join(LABEL_SET_NAMES)}, or use --labels.")
 
 
-def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
-    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"."""
-    path = Path(spec).expanduser()
-    if path.exists():
+def custom_label_set(spec: str | Sequence[str], prompt: str | None) -> LabelSet:
+    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"; or
+    the labels themselves as a list, never taken for a file (a server's clients name no files)."""
+    path = Path(spec).expanduser() if isinstance(spec, str) else None
+    if path is None:
+        raw = list(spec)
+    elif path.exists():
         raw = _label_file(path)
     elif "," in spec or not (path.suffix or "/" in spec):
         raw = spec.split(",")
