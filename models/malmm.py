@@ -284,6 +284,10 @@ class MALMM(nn.Module):
         head = (lm_head.weight.float(), None if lm_head.bias is None else lm_head.bias.float())
         decoder = self.language_model.get_decoder()
         prefix = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+        # The key/value cache comes back under the name the decoder takes it by: `cache` in
+        # transformers 5.2x (where `past_key_values` is deprecated, with a warning per call),
+        # `past_key_values` before. Passing it back under the same name is right for both.
+        cache_name = "cache" if "cache" in prefix else "past_key_values"
         first_logp = self._fp32_log_probs(prefix.last_hidden_state[:, -1], head)  # [B, V]
         eos = self.tokenizer.eos_token_id
         cand_ids = [ids + [eos] for ids in self.tokenizer(list(candidates), add_special_tokens=False).input_ids]
@@ -292,11 +296,13 @@ class MALMM(nn.Module):
         for start in range(0, len(cand_ids), per_chunk):
             chunk = cand_ids[start : start + per_chunk]
             scores[:, start : start + len(chunk)] = self._score_chunk(
-                decoder, head, prefix.past_key_values, attention_mask, first_logp, chunk
+                decoder, head, (cache_name, prefix[cache_name]), attention_mask, first_logp, chunk
             )
         return scores
 
-    def _score_chunk(self, decoder, head, prefix_cache, prefix_mask, first_logp, chunk: list[list[int]]) -> torch.Tensor:
+    def _score_chunk(self, decoder, head, prefix_cache: tuple[str, object], prefix_mask, first_logp,
+                     chunk: list[list[int]]) -> torch.Tensor:
+        """`prefix_cache`: (the decoder's name for its key/value cache, the prefix's cache)."""
         B, c = prefix_mask.shape[0], len(chunk)
         L = max(len(ids) for ids in chunk)
         tokens = torch.zeros(c, L, dtype=torch.long, device=self.device)
@@ -306,11 +312,11 @@ class MALMM(nn.Module):
             valid[i, : len(ids)] = True
         total = first_logp[:, tokens[:, 0]]  # [B, c]: the first token comes from the prefix
         if L > 1:
-            cache = copy.deepcopy(prefix_cache)
+            cache_name, cache = prefix_cache[0], copy.deepcopy(prefix_cache[1])
             cache.batch_repeat_interleave(c)  # rows: b0c0 .. b0c(c-1), b1c0, ...
             rows_tokens = tokens.repeat(B, 1)  # [B*c, L]
             mask = torch.cat([prefix_mask.repeat_interleave(c, dim=0), valid.repeat(B, 1).long()], dim=1)
-            out = decoder(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            out = decoder(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], **{cache_name: cache})
             logp = self._fp32_log_probs(out.last_hidden_state, head)  # [B*c, L-1, V]
             picked = logp.gather(-1, rows_tokens[:, 1:, None]).squeeze(-1)  # [B*c, L-1]
             picked = picked.masked_fill(~valid[:, 1:].repeat(B, 1), 0.0)

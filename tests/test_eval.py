@@ -151,7 +151,7 @@ def test_resume_after_an_interrupt_redoes_nothing(synth, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Session, "attempt", stop_at_third)
     out = malmm("eval", test_csv, "--task", "classify", *TINY, *FAST, "-o", out_file)
-    assert out.exit_code == 130 and "interrupted; 2 prediction(s) kept" in out.stderr
+    assert out.exit_code == 130 and "interrupted; 2 predictions kept" in out.stderr
     assert not summary_path(out_file).exists()
     before = out_file.read_text()
     calls.clear()

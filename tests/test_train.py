@@ -272,7 +272,7 @@ def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
     broken = data.train.parent / "broken.csv"  # beside the clips: the paths are relative to it
     broken.write_text("\n".join(rows[:2] + ["nowhere.mp4,cat"]) + "\n")
     out = malmm("train", broken, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
-    assert out.exit_code == 2 and "data row 2: the video" in out.output and "nowhere.mp4 does not exist" in out.output
+    assert out.exit_code == 2 and ", line 3: the video" in out.output and "nowhere.mp4 does not exist" in out.output
 
 
 

@@ -10,9 +10,9 @@ from malmm_cli.engine.presets import TOP_K
 from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, CpusPerWorkerOpt,
                       Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt, GpusPerWorkerOpt, HelpInWords,
                       InputArg, Inputs, JsonOpt, LabelsOpt, LabelTaskOpt, MaxTokensOpt, MemoryOpt, ModelOpt,
-                      MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, Quant, QuantOpt, QuestionArg, QuietOpt,
-                      RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, WorkersOpt,
-                      examples)
+                      MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, PrecisionOpt, Quant, QuantOpt, QuestionArg,
+                      QuietOpt, RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt,
+                      VerboseOpt, WorkersOpt, YesOpt, examples)
 from .options import SegmentLabelsOpt, SegmentLabelTaskOpt
 
 
@@ -38,7 +38,23 @@ def register(app: typer.Typer) -> None:
         "malmm summarize lecture.mp4 --every 2:00",
         "malmm summarize lecture.mp4 --scenes --format md",
         "malmm summarize lecture.mp4 --format html -o lecture.html --task coin",
+        "malmm summarize lecture.mp4 --format all -o lecture/",
     ))(summarize)
+
+
+# `malmm ask *.mp4 "why?"`: the shell hands ask several files where it takes one INPUT.
+GLOB_HINT = ("ask takes one INPUT, then the QUESTION: was a glob expanded by the shell? Quote it ('*.mp4'), "
+             "or pass a folder or @list.txt.")
+
+
+def _question_is_a_video(question: str) -> bool:
+    """Whether the QUESTION names a video file here (the second file of an expanded glob)."""
+    from pathlib import Path
+
+    from malmm_cli.sources.media import VIDEO_EXTENSIONS
+
+    path = Path(question)
+    return path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
 
 
 def _run(task: str, inputs: list[str], values: dict, **args) -> int:
@@ -52,9 +68,11 @@ def caption(
     prompt: CaptionPromptOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -69,15 +87,22 @@ def ask(
     more: MoreQuestionsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Answer questions about a video (several questions in one pass). With one question and
     one input, the answer alone goes to stdout."""
+    if _question_is_a_video(question):
+        from malmm_cli.messages import error
+
+        error(f"The question '{question}' is a video file. {GLOB_HINT}")
+        raise typer.Exit(2)
     raise typer.Exit(_run("ask", [input], locals(), questions=[question, *(more or [])]))
 
 
@@ -89,9 +114,11 @@ def classify(
     prompt: ClassifyPromptOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, batch: BatchOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
@@ -109,9 +136,11 @@ def summarize(
     labels: SegmentLabelsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):

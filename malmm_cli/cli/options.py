@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from malmm_cli.engine.presets import DEFAULT_MODEL, MODEL_ENV, PRESETS, SUMMARY_EVERY_SECONDS, TASK_DEFAULTS, TOP_K
 from malmm_cli.engine.presets import WATCH_EVERY_SECONDS, WATCH_FPS, WATCH_RETRY_SECONDS
@@ -51,6 +51,25 @@ def _no_type(ctx) -> None:
     return None
 
 
+class GroupInWords(TyperGroup):
+    """The root command and `malmm models`: flags without `<bool>`, and each command's line in
+    the list its first paragraph as one sentence, which Rich then wraps to the terminal (a
+    docstring's own line breaks would cut it mid-sentence)."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None and command.short_help is None and command.help:
+            command.short_help = " ".join(command.help.split("\n\n")[0].split())
+        return command
+
+
 def examples(*lines: str) -> str:
     """An epilog of runnable examples, one per line (a test runs each as printed)."""
     return "Examples:\n\n\b\n" + "\n".join(f"  {line}" for line in lines)
@@ -69,6 +88,12 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class SummaryFormat(str, Enum):
     txt = "txt"
     text = "text"  # the earlier name of txt (whisper calls it txt)
@@ -77,6 +102,7 @@ class SummaryFormat(str, Enum):
     vtt = "vtt"
     json = "json"
     html = "html"  # a page to look at: player, chapters, the memory drawn (results/html.py)
+    all = "all"  # every format of results/writers.py's registry, one file each, into -o DIRECTORY
 
 
 class LearnTask(str, Enum):
@@ -124,6 +150,10 @@ MemoryOpt = Annotated[Optional[int], typer.Option(
 QuantOpt = Annotated[Quant, typer.Option(
     metavar="auto|none|8bit|4bit", help="LLM precision: auto picks what is fastest here and fits. \\[default: auto]",
     show_default=False)]
+PrecisionOpt = Annotated[Optional[Precision], typer.Option(
+    metavar="auto|fp32|bf16", show_default=False,
+    help="The model's precision: fp32 or bf16 pin it (the same numbers on every machine); auto takes bf16 where "
+    "the hardware runs it fast, else fp32. \\[default: $MALMM_PRECISION, else auto]")]
 DeviceOpt = Annotated[Device, typer.Option(
     metavar="auto|cpu|cuda", help="Where to run the model. \\[default: auto]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON records (one line per input).")]
@@ -136,6 +166,12 @@ OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace the results already in the --output file or directory (without this or "
     "--resume, existing results are never touched).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr.")]
+VerboseOpt = Annotated[bool, typer.Option(
+    "--verbose", "-v", help="Also say what malmm does and why on stderr: cache hits, threads, decoder retries, a "
+    "failed input's traceback.")]
+YesOpt = Annotated[bool, typer.Option(
+    "--yes", "-y", help="Download the model if it is not here yet, without asking (without this, malmm asks on "
+    "a terminal and stops elsewhere).")]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the vision feature cache.")]
 BeamsOpt = Annotated[Optional[int], typer.Option(
     "--beams", metavar="N", help="Beam width for generating text. \\[default: 5, as in the paper]", show_default=False)]
@@ -176,8 +212,10 @@ SegmentLabelsOpt = Annotated[Optional[str], typer.Option(
     metavar="FILE|LIST", show_default=False,
     help='Also rank each segment\'s labels from your own set: a file or "a,b,c" (as classify --labels).')]
 FormatOpt = Annotated[Optional[SummaryFormat], typer.Option(
-    "--format", "-f", metavar="txt|md|srt|vtt|json|html", show_default=False,
-    help="Output format. \\[default: txt, or from the -o extension]")]
+    "--format", "-f", metavar="FORMAT", show_default=False,
+    help="Output format: txt, md, srt, vtt, json, html, or all. srt has no place for the overall summary (vtt "
+    "keeps it in a NOTE); all writes every format, a file each per video, into -o DIRECTORY. "
+    "\\[default: txt, or from the -o extension]")]
 
 # Running a batch on Ray (runs/runners.py's OnRay); without --ray nothing of Ray is imported.
 _RAY_PANEL = "Many machines (Ray)"

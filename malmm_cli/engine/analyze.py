@@ -21,9 +21,10 @@ import torch
 from models import MALMM, VideoStream
 
 from malmm_cli.errors import VideoError
+from malmm_cli.messages import log, plural
 from malmm_cli.results.events import Events
 from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
-                                       Segmentation, SegmentText, VideoMeta)
+                                       Segmentation, SegmentText, VideoMeta, now)
 from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
@@ -31,6 +32,7 @@ from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preproce
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
+from .provenance import made_by
 from .tasks import Job, Segment, fixed_segments, memory_timeline, probabilities, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
@@ -91,10 +93,6 @@ class _Lane:
             self.features.close()
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _check_lockstep(jobs: list[Job], videos: int) -> None:
     """Videos in one lockstep batch share everything but their questions."""
     if len(jobs) != videos:
@@ -136,6 +134,7 @@ class Analyzer:
         self.events = events or Events()
         self.chunk_size = chunk_size
         self.threads: ThreadPlan | None = None
+        self._made_by = None  # results.records.MadeBy of this model, once a record needs it
 
     def run(self, source: VideoSource, job: Job, kept: KeptFeatures | None = None) -> Result:
         """One video through `job`, in one pass. With `kept` (from :meth:`read` of this
@@ -256,13 +255,13 @@ class Analyzer:
         t0 = time.perf_counter()
         if job.task == "classify":
             labels = job.label_set
-            self.events.stage(f"scoring {len(labels.labels)} labels for {_count(n, 'video')}")
+            self.events.stage(f"scoring {len(labels.labels)} labels for {plural(n, 'video')}")
             with self._heavy():
                 loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
             fields = [self._ranked(job, row) for row in loglik]
         else:
-            self.events.stage(f"writing {_count(n, 'caption')}" if job.task == "caption" else
-                              f"answering {_count(len(prompts), 'question')} about {_count(n, 'video')}")
+            self.events.stage(f"writing {plural(n, 'caption')}" if job.task == "caption" else
+                              f"answering {plural(len(prompts), 'question')} about {plural(n, 'video')}")
             texts: list[str] = []
             with self._heavy():
                 for a in range(0, len(prompts), LLM_ROWS):
@@ -301,10 +300,16 @@ class Analyzer:
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
             memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ())),
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
+            made_by=self._provenance(),
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
             **fields,
         )
+
+    def _provenance(self):
+        if self._made_by is None:
+            self._made_by = made_by(self.model)
+        return replace(self._made_by, created=now())
 
     # ---- CPU threads ------------------------------------------------------------------
 
@@ -351,6 +356,7 @@ class Analyzer:
             t0 = time.perf_counter()
             hit = self.cache.get(**entry)
             run.timings["decode"] += time.perf_counter() - t0
+            log.debug("%s: vision features %s the cache", run.source.input, "read from" if hit else "not in")
             if hit is not None:
                 with hit:
                     t0 = time.perf_counter()
@@ -466,7 +472,7 @@ class Analyzer:
         return {"text": texts[0]}, stream
 
     def _ask(self, run: _Run):
-        texts, stream = self._answer(run, f"answering {len(run.job.questions)} question(s)")
+        texts, stream = self._answer(run, f"answering {plural(len(run.job.questions), 'question')}")
         return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
 
     def _classify(self, run: _Run):
@@ -521,13 +527,21 @@ class Analyzer:
         prompts = [prompt] + ([run.job.label_set.prompt] if run.job.label_set is not None else [])
         return [self._new_stream(run, [p], frames) for p in prompts]
 
-    def _caption_segment(self, run: _Run, streams: list[VideoStream], prompt: str, i: int, n: int) -> Described:
-        """A segment's caption, and its top labels when the job has a label set."""
-        self.events.stage(f"captioning segment {i + 1}/{n}")
+    def _caption_segment(self, run: _Run, streams: list[VideoStream], prompt: str, segments: list[Segment],
+                         described: list[Described]) -> None:
+        """Describe the next segment (the one after `described`) from its streams: its caption,
+        and its top labels when the job has a label set."""
+        i, n = len(described), len(segments)
+        self.events.stage(f"captioning segment {i + 1} of {n}")
         text = self._generate(run, streams[0], [prompt])[0]
-        if len(streams) == 1:
-            return text, None
-        return text, self._ranked(run.job, self._score(run, streams[1]))["labels"]
+        labels = None if len(streams) == 1 else self._ranked(run.job, self._score(run, streams[1]))["labels"]
+        self._segment_done(segments, described, (text, labels))
+
+    def _segment_done(self, segments: list[Segment], described: list[Described], item: Described) -> None:
+        """The next segment's description, kept and told at once (whisper prints each segment as it comes)."""
+        seg = segments[len(described)]
+        described.append(item)
+        self.events.segment(len(described) - 1, len(segments), seg.start, seg.end, item[0])
 
     def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[Described]:
         """One pass: each frame goes to the whole-video stream and to its segment's streams;
@@ -539,19 +553,22 @@ class Analyzer:
         def per_frame(pos: int, feats: torch.Tensor) -> None:
             i = owner[pos]  # every sampled position belongs to exactly one segment
             if i > len(described) and current[0] is not None:
-                described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
+                self._caption_segment(run, current[0], prompt, segments, described)
                 current[0] = None
             if current[0] is None:
-                described.extend([NOTHING_DECODED] * (i - len(described)))
+                while len(described) < i:
+                    self._segment_done(segments, described, NOTHING_DECODED)
                 current[0] = self._segment_streams(run, prompt, len(segments[i].frames))
             for stream in current[0]:
                 stream.add_features(feats)
 
         self._feed(run, [whole], per_frame)
         if current[0] is not None:
-            described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
+            self._caption_segment(run, current[0], prompt, segments, described)
         # Segments after the last decoded frame (a video cut short) have nothing to describe.
-        return described + [NOTHING_DECODED] * (len(segments) - len(described))
+        while len(described) < len(segments):
+            self._segment_done(segments, described, NOTHING_DECODED)
+        return described
 
     def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[Described]]:
         """Boundaries depend on the whole video, so: one pass over the video feeds the
@@ -572,8 +589,8 @@ class Analyzer:
             self._feed(run, [whole], per_frame)
             timestamps = run.sampling.timestamps[: run.frames_done]
             segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
-            described = []
-            for i, seg in enumerate(segments):
+            described: list[Described] = []
+            for seg in segments:
                 streams = self._segment_streams(run, prompt, len(seg.frames))
                 t0 = time.perf_counter()
                 for a in range(0, len(seg.frames), self.chunk_size):
@@ -582,5 +599,5 @@ class Analyzer:
                     for stream in streams:
                         stream.add_features(feats)
                 run.timings["qformer"] += time.perf_counter() - t0
-                described.append(self._caption_segment(run, streams, prompt, i, len(segments)))
+                self._caption_segment(run, streams, prompt, segments, described)
         return segments, described

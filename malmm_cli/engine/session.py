@@ -46,6 +46,8 @@ class SessionOptions:
     quant: str = "auto"  # auto | none | 8bit | 4bit: the LLM's precision
     cache: bool = True  # read and write the vision feature cache (under $MALMM_CACHE_DIR)
     quiet: bool = True  # no loading messages on stderr
+    precision: str | None = None  # auto | fp32 | bf16 (presets.PRECISIONS); None: $MALMM_PRECISION, else auto
+    confirm_download: bool = False  # a model not downloaded yet: ask first on a terminal, else refuse (the CLI)
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,13 @@ class Session:
 
     @classmethod
     def load(cls, model: str | None = None, *, checkpoint: str | Path | None = None, device: str = "auto",
-             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None) -> Session:
+             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None,
+             precision: str | None = None) -> Session:
         """A session with its model loaded: `model` a preset (tiny-random, instructblip-vicuna-7b),
-        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b)."""
-        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet)
+        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b);
+        `precision` auto, fp32 or bf16 (default: $MALMM_PRECISION, else auto)."""
+        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet,
+                                 precision)
         session = cls(options, events=events)
         session.model  # noqa: B018 - loads it now
         return session

@@ -100,7 +100,7 @@ def _label_file(path: Path) -> list[str]:
             except UnicodeDecodeError:
                 raise UsageError(f"Labels file '{path}' is not UTF-8 text.") from None
             except json.JSONDecodeError as err:
-                raise UsageError(f"Labels file '{path}' is not valid JSON ({err.msg}, line {err.lineno}).") from None
+                raise UsageError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
             except (RecursionError, ValueError):
                 raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.") from None
             if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):

@@ -21,7 +21,7 @@ import csv
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +42,7 @@ class Item:
     video: str  # absolute local path, or a URL as written
     target: str  # the label, answer or caption
     question: str | None = None  # ask only
+    where: str = field(default="", compare=False)  # "FILE, line N": how messages name its row
 
 
 def columns(task: str) -> tuple[str, ...]:
@@ -99,6 +100,7 @@ def _item(where: str, row: dict, needed: tuple[str, ...], task: str, base: Path,
         video=_resolve_video(values["video"], base),
         target=values[TARGET_COLUMNS[task]],
         question=values.get("question"),
+        where=where,
     )
 
 

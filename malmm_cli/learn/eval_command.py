@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from malmm_cli.errors import MalmmError, UsageError
+from malmm_cli.messages import plural
 
 from malmm_cli.results.records import to_json
 from malmm_cli.terminal import shown
@@ -71,7 +72,7 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
         except KeyboardInterrupt as stop:
             where = f" in {shown(str(output.path))}" if output is not None else ""
             kept = output.written if output is not None else 0
-            sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
+            sys.stderr.write(f"malmm: interrupted; {plural(kept, 'prediction')} kept{where}\n")
             return exit_code(stop, fired)
         finally:
             if output is not None:
@@ -161,7 +162,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
             kept = _kept(output, cases, job.task)
     todo = [c for c in cases if c.index not in kept]
     if kept and not opts.quiet:
-        sys.stderr.write(f"malmm: --resume: {len(kept)} case(s) already done, {len(todo)} to go\n")
+        sys.stderr.write(f"malmm: --resume: {plural(len(kept), 'case')} already done, {len(todo)} to go\n")
     records: dict[int, dict] = dict(kept)
     failures = 0
     if todo:
@@ -180,8 +181,8 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
         _write_summary(summary, record)
     _print(record, opts)
     if output is not None and not opts.quiet:
-        sys.stderr.write(f"malmm: {final.n} prediction(s) in {shown(str(output.path))}"
-                         + (f"; {failures} case(s) failed" if failures else "")
+        sys.stderr.write(f"malmm: {plural(final.n, 'prediction')} in {shown(str(output.path))}"
+                         + (f"; {plural(failures, 'case')} failed" if failures else "")
                          + (f"; final record in {shown(str(summary))}" if summary else "") + "\n")
     return 1 if failures else 0
 
@@ -209,7 +210,7 @@ def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
     from malmm_cli.messages import error, log
 
     if "error" in record:
-        error(f"item {case.index + 1}: {record['error']}", about=case.video)
+        error(f"{case.row}: {record['error']}", about=case.video)
     for warning in record.get("warnings", ()):
         log.warning("%s: %s", case.video, warning)
     if output is not None:

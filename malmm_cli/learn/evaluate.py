@@ -48,23 +48,29 @@ class Case:
     video: str
     targets: tuple[str, ...]
     question: str | None = None
+    where: str = ""  # "FILE, line N" of its (first) row: how messages name it
 
     @property
     def target(self) -> str:
         return self.targets[0]
+
+    @property
+    def row(self) -> str:
+        """How a message names the case: its data file and line, as every data-file message does."""
+        return self.where or f"data row {self.index + 1}"
 
 
 def cases_for(items: Sequence[Item], task: str) -> list[Case]:
     """The data items as scored units (see Case)."""
     columns(task)  # an unknown task is a usage error
     if task != "caption":
-        return [Case(i.index, i.video, (i.target,), i.question) for i in items]
+        return [Case(i.index, i.video, (i.target,), i.question, i.where) for i in items]
     refs: dict[str, list[str]] = {}
-    first: dict[str, int] = {}
+    first: dict[str, Item] = {}
     for item in items:
         refs.setdefault(item.video, []).append(item.target)
-        first.setdefault(item.video, item.index)
-    return [Case(first[v], v, tuple(r)) for v, r in refs.items()]
+        first.setdefault(item.video, item)
+    return [Case(first[v].index, v, tuple(r), where=first[v].where) for v, r in refs.items()]
 
 
 def data_label_set(cases: Sequence[Case], prompt: str | None = None) -> LabelSet:
@@ -100,7 +106,7 @@ def align_targets(cases: Sequence[Case], label_set: LabelSet) -> list[Case]:
     for case in cases:
         label = case.target if case.target in exact else folded.get(case.target.casefold())
         if label is None:
-            raise UsageError(f"Item {case.index + 1}: the label {case.target!r} is not in the label set "
+            raise UsageError(f"{case.row}: the label {case.target!r} is not in the label set "
                              f"'{label_set.name}' ({_preview(label_set.labels)}).")
         out.append(replace(case, targets=(label,)))
     return out
@@ -117,7 +123,7 @@ def check_questions(cases: Sequence[Case]) -> None:
         try:
             question_prompt(case.question or "")
         except UsageError as err:
-            raise UsageError(f"Item {case.index + 1}: {err}") from None
+            raise UsageError(f"{case.row}: {err}") from None
 
 
 def case_job(job: Job, case: Case) -> Job:
@@ -185,6 +191,8 @@ def prediction_record(case: Case, task: str, result) -> dict[str, Any]:
                       first_word_correct=first_word_match(answer, case.target))
     else:
         record.update(references=list(case.targets), prediction=result.text)
+    if result.made_by is not None:  # what made it: a results file may mix runs (--resume)
+        record.update(result.made_by.fields())
     if result.warnings:
         record["warnings"] = list(result.warnings)
     return record

@@ -169,7 +169,7 @@ def _check_videos(data: Path, items) -> None:
 
     for item in items:
         if not is_url(item.video) and not Path(item.video).is_file():
-            raise UsageError(f"{data}, data row {item.index + 1}: the video {item.video} does not exist.")
+            raise UsageError(f"{item.where or data}: the video {item.video} does not exist.")
 
 
 def _run(o: dict, choice, items, val_items):
