@@ -217,6 +217,16 @@ def test_piped_each_line_is_answered_on_one_line_as_malmm_ask_answers(fp32, tmp_
         assert alone.exit_code == 0 and line == alone.stdout.rstrip("\n")
 
 
+def test_with_precision_pinned_the_answers_are_malmm_asks(monkeypatch):
+    """What a user types: --precision fp32 on both (no patching of the dtype)."""
+    monkeypatch.setenv("MALMM_THREADS", "1")
+    out = chat("--no-cache", "--precision", "fp32", input="\n".join(QUESTIONS[:2]) + "\n")
+    assert out.exit_code == 0, out.stderr
+    for question, line in zip(QUESTIONS[:2], out.stdout.splitlines(), strict=True):
+        alone = malmm("ask", SAMPLE, question, *TINY, "-q", "--no-cache", "--precision", "fp32")
+        assert alone.exit_code == 0 and line == alone.stdout.rstrip("\n")
+
+
 def test_the_readmes_chat_lines_run_in_a_shell_as_printed(tmp_path):
     """A real pipe and a real redirection, in another process: the README's two chat lines."""
     import shutil

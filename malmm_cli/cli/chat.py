@@ -23,7 +23,8 @@ from typing import Annotated
 import typer
 
 from .options import (BeamsOpt, CheckpointOpt, Device, DeviceOpt, EndOpt, FpsOpt, FramesOpt, HelpInWords, JsonOpt,
-                      MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, Quant, QuantOpt, QuietOpt, StartOpt, examples)
+                      MaxTokensOpt, MemoryOpt, ModelOpt, NoCacheOpt, PrecisionOpt, Quant, QuantOpt, QuietOpt, StartOpt,
+                      VerboseOpt, YesOpt, examples)
 
 VideoArg = Annotated[str, typer.Argument(metavar="VIDEO", help="A video file or an http(s) URL.", show_default=False)]
 HISTORY_FILE = "chat_history"  # in the malmm cache folder: the lines typed at the prompt
@@ -41,7 +42,8 @@ def chat(
     video: VideoArg,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
     start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, quiet: QuietOpt = False, no_cache: NoCacheOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, quiet: QuietOpt = False,
+    verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
     beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Read a video once, then answer question after question about it: no decoding and no
@@ -61,7 +63,7 @@ def run_chat(spec: str, opts, lines=None, interactive: bool | None = None) -> in
     from malmm_cli.interrupts import exit_code, sigterm_as_interrupt
     from malmm_cli.messages import error, setup_logging
 
-    setup_logging(opts.quiet)
+    setup_logging(opts.quiet, opts.verbose)
     if interactive is None:
         interactive = sys.stdin is not None and sys.stdin.isatty()
     with sigterm_as_interrupt() as fired:
