@@ -287,15 +287,17 @@ def test_chat_samples_as_malmm_ask_by_default():
 
 
 def test_save_follows_the_rules_of_o(tmp_path):
-    mine = tmp_path / "notes.txt"
+    mine = tmp_path / "notes.jsonl"
     mine.write_text("my own notes\n")
     saved = tmp_path / "chat.jsonl"
     lines = ["what?", f"/save {mine}", f"/save {saved}", "where?", f"/save {saved}", f"/save {SAMPLE}",
-             f"/save {tmp_path}", "/save"]
+             f"/save {tmp_path}", "/save", f"/save {tmp_path / 'chat.md'}"]
     out = chat(input="\n".join(lines) + "\n")
     assert out.exit_code == 1  # some lines failed; every other one was answered
     assert mine.read_text() == "my own notes\n"
-    assert "notes.txt exists and is not a results file written by malmm" in out.stderr
+    assert f"/save {mine} exists and is not a results file written by malmm" in out.stderr
+    assert "/save writes JSON Lines; name the file chat.jsonl." in out.stderr and "--output" not in out.stderr
+    assert not (tmp_path / "chat.md").exists()
     assert [r["answers"][0]["question"] for r in records(saved.read_text())] == ["what?", "where?"]  # saved again
     assert "is one of the inputs" in out.stderr and "is a directory" in out.stderr
     assert "/save: the following arguments are required: FILE" in out.stderr
@@ -320,7 +322,8 @@ def test_a_bad_line_gets_its_sentence_and_its_line(tmp_path):
         assert sentence in out.stderr, sentence
     assert "Traceback" not in out.stderr
     as_json = records(chat("--json", input="/bogus\nwhat?\n").stdout)
-    assert as_json[0] == {"input": str(SAMPLE), "error": as_json[0]["error"]} and "answers" in as_json[1]
+    assert set(stable(as_json[0])) == {"input", "error", "malmm_version"} and "answers" in as_json[1]
+    assert as_json[0]["input"] == str(SAMPLE)
 
 
 def test_blank_lines_are_skipped_and_quit_ends(tmp_path):

@@ -252,24 +252,30 @@ class Chat:
         """/save FILE: the chat's records so far, as JSON Lines, by -o's rules (results/outputs.py):
         never over an input or a file that is not malmm's; over results only with --overwrite,
         or where this chat saved before (it holds a part of what is saved now)."""
+        from malmm_cli.errors import UsageError, os_error_sentence
         from malmm_cli.messages import note
         from malmm_cli.results.outputs import Output
+        from malmm_cli.results.writers import EXTENSIONS
         from malmm_cli.terminal import shown
 
         target = Path(path).expanduser()
+        if EXTENSIONS.get(target.suffix.lower(), "json") != "json":  # chat.txt would hold JSON
+            raise UsageError(f"/save writes JSON Lines; name the file {target.with_suffix('.jsonl').name}.")
         again = _real(target) in self.saved
-        output = Output("ask", target, "json", True, [self.video.source.input])
+        output = None
         try:
+            output = Output("ask", target, "json", True, [self.video.source.input])
             output.claim("overwrite" if overwrite or again else "new")
             output.open()
             for record in self.records:
                 output.write_record(record.to_record())
+        except UsageError as err:  # -o's sentences, said of what the user typed
+            raise UsageError(str(err).replace("--output ", "/save ", 1)) from None
         except OSError as err:  # a name the system refuses (over 255 bytes), a loop of links
-            from malmm_cli.errors import UsageError, os_error_sentence
-
             raise UsageError(os_error_sentence(err)) from None
         finally:
-            output.close()
+            if output is not None:
+                output.close()
         self.saved.add(_real(target))
         if not self.opts.quiet:
             note(f"saved {len(self.records)} record(s) to {shown(str(target))}")
