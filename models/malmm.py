@@ -25,6 +25,7 @@ from .loading import load_malmm
 from .qformer import MemoryQFormer
 from .quantize import expected_llm_warnings
 from .streams import ConcatStream, VideoBatch, VideoStream, temporal_slot
+from .visual_track import VisualTrack
 
 # Re-exported: the constants and stream classes have always been importable from here.
 __all__ = ["MALMM", "VideoStream", "VideoBatch", "ConcatStream", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
@@ -139,15 +140,19 @@ class MALMM(nn.Module):
         memory_bank_length: int | None = None,
         cache_projections: bool = True,
         concat: bool = False,
+        visual_track: VisualTrack | None = None,
     ) -> VideoStream | ConcatStream:
         """Start reading a video. One row per instruction; all rows see the same frames.
 
         ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when
         known, spreads videos longer than 120 frames over the temporal position slots (see
         :func:`temporal_slot`). ``cache_projections=False`` re-projects the banks at every frame
-        (the straightforward path; same results, slower). Several videos at once: :meth:`new_batch`.
+        (the straightforward path; same results, slower). ``visual_track``: an empty
+        :class:`VisualTrack` (M and total_frames as here) records the visual bank; a sealed
+        one, recorded from the same video by this model, is replayed instead of computed
+        (same results, the instruction's work only). Several videos at once: :meth:`new_batch`.
         ``concat=True``: the paper's no-memory baseline instead (:class:`ConcatStream`: every
-        frame's 32 query tokens go to the LLM; no bank, so M is not used).
+        frame's 32 query tokens go to the LLM; no bank, so neither M nor a track is used).
         """
         if isinstance(instructions, str):
             instructions = [instructions]
@@ -161,7 +166,7 @@ class MALMM(nn.Module):
         if M < 0:
             raise ValueError(f"memory_bank_length must be >= 0, got {M}")
         with torch.inference_mode():
-            return VideoStream(self, instructions, total_frames, M, cache_projections)
+            return VideoStream(self, instructions, total_frames, M, cache_projections, visual_track)
 
     def new_batch(
         self,

@@ -17,6 +17,7 @@ from .constants import TEMPORAL_SLOTS
 from .errors import ModelError
 from .memory_bank import BankStatus
 from .qformer import QFormerMemory
+from .visual_track import VisualTrack
 
 __all__ = ["VideoStream", "VideoBatch", "ConcatStream", "temporal_slot", "encode_instructions"]
 
@@ -53,17 +54,30 @@ def encode_instructions(model, instructions: list[str]):
 
 
 class VideoStream:
-    """The memory state of one video being read; create with :meth:`MALMM.new_stream`."""
+    """The memory state of one video being read; create with :meth:`MALMM.new_stream`.
+
+    With a ``visual_track`` (models/visual_track.py) it records the visual bank into it (an
+    empty track), or replays it (a sealed one): then each frame's keys/values and merges come
+    from the track, and the features given to :meth:`add_features` only say how many frames
+    come (they must be those the track was recorded from).
+    """
 
     def __init__(
         self, model, instructions: list[str], total_frames: int | None, memory_bank_length: int,
-        cache_projections: bool,
+        cache_projections: bool, visual_track: VisualTrack | None = None,
     ):
+        if visual_track is not None:
+            if visual_track.total_frames != total_frames:
+                raise ValueError(f"the visual track was recorded for {visual_track.total_frames} frames in all, "
+                                 f"not {total_frames}")
+            if not visual_track.sealed and visual_track.frames:
+                raise ValueError("a visual track is recorded by one stream, from its first frame")
         self.model = model
         self.instructions = instructions
         self.total_frames = total_frames
+        self.visual_track = visual_track
         self.input_ids, self.key_mask, self.embeddings = encode_instructions(model, instructions)
-        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
+        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections, visual_track)
         self._output: torch.Tensor | None = None
 
     @property

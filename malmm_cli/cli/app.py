@@ -21,6 +21,7 @@ from malmm_cli.terminal import error_line, shown
 from .analysis import GLOB_HINT
 from .analysis import register as register_analysis
 from .cache import register as register_cache
+from .chat import register as register_chat
 from .eval import register as register_eval
 from .models import register as register_models
 from .options import GroupInWords
@@ -45,6 +46,7 @@ register_analysis(app)  # caption, ask, classify, summarize: in this order in `m
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_chat(app)  # after the batch commands in `malmm --help`
 register_serve(app)  # the model behind an OpenAI-compatible HTTP API
 register_watch(app)  # a live stream
 register_cache(app)  # malmm cache [clear|prune]

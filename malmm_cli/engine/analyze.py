@@ -158,6 +158,8 @@ class Analyzer:
         run = self._prepare(source, job, kept)
         self.events.started(source.input, run.info, run.sampling, job.memory)
         fields, stream = getattr(self, f"_{job.task}")(run)
+        if kept is not None:
+            kept.keep(stream)
         result = self._result(run, fields, stream.memory.compressions, time.perf_counter() - started)
         self.events.finished(result)
         return result
@@ -487,6 +489,15 @@ class Analyzer:
         return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory,
                                      concat=run.job.concat)
 
+    def _whole_stream(self, run: _Run, instructions) -> VideoStream:
+        """The stream over the whole video; over kept features, it replays or records their
+        visual bank (kept.py: the same bits, less work). The concat baseline keeps no bank."""
+        if run.job.concat or run.kept is None:
+            return self._new_stream(run, instructions, run.planned)
+        track = run.kept.track_for(self.model, run.job.memory, run.planned)
+        return self.model.new_stream(list(instructions), total_frames=run.planned, memory_bank_length=run.job.memory,
+                                     visual_track=track)
+
     def _generate(self, run: _Run, stream: VideoStream, prompts, **extra) -> list[str]:
         t0 = time.perf_counter()
         with self._heavy():
@@ -498,7 +509,7 @@ class Analyzer:
 
     def _answer(self, run: _Run, stage: str) -> tuple[list[str], VideoStream]:
         """One stream row per prompt, one pass over the video, the answers in one batch."""
-        stream = self._new_stream(run, run.job.prompts, run.planned)
+        stream = self._whole_stream(run, run.job.prompts)
         self._feed(run, [stream])
         self.events.stage(stage)
         return self._generate(run, stream, run.job.prompts), stream
@@ -513,7 +524,7 @@ class Analyzer:
 
     def _classify(self, run: _Run):
         job, labels = run.job, run.job.label_set
-        stream = self._new_stream(run, [labels.prompt], run.planned)
+        stream = self._whole_stream(run, [labels.prompt])
         self._feed(run, [stream])
         if job.scoring == "generate":  # the official eval: 5 beams, the label matched against them
             self.events.stage("generating the label")
@@ -535,7 +546,7 @@ class Analyzer:
 
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]
-        whole = self._new_stream(run, [prompt], run.planned)
+        whole = self._whole_stream(run, [prompt])
         if run.job.scenes:
             segments, described = self._scenes(run, whole, prompt)
         else:

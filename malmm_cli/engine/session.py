@@ -380,15 +380,28 @@ class VideoState:
         return self.kept.count
 
     @property
-    def nbytes(self) -> int:
-        """What keeping it costs, in bytes (its features, in a temporary file): what a budget of
-        kept videos counts (malmm serve's --keep)."""
-        return self.kept.store.nbytes
-
-    @property
     def timings(self) -> dict[str, float]:
         """What the read cost, in seconds: decode, vision, total (the answers cost none of it)."""
         return dict(self.kept.timings)
+
+    @property
+    def nbytes(self) -> int:
+        """What keeping it costs, in bytes: its features (in a temporary file) and the visual
+        banks kept in memory for follow-up answers (kept.py, on the model's device). What a
+        budget of kept videos counts (malmm serve's --keep)."""
+        return self.kept.store.nbytes + self.kept.nbytes
+
+    @property
+    def kv_budget(self) -> int:
+        """Bytes the kept visual banks may take (default kept.KV_BUDGET_BYTES); 0 keeps none
+        (every answer then runs the whole Q-Former: the same answers, slower)."""
+        return self.kept.kv_budget
+
+    @kv_budget.setter
+    def kv_budget(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"kv_budget must be 0 or more bytes, not {value}")
+        self.kept.set_budget(int(value))
 
     def caption(self, *, prompt: str | None = None, memory: int | None = None, beams: int | None = None,
                 max_tokens: int | None = None) -> Result:
