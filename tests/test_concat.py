@@ -198,3 +198,20 @@ def test_watch_refuses_the_baseline_in_one_sentence():
 
     with pytest.raises(UsageError, match="give --memory M"):
         LiveWatch(None, None, Job(task="caption", model_label="tiny-random", memory=0, fps=1.0, concat=True), every=10)
+
+
+def test_a_video_read_once_answers_again_with_the_baseline(tiny_model, tiny_dir, tmp_path):
+    """chat and serve keep what a read saw; the baseline has no visual bank to keep, so its
+    follow-ups go the plain way and answer as a fresh read does."""
+    from malmm_cli.engine.session import Session, SessionOptions
+    from tests.cli import SAMPLE
+    from tests.official_checkpoint import write_official_checkpoint
+
+    ckpt = tmp_path / "baseline.pth"
+    write_official_checkpoint(tiny_model, ckpt, num_frames=4, memory_bank_length=0)
+    session = Session(SessionOptions(model=str(tiny_dir), checkpoint=ckpt, cache=False))
+    with session.read(SAMPLE, frames=4) as video:
+        first = video.ask("what is shown?", max_tokens=3, beams=1)
+        again = video.ask("what is shown?", max_tokens=3, beams=1)
+    fresh = session.analyze(SAMPLE, session.job("ask", questions=["what is shown?"], frames=4, max_tokens=3, beams=1))
+    assert first.memory.concat and again.answers == first.answers == fresh.answers
