@@ -16,7 +16,7 @@ import pytest
 from malmm_cli.sources.live import LiveReader, StreamEnd, live_spec
 from malmm_cli.sources.video import plan_sampling, probe
 
-from .cli import SAMPLE, TINY, malmm, records
+from .cli import SAMPLE, TINY, malmm, records, stable
 from .media import decode_indices, make_video
 from .streams import check_windows, free_port
 
@@ -147,6 +147,18 @@ def test_output_follows_the_batch_commands_rules(tmp_path):
     assert vtt.read_text().startswith("WEBVTT\n\n00:00:00.000 --> 00:00:03.000\n")
     assert malmm("watch", SAMPLE, "--every", 3, "-o", srt, "--overwrite", *TINY, "-q").exit_code == 0
     assert srt.read_text().count(" --> ") == 2
+
+
+def test_with_o_each_record_goes_to_stdout_and_to_the_file(tmp_path):
+    """Issue 22: every record "to stdout and to -o", so a pipe and `tail -f` both see it."""
+    log = tmp_path / "live.jsonl"
+    out = malmm("watch", SAMPLE, "--every", 2, "-o", log, *TINY, "-q")
+    assert out.exit_code == 0, out.output
+    assert [stable(r) for r in records(out.stdout)] == [stable(r) for r in records(log.read_text())]
+    assert len(records(out.stdout)) == 3
+    srt = tmp_path / "live.srt"
+    out = malmm("watch", SAMPLE, "--every", 3, "-o", srt, *TINY, "-q")
+    assert out.exit_code == 0 and out.stdout == srt.read_text()  # a pipe gets the file's own format
 
 
 def test_help_examples_that_need_no_network_run_as_printed(tmp_path, monkeypatch):

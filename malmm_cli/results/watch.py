@@ -12,11 +12,12 @@ live, and how far behind the stream it was written.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from malmm_cli.errors import UsageError
+from malmm_cli.errors import MalmmError, UsageError
 from malmm_cli.terminal import shown
 
 from .records import Answer, LabelScore, to_json
@@ -112,19 +113,28 @@ def header(fmt: str) -> str:
 
 
 class WatchOutput:
-    """Records to stdout or to one file, claimed under the batch commands' rules before the
-    model loads (`claim`), then written whole, one by one, flushed (`write`)."""
+    """Records to stdout, and to one file with -o, claimed under the batch commands' rules
+    before the model loads (`claim`), then written whole, one by one, flushed (`write`).
+
+    With -o, stdout still gets every record as it comes (the issue: "to stdout and to -o"): a
+    terminal as plain text, above the live panel; a pipe in the file's format. The file comes
+    first: a reader of stdout that leaves (`| head`) stops the echo, never the file."""
 
     def __init__(self, path: Path | None, fmt: str, source: str, overwrite: bool):
         self.path, self.fmt, self.overwrite = path, fmt, overwrite
         self.source = source
         self.written = 0
+        self.echo: Stdout | None = None
+        self.echo_fmt = fmt
         if path is None:
             self.sink: Any = Stdout()
         else:
             if path.is_dir():
                 raise UsageError(f"--output {path} is a directory; give a file name.")
             self.sink = ResultsFile(path, fmt, _input_ids(source), resumable=False)  # a stream is not resumed
+            if sys.stdout is not None:
+                self.echo = Stdout()
+                self.echo_fmt = "text" if _is_tty(sys.stdout) else fmt
 
     def claim(self) -> None:
         self.sink.claim("overwrite" if self.overwrite else "new", None)
@@ -133,13 +143,30 @@ class WatchOutput:
         self.sink.open()
         if header(self.fmt):
             self.sink.put(self.source, header(self.fmt))
+        self._echo(header(self.echo_fmt))
 
     def write(self, record: WindowRecord) -> None:
         self.sink.put(self.source, render(record, self.fmt, self.written + 1))
         self.written += 1
+        self._echo(render(record, self.echo_fmt, self.written))
+
+    def _echo(self, text: str) -> None:
+        if self.echo is None or not text:
+            return
+        try:
+            self.echo.put(self.source, text)
+        except (OSError, MalmmError):  # stdout gone or full: the file goes on alone
+            self.echo = None
 
     def close(self) -> None:
         self.sink.close()
+
+
+def _is_tty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _input_ids(source: str) -> set[tuple[int, int]]:
