@@ -125,7 +125,7 @@ def test_a_server_killed_mid_stream(tmp_path, started):
     assert len(recs) >= 2
     errors = [line for line in watcher.err.splitlines() if "error" in line]
     assert len(errors) == 1 and "cut at" in errors[0] and "could not be reopened within 2 s" in errors[0]
-    assert f"{len(recs)} record(s) written" in errors[0]
+    assert f"{len(recs)} records written" in errors[0]
     assert re.search(r"reconnecting, try [2-9]", watcher.err), watcher.err  # retries were made, with backoff
     assert "Traceback" not in watcher.err
 

@@ -253,7 +253,7 @@ class Chat:
         never over an input or a file that is not malmm's; over results only with --overwrite,
         or where this chat saved before (it holds a part of what is saved now)."""
         from malmm_cli.errors import UsageError, os_error_sentence
-        from malmm_cli.messages import note
+        from malmm_cli.messages import note, plural
         from malmm_cli.results.outputs import Output
         from malmm_cli.results.writers import EXTENSIONS
         from malmm_cli.terminal import shown
@@ -278,7 +278,7 @@ class Chat:
                 output.close()
         self.saved.add(_real(target))
         if not self.opts.quiet:
-            note(f"saved {len(self.records)} record(s) to {shown(str(target))}")
+            note(f"saved {plural(len(self.records), 'record')} to {shown(str(target))}")
 
 
 def _real(path: Path) -> str:

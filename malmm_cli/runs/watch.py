@@ -24,7 +24,7 @@ from malmm_cli.engine.jobs import MIN_EVERY_SECONDS, build_job, check_options
 from malmm_cli.engine.presets import WATCH_EVERY_SECONDS, WATCH_FPS, WATCH_RETRY_SECONDS, WATCH_TASKS, resolve_model
 from malmm_cli.errors import MalmmError, UsageError
 from malmm_cli.interrupts import Terminated, exit_code, sigterm_as_interrupt
-from malmm_cli.messages import error, setup_logging
+from malmm_cli.messages import error, plural, setup_logging
 from malmm_cli.terminal import shown
 
 from .command import CommonOptions, check_environment
@@ -149,7 +149,7 @@ def run_watch(source: str, opts: WatchOptions) -> int:
             if events is not None:
                 events.close()
             where = f" in {shown(str(output.path))}" if output.path else ""
-            sys.stderr.write(f"malmm: interrupted; {output.written} record(s) kept{where}\n")
+            sys.stderr.write(f"malmm: interrupted; {plural(output.written, 'record')} kept{where}\n")
             return exit_code(stop, fired)
         finally:
             output.close()
@@ -201,12 +201,12 @@ def _stop_gently(watch) -> Iterator[list[int]]:
 def _ending(watch, output, stopped: list[int], quiet: bool) -> int:
     where = f" to {shown(str(output.path))}" if output.path else ""
     if stopped:
-        sys.stderr.write(f"malmm: interrupted; the current window was written, {output.written} record(s){where}\n")
+        sys.stderr.write(f"malmm: interrupted; the current window was written, {plural(output.written, 'record')}{where}\n")
         return 143 if stopped[0] == signal.SIGTERM else 130
     if watch.error:
-        kept = f"; {output.written} record(s) written{where}" if output.written else ""
+        kept = f"; {plural(output.written, 'record')} written{where}" if output.written else ""
         error(watch.error.rstrip(".") + kept + ".")
         return 1
     if not quiet:
-        sys.stderr.write(f"malmm: the stream ended after {watch.end:.1f} s; {output.written} record(s) written{where}\n")
+        sys.stderr.write(f"malmm: the stream ended after {watch.end:.1f} s; {plural(output.written, 'record')} written{where}\n")
     return 0
