@@ -283,7 +283,7 @@ def test_eval_on_ray_scores_as_the_plain_eval(local_ray, eval_data, tmp_path):
     assert plain.exit_code == on_ray.exit_code == 1, on_ray.stderr  # the broken row
 
     def by_index(path):
-        return {r["index"]: r for r in records(path.read_text())}
+        return {r["index"]: stable(r) for r in records(path.read_text())}
 
     expected, got = by_index(tmp_path / "plain.jsonl"), by_index(tmp_path / "ray.jsonl")
     assert got == expected and len(got) == 5  # the same predictions, scores and ranks, item by item
