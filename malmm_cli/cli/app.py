@@ -32,7 +32,8 @@ from .watch import register as register_watch
 app = typer.Typer(
     name="malmm",
     cls=GroupInWords,
-    help="Understand long videos with MA-LMM: caption, ask, classify and summarize files, folders and URLs.",
+    help="Understand long videos with MA-LMM: caption, ask, classify and summarize files, folders and URLs; "
+    "chat about a video read once, serve the model over HTTP, or watch a live stream.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
