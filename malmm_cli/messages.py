@@ -14,11 +14,13 @@ from .terminal import ShownFormatter, error_line, shown
 log = logging.getLogger("malmm")
 
 
-def setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool, verbose: bool = False) -> None:
+    """Warnings on stderr; with `quiet` errors only; with `verbose` also what malmm does and why
+    (feature cache hits, thread plans, decoder retries, a failed input's traceback)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(ShownFormatter("malmm: %(message)s"))
     log.handlers[:] = [handler]
-    log.setLevel(logging.ERROR if quiet else logging.WARNING)
+    log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.WARNING)
     log.propagate = False
     # Third-party chatter that says nothing actionable to a user of this tool.
     for name in ("bitsandbytes", "yt_dlp", "httpx", "huggingface_hub"):
@@ -37,3 +39,10 @@ def error(message: str, about: str | None = None) -> None:
 def note(line: str) -> None:
     sys.stderr.write(f"malmm: {shown(line)}\n")
     sys.stderr.flush()
+
+
+def plural(n: float, noun: str, nouns: str | None = None) -> str:
+    """'1 question', '2 questions', '0.5 GPUs': a count and its noun, in agreement."""
+    many = nouns or f"{noun}s"
+    number = str(n) if isinstance(n, int) else f"{n:g}"
+    return f"{number} {noun if n == 1 else many}"

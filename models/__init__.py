@@ -6,9 +6,10 @@ from .malmm import MALMM
 from .streams import VideoBatch, VideoStream
 from .memory_bank import BankStatus, MemoryBank, compress
 from .tiny import TINY_RANDOM
+from .visual_track import VisualTrack
 
 __all__ = [
     "MALMM", "VideoStream", "VideoBatch", "DEFAULT_MODEL", "TEMPORAL_SLOTS", "TINY_RANDOM",
-    "MemoryBank", "BankStatus", "compress",
+    "MemoryBank", "BankStatus", "compress", "VisualTrack",
     "ModelError", "ModelNotAvailableError", "CheckpointError",
 ]

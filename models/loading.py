@@ -253,6 +253,10 @@ def load_malmm(
         src, revision, local_only, quantization, Path(quantized_cache) if quantized_cache else None, dtype, device
     )
     _check_special_tokens(tokenizer, hf.config.text_config.vocab_size)
+    # LAVIS cuts long instructions from the left, keeping their end (init_tokenizer and the
+    # LlamaTokenizer in blip2_vicuna_instruct.py are made with truncation_side="left"); the
+    # hub's Q-Former tokenizer says "right". Set here, whatever the files say.
+    tokenizer.truncation_side = qformer_tokenizer.truncation_side = "left"
     image_spec = _image_spec(src, revision, local_only, hf.config.vision_config)
 
     qformer = MemoryQFormer(hf.config.qformer_config, num_query_tokens=hf.config.num_query_tokens)
@@ -273,10 +277,18 @@ def load_malmm(
     )
     model.quantization = quantization
     if checkpoint is not None:
-        report = load_overlay(model, checkpoint, strict=strict_checkpoint)
-        model.overlay_report = report
-        model.trained_frames = report.trained_frames
-        if memory_bank_length is None and report.config.memory_bank_length is not None:
-            model.memory_bank_length = report.config.memory_bank_length
+        _overlay(model, checkpoint, strict_checkpoint, memory_bank_length)
     model.set_qformer_dtype(qformer_dtype or qformer_dtype_for(dtype, device))
     return model
+
+
+def _overlay(model, checkpoint: str | Path, strict: bool, memory_bank_length: int | None) -> None:
+    """An MA-LMM checkpoint's weights over the model, and what its config says of its training:
+    the frames (temporal rows) it trained, its M (unless given), its text length (the official
+    classification configs: 30)."""
+    report = load_overlay(model, checkpoint, strict=strict)
+    model.overlay_report = report
+    model.trained_frames = report.trained_frames
+    if memory_bank_length is None and report.config.memory_bank_length is not None:
+        model.memory_bank_length = report.config.memory_bank_length
+    model.max_text_tokens = report.config.max_txt_len or model.max_text_tokens

@@ -24,10 +24,11 @@ from .constants import CLIP_MEAN, CLIP_STD, DEFAULT_MODEL, QFORMER_MAX_TEXT, TEM
 from .loading import load_malmm
 from .qformer import MemoryQFormer
 from .quantize import expected_llm_warnings
-from .streams import VideoBatch, VideoStream, temporal_slot
+from .streams import ConcatStream, VideoBatch, VideoStream, temporal_slot
+from .visual_track import VisualTrack
 
 # Re-exported: the constants and stream classes have always been importable from here.
-__all__ = ["MALMM", "VideoStream", "VideoBatch", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
+__all__ = ["MALMM", "VideoStream", "VideoBatch", "ConcatStream", "ImageSpec", "TEMPORAL_SLOTS", "DEFAULT_MODEL", "CLIP_MEAN",
            "CLIP_STD", "QFORMER_MAX_TEXT", "temporal_slot"]
 
 
@@ -75,6 +76,9 @@ class MALMM(nn.Module):
         self.quantization: str | None = None  # as loaded: None, "8bit" or "4bit"
         self.overlay_report = None  # models.overlay.OverlayReport of an overlaid MA-LMM checkpoint
         self.trained_frames: int | None = None  # T_train of that checkpoint: temporal rows it trained
+        # Instruction tokens kept (from the left) for the Q-Former, and for the LLM prompt in
+        # training: LAVIS max_txt_len, 128 by default, what a checkpoint's config says otherwise.
+        self.max_text_tokens = QFORMER_MAX_TEXT
         self.eval()
 
     @property
@@ -116,10 +120,15 @@ class MALMM(nn.Module):
     # ---- vision -----------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> [n, P, C]: ViT + post-LayerNorm (InstructBLIP's ln_vision), batched."""
+    def encode_frames(self, pixel_values: torch.Tensor, *, pre_norm: bool = False) -> torch.Tensor:
+        """[n, 3, H, W] -> [n, P, C]: ViT + post-LayerNorm (InstructBLIP's ln_vision), batched.
+        ``pre_norm=True`` stops before that LayerNorm (what training with a trainable ln_vision
+        caches: :func:`models.training.apply_ln_vision` then applies it)."""
         pixel_values = pixel_values.to(self.device, self.vision_dtype)
-        return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if not pre_norm:
+            return self.vision_model(pixel_values=pixel_values).last_hidden_state
+        vision = self.vision_model
+        return vision.encoder(inputs_embeds=vision.embeddings(pixel_values)).last_hidden_state
 
     # ---- streams ----------------------------------------------------------------------
 
@@ -130,24 +139,34 @@ class MALMM(nn.Module):
         total_frames: int | None = None,
         memory_bank_length: int | None = None,
         cache_projections: bool = True,
-    ) -> VideoStream:
+        concat: bool = False,
+        visual_track: VisualTrack | None = None,
+    ) -> VideoStream | ConcatStream:
         """Start reading a video. One row per instruction; all rows see the same frames.
 
         ``memory_bank_length`` overrides the model's M for this stream. ``total_frames``, when
         known, spreads videos longer than 120 frames over the temporal position slots (see
         :func:`temporal_slot`). ``cache_projections=False`` re-projects the banks at every frame
-        (the straightforward path; same results, slower). Several videos at once: :meth:`new_batch`.
+        (the straightforward path; same results, slower). ``visual_track``: an empty
+        :class:`VisualTrack` (M and total_frames as here) records the visual bank; a sealed
+        one, recorded from the same video by this model, is replayed instead of computed
+        (same results, the instruction's work only). Several videos at once: :meth:`new_batch`.
+        ``concat=True``: the paper's no-memory baseline instead (:class:`ConcatStream`: every
+        frame's 32 query tokens go to the LLM; no bank, so neither M nor a track is used).
         """
         if isinstance(instructions, str):
             instructions = [instructions]
         instructions = list(instructions)
         if not instructions:
             raise ValueError("new_stream needs at least one instruction")
+        if concat:
+            with torch.inference_mode():
+                return ConcatStream(self, instructions)
         M = self.memory_bank_length if memory_bank_length is None else memory_bank_length
         if M < 0:
             raise ValueError(f"memory_bank_length must be >= 0, got {M}")
         with torch.inference_mode():
-            return VideoStream(self, instructions, total_frames, M, cache_projections)
+            return VideoStream(self, instructions, total_frames, M, cache_projections, visual_track)
 
     def new_batch(
         self,
@@ -279,6 +298,10 @@ class MALMM(nn.Module):
         head = (lm_head.weight.float(), None if lm_head.bias is None else lm_head.bias.float())
         decoder = self.language_model.get_decoder()
         prefix = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True)
+        # The key/value cache comes back under the name the decoder takes it by: `cache` in
+        # transformers 5.2x (where `past_key_values` is deprecated, with a warning per call),
+        # `past_key_values` before. Passing it back under the same name is right for both.
+        cache_name = "cache" if "cache" in prefix else "past_key_values"
         first_logp = self._fp32_log_probs(prefix.last_hidden_state[:, -1], head)  # [B, V]
         eos = self.tokenizer.eos_token_id
         cand_ids = [ids + [eos] for ids in self.tokenizer(list(candidates), add_special_tokens=False).input_ids]
@@ -287,11 +310,13 @@ class MALMM(nn.Module):
         for start in range(0, len(cand_ids), per_chunk):
             chunk = cand_ids[start : start + per_chunk]
             scores[:, start : start + len(chunk)] = self._score_chunk(
-                decoder, head, prefix.past_key_values, attention_mask, first_logp, chunk
+                decoder, head, (cache_name, prefix[cache_name]), attention_mask, first_logp, chunk
             )
         return scores
 
-    def _score_chunk(self, decoder, head, prefix_cache, prefix_mask, first_logp, chunk: list[list[int]]) -> torch.Tensor:
+    def _score_chunk(self, decoder, head, prefix_cache: tuple[str, object], prefix_mask, first_logp,
+                     chunk: list[list[int]]) -> torch.Tensor:
+        """`prefix_cache`: (the decoder's name for its key/value cache, the prefix's cache)."""
         B, c = prefix_mask.shape[0], len(chunk)
         L = max(len(ids) for ids in chunk)
         tokens = torch.zeros(c, L, dtype=torch.long, device=self.device)
@@ -301,11 +326,11 @@ class MALMM(nn.Module):
             valid[i, : len(ids)] = True
         total = first_logp[:, tokens[:, 0]]  # [B, c]: the first token comes from the prefix
         if L > 1:
-            cache = copy.deepcopy(prefix_cache)
+            cache_name, cache = prefix_cache[0], copy.deepcopy(prefix_cache[1])
             cache.batch_repeat_interleave(c)  # rows: b0c0 .. b0c(c-1), b1c0, ...
             rows_tokens = tokens.repeat(B, 1)  # [B*c, L]
             mask = torch.cat([prefix_mask.repeat_interleave(c, dim=0), valid.repeat(B, 1).long()], dim=1)
-            out = decoder(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache)
+            out = decoder(input_ids=rows_tokens[:, :-1], attention_mask=mask[:, :-1], **{cache_name: cache})
             logp = self._fp32_log_probs(out.last_hidden_state, head)  # [B*c, L-1, V]
             picked = logp.gather(-1, rows_tokens[:, 1:, None]).squeeze(-1)  # [B*c, L-1]
             picked = picked.masked_fill(~valid[:, 1:].repeat(B, 1), 0.0)

@@ -19,10 +19,15 @@ video stream keeps, and produces exactly the same sequence of banks, faster:
 - Key/value projections are affine, so the projection of a count-weighted mean is the
   count-weighted mean of the projections: cached projections (``extras``) are merged with
   the features' decisions and stay exact. A frame's tokens are projected once, on arrival.
+- The merge decisions depend on the features alone. :meth:`MemoryBank.settle` returns the
+  ones it made; a bank built with ``keep_features=False`` takes them back instead
+  (``settle(plans)``) and holds only the extras: it replays a recorded bank exactly (same
+  values in the same physical slots) without its features, similarities or their merges.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,10 +132,12 @@ class MemoryBank:
     """
 
     def __init__(self, capacity: int, extra_heads: int | None = None, groups: int = 1,
-                 extra_names: tuple[str, ...] | None = None):
+                 extra_names: tuple[str, ...] | None = None, keep_features: bool = True):
         if capacity < 0:
             raise ValueError(f"memory capacity must be >= 0, got {capacity}")
         self.capacity = capacity
+        # False: a replay bank, extras only; its merges are the plans given to settle().
+        self.keep_features = keep_features
         # Extras are stored head-major, [E, R, heads, N, S, D/heads], when extra_heads is given:
         # attention reads each head's keys of all entries as one contiguous block (the order of
         # keys does not matter to attention). Without heads they are [E, R, 1, N, S, D].
@@ -153,10 +160,11 @@ class MemoryBank:
 
     # ---- storage -------------------------------------------------------------------------
 
-    def _allocate(self, features: torch.Tensor, extras: torch.Tensor | None) -> None:
-        B, N, C = features.shape
-        R, S, dev = B * self.groups, self.capacity + 1, features.device
-        self._features = features.new_zeros(R, N, S, C)
+    def _allocate(self, features: torch.Tensor | None, extras: torch.Tensor | None) -> None:
+        B, N = features.shape[:2] if features is not None else extras.shape[1:3]
+        R, S = B * self.groups, self.capacity + 1
+        dev = (features if features is not None else extras).device
+        self._features = None if features is None else features.new_zeros(R, N, S, features.shape[-1])
         self._counts = torch.zeros(R, N, S, dtype=torch.long, device=dev)
         self._order = torch.arange(S, device=dev).repeat(R, N, 1)
         self._sims = torch.zeros(R, N, S, dtype=torch.float32, device=dev)
@@ -209,17 +217,21 @@ class MemoryBank:
 
     # ---- adding an entry -----------------------------------------------------------------
 
-    def stage(self, features: torch.Tensor, group: int = 0, stacked: torch.Tensor | None = None,
+    def stage(self, features: torch.Tensor | None, group: int = 0, stacked: torch.Tensor | None = None,
               **extras: torch.Tensor) -> None:
         """Write this frame's entry of one group into its free slot.
 
-        features [B, N, C]; extras by name, each [B, N, D], or all at once as ``stacked``
-        [E, B, N, D] in the order of the bank's ``extra_names`` (no stacking copy).
+        features [B, N, C] (None in a bank without features); extras by name, each [B, N, D],
+        or all at once as ``stacked`` [E, B, N, D] in the order of the bank's ``extra_names``
+        (no stacking copy).
         """
-        if features.dim() != 3:
-            raise ValueError(f"bank entries are [B, N, C], got {tuple(features.shape)}")
         values = self._stack_extras(stacked, extras)
-        if self._features is None:
+        if not self.keep_features:
+            if features is not None or values is None:
+                raise ValueError("a bank without features takes extras only")
+        elif features is None or features.dim() != 3:
+            raise ValueError(f"bank entries are [B, N, C], got {None if features is None else tuple(features.shape)}")
+        if self._order is None:
             self._allocate(features, values)
         if (values is None) != (self._extras is None):
             raise ValueError("every entry needs the same extras")
@@ -229,9 +241,10 @@ class MemoryBank:
             raise RuntimeError(f"group {group} staged twice before commit")
         rows = self._group_rows(group)
         free = self._free[rows]
-        C = self._features.shape[-1]
-        at = (self._row_base[rows] + free).view(-1)
-        self._features.view(-1, C).index_copy_(0, at, features.reshape(-1, C).to(self._features.dtype))
+        if features is not None:
+            C = self._features.shape[-1]
+            at = (self._row_base[rows] + free).view(-1)
+            self._features.view(-1, C).index_copy_(0, at, features.reshape(-1, C).to(self._features.dtype))
         if values is not None:
             d = self._extras.shape[-1]
             at = (self._extra_put_base[:, rows] + free[None, :, :, None]).view(-1)
@@ -246,7 +259,7 @@ class MemoryBank:
         at = self._row_base + free  # [R, N]
         self._counts.view(-1).index_fill_(0, at.view(-1), 1)
         self._order[:, :, t] = free
-        if t > 0:
+        if t > 0 and self._features is not None:
             R, N, _, C = self._features.shape
             pair = torch.stack([self._row_base + self._order[:, :, t - 1], at], dim=2)
             previous, current = self._features.view(-1, C).index_select(0, pair.view(-1)).view(R, N, 2, C).unbind(2)
@@ -259,7 +272,7 @@ class MemoryBank:
         if self.length <= self.capacity:
             self._free = torch.full_like(free, self.length)
 
-    def push(self, features: torch.Tensor, stacked: torch.Tensor | None = None, **extras: torch.Tensor) -> None:
+    def push(self, features: torch.Tensor | None, stacked: torch.Tensor | None = None, **extras: torch.Tensor) -> None:
         """Add the current time step: features [B, N, C], extras as in :meth:`stage` (one group)."""
         self.stage(features, 0, stacked, **extras)
         self.commit()
@@ -286,13 +299,24 @@ class MemoryBank:
 
     # ---- compression ---------------------------------------------------------------------
 
-    def settle(self) -> None:
-        """Compress until the bank is within capacity (once per frame at steady state)."""
+    def settle(self, plans: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Compress until the bank is within capacity (once per frame at steady state).
+
+        Returns the merge plans, in order: per merge, the temporal index j [R, N] (long) of
+        the pair merged at each position. ``plans``: merge so instead of by similarity (what
+        a settle of the recorded bank returned); a bank without features needs them."""
         if self.capacity == 0:
             self.length, self._free = 0, torch.zeros_like(self._free)
-            return
+            return []
+        over = max(0, self.length - self.capacity)
+        if plans is None and self._features is None and over:
+            raise RuntimeError("a bank without features merges only as told (settle(plans))")
+        if plans is not None and len(plans) != over:
+            raise ValueError(f"{len(plans)} merge plans for a bank {over} entries over capacity")
+        done = []
         while self.length > self.capacity:
-            self._merge_once()
+            done.append(self._merge_once(None if plans is None else plans[len(done)]))
+        return done
 
     @staticmethod
     def _merge_rows(flat: torch.Tensor, pairs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -308,13 +332,16 @@ class MemoryBank:
         flat.index_copy_(0, pairs[..., 0].reshape(-1), merged.view(-1, flat.shape[-1]))
         return merged
 
-    def _merge_once(self) -> None:
+    def _merge_once(self, j: torch.Tensor | None) -> torch.Tensor:
         L = self.length
-        R, N, S, C = self._features.shape
-        j = self._sims[:, :, : L - 1].argmax(dim=2)  # [R, N] temporal index of the most similar pair
+        R, N, S = self._order.shape
+        if j is None:
+            j = self._sims[:, :, : L - 1].argmax(dim=2)  # [R, N] temporal index of the most similar pair
         phys = self._order.gather(2, torch.stack([j, j + 1], dim=2))  # [R, N, 2] physical slots of the pair
         counts = self._counts.gather(2, phys)
-        merged = self._merge_rows(self._features.view(-1, C), self._row_base[..., None] + phys, counts)
+        if self._features is not None:
+            C = self._features.shape[-1]
+            merged = self._merge_rows(self._features.view(-1, C), self._row_base[..., None] + phys, counts)
         if self._extras is not None:  # weights broadcast over extras and heads
             pairs = self._extra_base[..., None] + phys[None, :, None]  # [E, R, heads, N, 2]
             self._merge_rows(self._extras.view(-1, self._extras.shape[-1]), pairs, counts[None, :, None])
@@ -324,7 +351,7 @@ class MemoryBank:
         jj = j.unsqueeze(2)
         t = torch.arange(L - 1, device=j.device)
         self._order[:, :, : L - 1] = self._order[:, :, :L].gather(2, t + (t > jj).long())
-        if L > 2:
+        if L > 2 and self._features is not None:
             p = torch.arange(L - 2, device=j.device)
             self._sims[:, :, : L - 2] = self._sims[:, :, : L - 1].gather(2, p + (p > jj).long())
             near = torch.stack([(j - 1).clamp(min=0), (j + 1).clamp(max=L - 2)], dim=2)  # temporal neighbours
@@ -338,18 +365,20 @@ class MemoryBank:
         self._free = phys[..., 1]  # the next push writes here
         self.length = L - 1
         self.compressions += 1
+        return j
 
     # ---- rows ----------------------------------------------------------------------------
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only batch rows ``rows`` (long, the same in every group): videos that ended
         leave a lockstep batch, so later steps stop paying for them."""
-        if self._features is None:
+        if self._order is None:
             self._rows = len(rows)
             return
         index = (torch.arange(self.groups, device=rows.device)[:, None] * self._rows + rows).view(-1)
         for name in ("_features", "_counts", "_order", "_sims", "_free"):
-            setattr(self, name, getattr(self, name).index_select(0, index))
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).index_select(0, index))
         if self._extras is not None:
             self._extras = self._extras.index_select(1, index)
         self._index(len(rows))

@@ -59,11 +59,24 @@ _TOP_LEVEL = {"model", "optimizer", "config", "scaler", "epoch"}
 
 @dataclass(frozen=True)
 class TrainedConfig:
-    """What a checkpoint's ``config["model"]`` says about its training (None: not stated)."""
+    """What a checkpoint's config says about its training (None: not stated).
+
+    From ``config["model"]``: the frames, M and text length it was trained with. From what the
+    run trained on: the instruction and label set (``config["malmm"]`` in malmm's checkpoints;
+    ``config["datasets"]`` in the official ones, e.g. ``breakfast_cls`` or ``lvu_cls`` with
+    its ``task``), and whether it is the paper's no-memory baseline (official: M = 0, i.e.
+    ``use_memory_bank=False``, every frame's query tokens concatenated for the LLM)."""
 
     num_frames: int | None = None
     memory_bank_length: int | None = None
     max_num_frames: int | None = None
+    max_txt_len: int | None = None  # Q-Former text and LLM prompt tokens kept (LAVIS max_txt_len)
+    prompt: str | None = None  # the instruction it was trained with
+    label_set: str | None = None  # malmm's name of a built-in label set (breakfast, coin, lvu_genre, ...)
+    labels: tuple[str, ...] | None = None  # the labels it was trained on (malmm's checkpoints)
+    datasets: tuple[str, ...] = ()  # official: the dataset builders of its run (breakfast_cls, lvu_cls, ...)
+    dataset_task: str | None = None  # official lvu_cls: its task (genre, director, ...)
+    concat: bool = False  # the no-memory baseline: all frames' query tokens go to the LLM
 
     @classmethod
     def from_config(cls, config: Any) -> TrainedConfig:
@@ -75,7 +88,21 @@ class TrainedConfig:
             value = model.get(key)
             return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else None
 
-        return cls(count("num_frames"), count("memory_bank_length"), count("max_num_frames"))
+        ours = config.get("malmm") if isinstance(config.get("malmm"), dict) else None
+        datasets = config.get("datasets") if isinstance(config.get("datasets"), dict) else {}
+        task = next((d.get("task") for d in datasets.values() if isinstance(d, dict) and
+                     isinstance(d.get("task"), str)), None)
+        memory = count("memory_bank_length")
+        if ours is not None:
+            concat = ours.get("concat") is True
+            labels = ours.get("labels")
+            labels = tuple(labels) if isinstance(labels, list) and all(isinstance(x, str) for x in labels) else None
+            text = {k: ours.get(k) if isinstance(ours.get(k), str) else None for k in ("prompt", "label_set")}
+        else:  # the official code: no memory bank means every frame's tokens to the LLM
+            concat, labels, text = memory == 0, None, {"prompt": None, "label_set": None}
+        return cls(count("num_frames"), memory, count("max_num_frames"), count("max_txt_len") or None,
+                   text["prompt"], text["label_set"], labels, tuple(k for k in datasets if isinstance(k, str)),
+                   task, concat)
 
 
 @dataclass

@@ -20,6 +20,10 @@ With ``cache_projections`` a bank also keeps the key/value projections of what i
 merged with the same MBC decisions (exact: projections are affine), so each frame projects
 only its own tokens instead of re-projecting the whole bank in every layer.
 
+The visual bank is the same for every instruction: a :class:`VisualTrack` records it (each
+frame's keys/values and merges) and a later pass over the same video replays it, running
+only the instruction's part of each step (visual_track.py).
+
 One step can carry several videos in lockstep (a batch): the frame is then [B, P, C], one
 frame of each video, and row b of the instructions, of the visual bank and of the query
 banks belongs to video b. Rows never mix, so each video's result equals running it alone.
@@ -37,6 +41,7 @@ from transformers import InstructBlipQFormerConfig
 from transformers.activations import ACT2FN
 
 from .memory_bank import MemoryBank
+from .visual_track import VisualTrack
 
 __all__ = ["MemoryQFormer", "QFormerMemory"]
 
@@ -47,11 +52,18 @@ class QFormerMemory:
 
     ``query`` holds every layer's query bank as one grouped bank (group i = layer i): they
     have the same shape and history, so they are compressed together, once per frame.
+    ``track``: the visual bank's record, being written (an unsealed track) or replayed (a
+    sealed one: then ``visual`` holds no features).
     """
 
     visual: MemoryBank
     query: MemoryBank
     cache_projections: bool = True
+    track: VisualTrack | None = None
+
+    @property
+    def replaying(self) -> bool:
+        return self.track is not None and self.track.sealed
 
     @property
     def frames(self) -> int:
@@ -60,13 +72,19 @@ class QFormerMemory:
 
     @classmethod
     def empty(cls, capacity: int, num_layers: int, num_heads: int, cache_projections: bool = True,
-              cross_layers: Sequence[int] = ()) -> QFormerMemory:
+              cross_layers: Sequence[int] = (), track: VisualTrack | None = None) -> QFormerMemory:
         # Cached keys/values are stored head-major, ready for attention: the visual bank keeps
         # those of every cross-attention layer (one buffer), each query bank its layer's.
         if not cache_projections:
+            if track is not None:
+                raise ValueError("a visual track records cached keys/values: it needs cache_projections")
             return cls(MemoryBank(capacity), MemoryBank(capacity, groups=num_layers), False)
-        visual = MemoryBank(capacity, num_heads, extra_names=_cross_names(cross_layers))
-        return cls(visual, MemoryBank(capacity, num_heads, groups=num_layers, extra_names=("k", "v")), True)
+        if track is not None and track.capacity != capacity:
+            raise ValueError(f"the visual track was recorded with M={track.capacity}, not {capacity}")
+        replay = track is not None and track.sealed
+        visual = MemoryBank(capacity, num_heads, extra_names=_cross_names(cross_layers), keep_features=not replay)
+        query = MemoryBank(capacity, num_heads, groups=num_layers, extra_names=("k", "v"))
+        return cls(visual, query, True, track)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows: the videos of a lockstep batch that go on."""
@@ -269,9 +287,10 @@ class MemoryQFormer(nn.Module):
         """[B, Q, H] query tokens + [B, L] instruction ids -> [B, Q + L, H]; constant per stream."""
         return self.embeddings(query_tokens, input_ids)
 
-    def new_memory(self, capacity: int, cache_projections: bool = True) -> QFormerMemory:
+    def new_memory(self, capacity: int, cache_projections: bool = True,
+                   track: VisualTrack | None = None) -> QFormerMemory:
         return QFormerMemory.empty(capacity, len(self.encoder.layer), self.config.num_attention_heads,
-                                   cache_projections, self.cross_layers)
+                                   cache_projections, self.cross_layers, track)
 
     def _cross_projections(self) -> list[nn.Linear]:
         """Key and value projections of every cross-attention layer, in the visual bank's order."""
@@ -283,10 +302,17 @@ class MemoryQFormer(nn.Module):
 
     def _push_frame(self, frame: torch.Tensor, memory: QFormerMemory) -> dict[int, tuple]:
         """Add the frame to the visual bank; per cross-attention layer, keys/values over the
-        whole bank, current frame included, each [V, heads, S, d]."""
+        whole bank, current frame included, each [V, heads, S, d]. Replaying a track, the
+        frame's keys/values come from it (and `frame` is not read)."""
         bank, out = memory.visual, {}
         if memory.cache_projections:
-            bank.push(frame, _project(frame, self._cross_projections()))  # [2 * layers, V, P, H]
+            if memory.replaying:
+                bank.push(None, memory.track.frame(bank.frames_seen)[0])
+            else:
+                keys_values = _project(frame, self._cross_projections())  # [2 * layers, V, P, H]
+                bank.push(frame, keys_values)
+                if memory.track is not None:
+                    memory.track.record(keys_values)  # its merges at the end of the step
             for i in self.cross_layers:
                 out[i] = (bank.slots(f"k{i}"), bank.slots(f"v{i}"))
         else:
@@ -328,5 +354,16 @@ class MemoryQFormer(nn.Module):
         # Both kinds of bank compress back to M only now: nothing reads them until the next frame.
         memory.query.commit()
         memory.query.settle()
-        memory.visual.settle()
+        self._settle_visual(memory)
         return hidden
+
+    @staticmethod
+    def _settle_visual(memory: QFormerMemory) -> None:
+        """Compress the visual bank: as recorded when replaying a track, and recorded when writing one."""
+        bank, track = memory.visual, memory.track
+        if track is None:
+            bank.settle()
+        elif track.sealed:
+            bank.settle(track.frame(bank.frames_seen - 1)[1])
+        else:
+            track.record_merges(bank.settle())

@@ -13,11 +13,13 @@ from collections.abc import Sequence
 
 import torch
 
-from .constants import QFORMER_MAX_TEXT, TEMPORAL_SLOTS
+from .constants import TEMPORAL_SLOTS
+from .errors import ModelError
 from .memory_bank import BankStatus
 from .qformer import QFormerMemory
+from .visual_track import VisualTrack
 
-__all__ = ["VideoStream", "VideoBatch", "temporal_slot", "encode_instructions"]
+__all__ = ["VideoStream", "VideoBatch", "ConcatStream", "temporal_slot", "encode_instructions"]
 
 
 def temporal_slot(t: int, total_frames: int | None, trained_frames: int | None = None) -> int:
@@ -39,7 +41,7 @@ def encode_instructions(model, instructions: list[str]):
     """Token ids [B, L], key mask [B, Q+L] (None when nothing is padded) and the Q-Former's
     input embeddings [B, Q+L, H] of the instructions: constant over a video, computed once."""
     qtok = model.qformer_tokenizer(
-        instructions, padding="longest", truncation=True, max_length=QFORMER_MAX_TEXT, return_tensors="pt"
+        instructions, padding="longest", truncation=True, max_length=model.max_text_tokens, return_tensors="pt"
     )
     device = model.device
     input_ids = qtok.input_ids.to(device)  # [B, L]
@@ -52,17 +54,30 @@ def encode_instructions(model, instructions: list[str]):
 
 
 class VideoStream:
-    """The memory state of one video being read; create with :meth:`MALMM.new_stream`."""
+    """The memory state of one video being read; create with :meth:`MALMM.new_stream`.
+
+    With a ``visual_track`` (models/visual_track.py) it records the visual bank into it (an
+    empty track), or replays it (a sealed one): then each frame's keys/values and merges come
+    from the track, and the features given to :meth:`add_features` only say how many frames
+    come (they must be those the track was recorded from).
+    """
 
     def __init__(
         self, model, instructions: list[str], total_frames: int | None, memory_bank_length: int,
-        cache_projections: bool,
+        cache_projections: bool, visual_track: VisualTrack | None = None,
     ):
+        if visual_track is not None:
+            if visual_track.total_frames != total_frames:
+                raise ValueError(f"the visual track was recorded for {visual_track.total_frames} frames in all, "
+                                 f"not {total_frames}")
+            if not visual_track.sealed and visual_track.frames:
+                raise ValueError("a visual track is recorded by one stream, from its first frame")
         self.model = model
         self.instructions = instructions
         self.total_frames = total_frames
+        self.visual_track = visual_track
         self.input_ids, self.key_mask, self.embeddings = encode_instructions(model, instructions)
-        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections)
+        self.state: QFormerMemory = model.qformer.new_memory(memory_bank_length, cache_projections, visual_track)
         self._output: torch.Tensor | None = None
 
     @property
@@ -239,3 +254,68 @@ class VideoBatch:
     def visual_tokens(self, videos: Sequence[int] | None = None) -> torch.Tensor:
         """[B, 32, H_llm]: what the LLM sees of each video (of `videos` only, when given)."""
         return self.model.language_projection(self.query_output(videos))
+
+
+class ConcatStream:
+    """The paper's no-memory baseline; create with ``MALMM.new_stream(..., concat=True)``.
+
+    The official code with ``use_memory_bank=False`` (``blip2_vicuna_instruct.py`` lines
+    211-252) runs the Q-Former on every frame on its own: the instruction and the 32 query
+    tokens, cross-attention to that frame's features only, no bank and no temporal position
+    (``image_pe`` is not added on that path). The LLM then sees all T x 32 outputs, in frame
+    order: ``visual_tokens()`` is [B, T * 32, H_llm]. Memory and LLM context grow with T,
+    which is what MA-LMM's bank avoids (60 frames made 1,920 LLM tokens in the paper).
+    """
+
+    def __init__(self, model, instructions: list[str]):
+        self.model = model
+        self.instructions = instructions
+        self.total_frames = None
+        self.input_ids, self.key_mask, self.embeddings = encode_instructions(model, instructions)
+        self._outputs: list[torch.Tensor] = []  # per chunk: [B, n * 32, H], frame-major
+        self._frames = 0
+        # The LLM context must hold every frame's tokens and the prompt (a few dozen tokens).
+        self.max_frames = max(1, (model.language_model.config.max_position_embeddings - 64) // model.num_query_tokens)
+
+    @property
+    def frames_seen(self) -> int:
+        return self._frames
+
+    @property
+    def memory(self) -> BankStatus:
+        """No bank: capacity 0; every frame reaches the LLM (one slot per frame, none merged)."""
+        return BankStatus(0, 0, self._frames, 0, (), ())
+
+    @torch.inference_mode()
+    def add_frames(self, pixel_values: torch.Tensor) -> None:
+        self.add_features(self.model.encode_frames(pixel_values))
+
+    @torch.inference_mode()
+    def add_features(self, features: torch.Tensor) -> None:
+        """Feed vision features [n, P, C], in time order: n frames through the Q-Former at once,
+        each frame a batch row with the instructions and nothing else."""
+        model = self.model
+        n, B, Q = features.shape[0], self.embeddings.shape[0], model.num_query_tokens
+        if self._frames + n > self.max_frames:
+            raise ModelError(f"Without memory (--concat) every frame puts {Q} tokens before the LLM, and this "
+                             f"LLM takes {model.language_model.config.max_position_embeddings} tokens: at most "
+                             f"{self.max_frames} frames; sample fewer (--frames).")
+        frames = features.to(model.device, model.qformer_dtype).repeat_interleave(B, dim=0)  # [n * B, P, C]
+        mask = None if self.key_mask is None else self.key_mask.repeat(n, 1)
+        hidden = model.qformer.step(self.embeddings.repeat(n, 1, 1), mask, frames, model.qformer.new_memory(0))
+        out = hidden[:, :Q].reshape(n, B, Q, -1).transpose(0, 1).reshape(B, n * Q, -1)  # frame-major per row
+        self._outputs.append(out)
+        self._frames += n
+
+    def query_output(self) -> torch.Tensor:
+        """[B, T * 32, H_qformer]: every frame's Q-Former output, in frame order."""
+        if not self._outputs:
+            raise RuntimeError("the stream has seen no frames yet")
+        if len(self._outputs) > 1:
+            self._outputs = [torch.cat(self._outputs, dim=1)]
+        return self._outputs[0]
+
+    @torch.inference_mode()
+    def visual_tokens(self) -> torch.Tensor:
+        """[B, T * 32, H_llm]: what the LLM sees of the video."""
+        return self.model.language_projection(self.query_output())

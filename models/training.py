@@ -31,37 +31,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .malmm import MALMM, QFORMER_MAX_TEXT, TEMPORAL_SLOTS, temporal_slot
+from .malmm import MALMM, TEMPORAL_SLOTS, temporal_slot
 from .memory_bank import compress
 from .overlay import hf_to_lavis_key
 from .qformer import MemoryQFormer, QFormerMultiHeadAttention
 
 __all__ = [
-    "TRAINED_GROUPS", "Instructions", "freeze_for_training", "trained_parameters", "tokenize_instructions",
-    "query_output", "visual_tokens", "answer_log_likelihood", "answer_loss", "candidate_log_likelihoods",
-    "lavis_state_dict", "official_config", "save_checkpoint",
+    "TRAINED_GROUPS", "LN_VISION", "Instructions", "freeze_for_training", "trained_parameters",
+    "tokenize_instructions", "apply_ln_vision", "query_output", "visual_tokens", "answer_log_likelihood", "answer_loss", "candidate_log_likelihoods",
+    "lavis_state_dict", "official_config", "save_checkpoint", "llm_token_ids",
 ]
 
 # What MA-LMM finetunes (method.md); the ViT and the LLM stay frozen.
 TRAINED_GROUPS = ("qformer.", "query_tokens", "language_projection.", "temporal_embedding.")
+# The official code trains ln_vision too (the ViT's last LayerNorm, frozen only with the ViT's
+# blocks in LAVIS's freeze_vit); here it is an option (trained_parameters(ln_vision=True)).
+LN_VISION = "vision_model.post_layernorm."
 ANSWER_MAX_TOKENS = 256  # LAVIS max_output_txt_len: answer + EOS, cut on the right
 
 
 # ---- what is trained ----------------------------------------------------------------------
 
 
-def trained_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of everything MA-LMM trains, in the model's order."""
-    return [(n, p) for n, p in model.named_parameters() if n.startswith(TRAINED_GROUPS)]
+def trained_parameters(model: nn.Module, *, ln_vision: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything MA-LMM trains, in the model's order; with
+    ``ln_vision``, the ViT's last LayerNorm too (as the official code trains it)."""
+    groups = TRAINED_GROUPS + ((LN_VISION,) if ln_vision else ())
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(groups)]
 
 
-def freeze_for_training(model: MALMM) -> list[tuple[str, nn.Parameter]]:
-    """Gradients for the Q-Former, query tokens, projection and temporal embedding only, in
-    float32 (AdamW on bf16 weights loses small updates); the Q-Former in train mode (dropout,
-    as LAVIS trains it), the ViT and the LLM in eval mode. Returns the trained parameters."""
+def freeze_for_training(model: MALMM, *, ln_vision: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """Gradients for the Q-Former, query tokens, projection and temporal embedding only (and
+    ln_vision with ``ln_vision``), in float32 (AdamW on bf16 weights loses small updates); the
+    Q-Former in train mode (dropout, as LAVIS trains it), the ViT and the LLM in eval mode.
+    Returns the trained parameters. A trained ln_vision reads features computed before it
+    (``encode_frames(pre_norm=True)``, then :func:`apply_ln_vision`)."""
     if model.qformer_dtype != torch.float32:
         model.set_qformer_dtype(torch.float32)
-    trained = dict(trained_parameters(model))
+    if ln_vision:
+        model.vision_model.post_layernorm.float()
+    trained = dict(trained_parameters(model, ln_vision=ln_vision))
     for name, param in model.named_parameters():
         param.requires_grad_(name in trained)
     model.eval()
@@ -80,9 +89,16 @@ class Instructions:
     key_mask: torch.Tensor | None  # [B, Q + L] bool, False at padding; None when nothing is padded
 
 
+def apply_ln_vision(model: MALMM, features: torch.Tensor) -> torch.Tensor:
+    """ln_vision over features cached before it ([..., P, C]), in float32 as LAVIS computes it
+    (its LayerNorm casts to fp32), differentiably: what a trainable ln_vision needs."""
+    norm = model.vision_model.post_layernorm
+    return F.layer_norm(features.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps)
+
+
 def tokenize_instructions(model: MALMM, instructions: Sequence[str]) -> Instructions:
     tok = model.qformer_tokenizer(list(instructions), padding="longest", truncation=True,
-                                  max_length=QFORMER_MAX_TEXT, return_tensors="pt")
+                                  max_length=model.max_text_tokens, return_tensors="pt")
     ids = tok.input_ids.to(model.device)
     mask = torch.cat([torch.ones(ids.shape[0], model.num_query_tokens, dtype=torch.bool, device=ids.device),
                       tok.attention_mask.to(ids.device).bool()], dim=1)
@@ -156,13 +172,14 @@ def _step(qformer: MemoryQFormer, embeddings: torch.Tensor, key_mask: torch.Tens
 
 
 def query_output(model: MALMM, features: torch.Tensor, instructions: Instructions | Sequence[str],
-                 memory_bank_length: int, *, detach_memory: bool = True) -> torch.Tensor:
+                 memory_bank_length: int, *, detach_memory: bool = True, concat: bool = False) -> torch.Tensor:
     """The Q-Former output [B, 32, H] after the last frame of each clip, differentiably.
 
     features: [B, T, P, C] vision features (``MALMM.encode_frames``) of B clips of T frames;
     instructions: one per clip. Frame t uses temporal row t (clips over 120 frames share rows
     as :func:`temporal_slot` maps them), the rows that training writes into the checkpoint.
     ``detach_memory=False`` backpropagates through every frame instead (not what MA-LMM does).
+    ``concat=True``: the no-memory baseline (:class:`models.streams.ConcatStream`), [B, T * 32, H].
     """
     if features.dim() != 4:
         raise ValueError(f"features must be [B, T, P, C], got {tuple(features.shape)}")
@@ -173,6 +190,8 @@ def query_output(model: MALMM, features: torch.Tensor, instructions: Instruction
     if instructions.input_ids.shape[0] != B:
         raise ValueError(f"{instructions.input_ids.shape[0]} instructions for {B} clips")
     embeddings = qformer.embed(model.query_tokens.expand(B, -1, -1), instructions.input_ids)
+    if concat:
+        return _concat_output(model, features, embeddings, instructions.key_mask)
     visual, query = _Bank(), [_Bank() for _ in qformer.encoder.layer]
     grad = torch.is_grad_enabled()
     for t in range(T):
@@ -184,6 +203,20 @@ def query_output(model: MALMM, features: torch.Tensor, instructions: Instruction
     return hidden[:, : model.num_query_tokens]
 
 
+def _concat_output(model: MALMM, features: torch.Tensor, embeddings: torch.Tensor,
+                   key_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, T * 32, H]: every frame through the Q-Former on its own (no banks, no temporal
+    position), all B * T frames as one batch, with gradients through all of them (the official
+    no-memory path, blip2_vicuna_instruct.py lines 211-235 and 250-252)."""
+    B, T = features.shape[:2]
+    Q = model.num_query_tokens
+    rows = features.to(model.device, model.qformer_dtype).flatten(0, 1)  # [B * T, P, C], clip-major
+    mask = None if key_mask is None else key_mask.repeat_interleave(T, dim=0)
+    hidden, _, _ = _step(model.qformer, embeddings.repeat_interleave(T, dim=0), mask, rows, _Bank(),
+                         [_Bank() for _ in model.qformer.encoder.layer], 0, True)
+    return hidden[:, :Q].reshape(B, T * Q, -1)
+
+
 def visual_tokens(model: MALMM, features: torch.Tensor, instructions: Instructions | Sequence[str],
                   memory_bank_length: int, **kwargs) -> torch.Tensor:
     """[B, 32, D_llm]: what the LLM sees of each clip (projection of :func:`query_output`)."""
@@ -193,11 +226,15 @@ def visual_tokens(model: MALMM, features: torch.Tensor, instructions: Instructio
 # ---- the LLM loss ---------------------------------------------------------------------------
 
 
-def _token_ids(model: MALMM, prompts: Sequence[str], answers: Sequence[str]):
-    """Prompt ids (BOS first) and answer ids (EOS last) exactly as generate/score see them."""
+def llm_token_ids(model: MALMM, prompts: Sequence[str], answers: Sequence[str]):
+    """Prompt ids (BOS first) and answer ids (EOS last) as the training forward feeds them: the
+    prompt's last max_text_tokens tokens, BOS included, the answer's first 256 with EOS."""
     tok = model.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
-    prompt_ids = [[bos] + ids for ids in tok(list(prompts), add_special_tokens=False).input_ids]
+    # LAVIS's training forward keeps the prompt's last max_txt_len tokens, BOS included
+    # (truncation_side left); its generate() does not cut the prompt, nor does MALMM.generate.
+    keep = max(1, model.max_text_tokens - 1)
+    prompt_ids = [[bos] + ids[-keep:] for ids in tok(list(prompts), add_special_tokens=False).input_ids]
     answer_ids = [(ids + [eos])[:ANSWER_MAX_TOKENS] for ids in tok(list(answers), add_special_tokens=False).input_ids]
     return prompt_ids, answer_ids
 
@@ -211,7 +248,7 @@ def answer_log_likelihood(model: MALMM, visual: torch.Tensor, prompts: Sequence[
     """
     if not (visual.shape[0] == len(prompts) == len(answers)):
         raise ValueError(f"{visual.shape[0]} clips, {len(prompts)} prompts and {len(answers)} answers")
-    prompt_ids, answer_ids = _token_ids(model, prompts, answers)
+    prompt_ids, answer_ids = llm_token_ids(model, prompts, answers)
     B, Q, device = visual.shape[0], visual.shape[1], visual.device
     rows = [p + a for p, a in zip(prompt_ids, answer_ids)]
     width = max(len(r) for r in rows)
@@ -271,12 +308,13 @@ def _llm_inv_freq(model: MALMM) -> torch.Tensor | None:
     return None
 
 
-def lavis_state_dict(model: MALMM) -> dict[str, torch.Tensor]:
+def lavis_state_dict(model: MALMM, *, ln_vision: bool = False) -> dict[str, torch.Tensor]:
     """What the official runner saves as ``model``: every trained parameter under its LAVIS
-    key (float32, on the CPU), plus the buffers that stay in a LAVIS state dict, the
-    Q-Former's ``position_ids`` and each LLaMA layer's rotary ``inv_freq``."""
+    key (float32, on the CPU; ``ln_vision.*`` when it was trained), plus the buffers that stay
+    in a LAVIS state dict, the Q-Former's ``position_ids`` and each LLaMA layer's rotary
+    ``inv_freq``."""
     state = {}
-    for name, param in trained_parameters(model):
+    for name, param in trained_parameters(model, ln_vision=ln_vision):
         key = hf_to_lavis_key(name)
         if key is None:  # every trained group has a LAVIS name; this would be a bug
             raise ValueError(f"no LAVIS key for the trained parameter {name}")
@@ -301,7 +339,7 @@ def official_config(model: MALMM, *, num_frames: int, memory_bank_length: int, r
             "load_pretrained": True, "num_query_token": model.num_query_tokens, "vit_precision": "fp16",
             "freeze_vit": True, "memory_bank_length": int(memory_bank_length), "num_frames": int(num_frames),
             "max_num_frames": TEMPORAL_SLOTS, "image_size": model.image_spec.size[0], "prompt": "",
-            "max_txt_len": QFORMER_MAX_TEXT,
+            "max_txt_len": int(model.max_text_tokens),
         },
         "run": dict(run or {}),
     }
@@ -311,13 +349,13 @@ def official_config(model: MALMM, *, num_frames: int, memory_bank_length: int, r
 
 
 def save_checkpoint(path: str | Path, model: MALMM, *, config: dict, optimizer: torch.optim.Optimizer | None = None,
-                    epoch: int = 0) -> Path:
+                    epoch: int = 0, ln_vision: bool = False) -> Path:
     """Write ``{"model", "optimizer", "config", "scaler", "epoch"}`` as the official runner
     does, atomically: a temporary file beside `path`, renamed over it when complete, so an
     interrupted or failed write never leaves a torn checkpoint (nor replaces a good one)."""
     path = Path(path)
     obj = {
-        "model": lavis_state_dict(model),
+        "model": lavis_state_dict(model, ln_vision=ln_vision),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "config": config,
         "scaler": None,  # bf16 autocast needs no loss scaling (LAVIS saves None without a scaler)

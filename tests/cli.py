@@ -28,7 +28,7 @@ def records(text: str) -> list[dict]:
 
 # Fields of a record that belong to the run, not to the video and the options: two runs of the
 # same work differ in them. Tests that compare records compare `stable(record)`.
-VOLATILE = ("timings",)
+VOLATILE = ("timings", "created")
 
 
 def stable(record: dict) -> dict:

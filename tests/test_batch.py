@@ -179,7 +179,7 @@ def test_eval_in_batches_gives_the_same_predictions(eval_data, task, tmp_path):
     if task == "ask":
         assert len({r["question"] for r in batched}) == 4  # a batch holds different questions
     for a, b in zip(alone, batched):
-        a, b = dict(a), dict(b)
+        a, b = stable(a), stable(b)
         if "top5" in a:
             assert [x["label"] for x in a.pop("top5")] == [x["label"] for x in b.pop("top5")]
         assert a == b

@@ -34,15 +34,18 @@ def check_record(record: dict, task: str) -> None:
     assert set(memory) == {"length", "compressions"} | timeline and memory["compressions"] >= 0
     assert set(timings) == {"decode", "vision", "qformer", "llm", "total"}
     assert all(v >= 0 for v in timings.values())
-    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set"},
+    expected = {"caption": {"text"}, "ask": {"answers"}, "classify": {"labels", "label_set", "label_score"},
                 "summarize": {"segments", "summary", "segmentation"}}[task]
     if task != "classify":  # generated text says how it was decoded
         expected = expected | {"generation"}
         assert set(record["generation"]) == {"num_beams", "max_new_tokens", "min_new_tokens", "length_penalty",
                                              "repetition_penalty"}
     optional = {"warnings"}
-    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "job"}
+    made_by = {"malmm_version", "checkpoint", "device", "dtype", "quant", "created"}  # each line stands alone
+    base = {"input", "task", "model", "video", "sampling", "memory", "timings", "prompt", "job"} | made_by
+    assert isinstance(record["prompt"], str) and record["prompt"]  # the instruction the model was given
     assert set(record) - optional == base | expected
+    assert set(record["dtype"]) == {"vision", "qformer", "llm"} and record["quant"] in ("none", "8bit", "4bit")
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +217,7 @@ def test_folder_with_a_corrupt_file_gives_two_results_and_one_error(folder, tmp_
     assert [Path(r["input"]).name for r in rows] == ["a.mp4", "corrupt.mp4", "b.mp4"]  # stable, recursive order
     good = [r for r in rows if "error" not in r]
     bad = [r for r in rows if "error" in r]
-    assert len(good) == 2 and len(bad) == 1 and set(bad[0]) == {"input", "error", "job"}
+    assert len(good) == 2 and len(bad) == 1 and set(bad[0]) == {"input", "error", "malmm_version", "created", "job"}
     for r in good:
         check_record(r, "caption")
     assert "corrupt.mp4" in bad[0]["error"] and bad[0]["error"].endswith(".")
@@ -228,7 +231,7 @@ def test_resume_does_no_new_work(folder, tmp_path):
     before = output.read_text()
     again = malmm("caption", *good, *TINY, "--frames", 4, "-o", output, "--resume")
     assert again.exit_code == 0 and output.read_text() == before
-    assert "2 input(s) already done, 0 to go" in again.stderr and "loading" not in again.stderr
+    assert "2 inputs already done, 0 to go" in again.stderr and "loading" not in again.stderr
 
 
 def test_resume_retries_failures_and_keeps_earlier_records(folder, tmp_path):
@@ -242,7 +245,7 @@ def test_resume_retries_failures_and_keeps_earlier_records(folder, tmp_path):
 
 def test_bad_inputs_are_one_sentence_and_nonzero(tmp_path):
     cases = [
-        (["caption", tmp_path / "missing.mp4"], 1, "does not exist"),
+        (["caption", tmp_path / "missing.mp4"], 2, "does not exist"),
         (["caption", tmp_path], 1, "no video"),
         (["caption", SAMPLE, "--start", 10], 1, "after the end"),
         (["caption", SAMPLE, "--fps", 0], 2, "--fps must be above 0"),
@@ -308,7 +311,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_finished_records(tmp_path):
     proc.send_signal(signal.SIGINT)
     err = stopped()
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted; 1 result(s) kept" in err
+    assert "Traceback" not in err and "interrupted; 1 result kept" in err
     (row,) = records(output.read_text())
     assert row["input"] == str(SAMPLE) and "text" in row and output.read_text().endswith("\n")
 
@@ -365,7 +368,10 @@ def test_models_commands(tmp_path):
     assert path.exit_code == 0 and Path(path.stdout.strip(), "config.json").exists()
     rows = records(malmm("models", "list", "--json").stdout)
     by_name = {r["name"]: r for r in rows}
-    assert by_name["tiny-random"]["downloaded"] is True
+    # tiny-random is built here, never downloaded (issue 24): available, but not "downloaded"
+    assert by_name["tiny-random"]["available"] is True and by_name["tiny-random"]["downloaded"] is False
+    listed = malmm("models", "list").stdout
+    assert "tiny-random  built here, " in listed and "downloaded" not in listed.split("tiny-random", 1)[1]
     assert by_name["instructblip-vicuna-7b"]["source"] == "Salesforce/instructblip-vicuna-7b"
     missing = malmm("models", "path", "instructblip-vicuna-7b")
     assert missing.exit_code == 1 and "malmm models download instructblip-vicuna-7b" in missing.stderr
@@ -384,7 +390,7 @@ def test_progress_lines_when_stderr_is_not_a_terminal():
     out = malmm("caption", SAMPLE, *TINY, "--frames", 50)
     lines = out.stderr.splitlines()
     assert any("50 frames from 0:00 to 0:06, memory 40 slots" in line for line in lines)
-    assert any("50/50 frames, memory 40/40 slots · 10 compressions" in line for line in lines)
+    assert any("50/50 frames, video at 0:05 of 0:06, memory 40/40 slots · 10 compressions" in line for line in lines)
     assert out.stdout.strip() and "malmm:" not in out.stdout  # results on stdout, progress on stderr
 
 
@@ -430,12 +436,12 @@ def test_sigterm_stops_like_ctrl_c_and_the_output_is_locked_until_then(tmp_path)
     proc.send_signal(signal.SIGTERM)
     err = stopped()
     assert proc.returncode == 143, err
-    assert "Traceback" not in err and "interrupted; 1 result(s) kept" in err
+    assert "Traceback" not in err and "interrupted; 1 result kept" in err
     (row,) = records(output.read_text())
     assert row["input"] == str(SAMPLE) and "text" in row
     before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
     again = malmm("caption", SAMPLE, *TINY, "--fps", "25", "--no-cache", "-o", output, "--resume")  # lock gone
-    assert again.exit_code == 0 and "1 input(s) already done, 0 to go" in again.stderr
+    assert again.exit_code == 0 and "1 input already done, 0 to go" in again.stderr
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before  # handlers put back
 
 
@@ -477,7 +483,7 @@ def test_ctrl_c_while_decoding_starts_exits_130(tmp_path, monkeypatch):
     output = tmp_path / "out.jsonl"
     out = malmm("caption", SAMPLE, *TINY, "-q", "--frames", 4, "--no-cache", "-o", output)
     assert out.exit_code == 130, out.stderr
-    assert out.stderr.splitlines() == [f"malmm: interrupted; 0 result(s) kept in {output}"]
+    assert out.stderr.splitlines() == [f"malmm: interrupted; 0 results kept in {output}"]
 
 
 # ---- mistakes a person makes on the command line: one sentence each ---------------------------

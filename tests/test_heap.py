@@ -64,9 +64,9 @@ def test_memory_is_released_after_every_chunk_decoded(tiny_model, tmp_path, monk
     events: list[str] = []
     encode = MALMM.encode_frames
 
-    def encoding(self, pixels):
+    def encoding(self, pixels, *args, **kwargs):
         events.append("chunk")
-        return encode(self, pixels)
+        return encode(self, pixels, *args, **kwargs)
 
     monkeypatch.setattr(MALMM, "encode_frames", encoding)
     monkeypatch.setattr(analyze, "release_free_memory", lambda: events.append("release"))

@@ -80,10 +80,22 @@ def test_globs(tree):
     assert_sentence(e.value, "matches no video files")
 
 
+def test_missing_paths_are_one_usage_error_naming_each_as_written(tree, monkeypatch):
+    """Before any model loads: a typo costs nothing (issue 24)."""
+    monkeypatch.chdir(tree.parent)
+    with pytest.raises(UsageError) as e:
+        expand_inputs(["nope/", "videos/b.mp4"])
+    assert str(e.value) == "nope/ does not exist."  # as typed, the slash too
+    lst = tree.parent / "todo.txt"
+    lst.write_text("videos/b.mp4\n# a comment\ngone.mp4\n")
+    with pytest.raises(UsageError) as e:
+        expand_inputs(["a.mp4", f"@{lst.name}"])
+    assert str(e.value) == "2 inputs do not exist: a.mp4, gone.mp4 (todo.txt, line 3)."
+
+
 def test_files_and_urls_pass_through(tree):
-    missing = str(tree / "not-there.mp4")
     url = "https://example.com/v?id=1"
-    assert expand_inputs([missing, url, str(tree / "b.mp4"), url]) == [missing, url, str(tree / "b.mp4")]
+    assert expand_inputs([url, str(tree / "b.mp4"), url]) == [url, str(tree / "b.mp4")]
     with pytest.raises(InputError) as e:
         expand_inputs(["ftp://example.com/a.mp4"])
     assert_sentence(e.value, "ftp://example.com/a.mp4", "unsupported scheme 'ftp'", "http and https")

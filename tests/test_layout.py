@@ -2,7 +2,7 @@
 models/ have no import circle, import no underscore name from another file, and import only
 downwards:
 
-    cli -> learn -> runs -> engine -> results -> sources -> models
+    cli -> serve -> learn -> runs -> engine -> results -> sources -> models
     (and the bottom modules malmm_cli/{errors,times,interrupts,messages,terminal}.py, importable by all)
 
 An import counts wherever it is written: at the top of a module, inside a function, under
@@ -22,7 +22,7 @@ PACKAGES = ("malmm_cli", "models")
 # Layers of malmm_cli, lowest first: a module may import from its own layer's package and from
 # any layer below it, never above. `models` is below everything and imports none of malmm_cli.
 LAYERS = ("models", "malmm_cli.bottom", "malmm_cli.sources", "malmm_cli.results", "malmm_cli.engine",
-          "malmm_cli.runs", "malmm_cli.learn", "malmm_cli.cli")
+          "malmm_cli.runs", "malmm_cli.learn", "malmm_cli.serve", "malmm_cli.cli")
 BOTTOM = {"malmm_cli", "malmm_cli.errors", "malmm_cli.times", "malmm_cli.interrupts", "malmm_cli.messages",
           "malmm_cli.terminal"}
 ENTRY_POINTS = {"malmm_cli.__main__": "malmm_cli.cli"}  # `python -m malmm_cli` is the command line

@@ -123,7 +123,11 @@ def test_live_view_at_80_columns_and_wider_shows_every_number(width, tmp_path):
     assert match.groups()[:2] == ("1234", "3000") and "elapsed" in match.group(0)
     assert any("memory bank: 40/40 slots · 1194 compressions · oldest slot 0:00-0:01" in line for line in lines)
     chart = next(line for line in lines if "frames per slot" in line)
-    assert len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", chart)) == 40  # one bar per slot: there is room
+    bars, scale = chart.split(" (█ = ")
+    assert len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", bars)) == 40  # one bar per slot: there is room
+    assert scale.startswith("13)")  # the scale: a full bar is the fullest slot's 13 frames
+    assert any(line.strip("│ ").startswith("slot: frames averaged into one entry · compression:") for line in lines)
+    assert any("video at 0:49 of 2:00" in line for line in lines)  # where the run is, in the video's time
 
 
 @pytest.mark.parametrize("width", [60, 50, 40])
@@ -138,7 +142,7 @@ def test_live_view_below_80_columns_drops_elapsed_first(width, tmp_path):
 def test_live_view_memory_chart_is_scaled_to_the_width(tmp_path):
     lines = live_view(str(long_path(tmp_path)), 80, slots=200)
     assert all(cell_len(line) <= 80 for line in lines), lines
-    chart = next(line for line in lines if "frames per slot" in line)
+    chart = next(line for line in lines if "frames per slot" in line).split(" (█ = ")[0]
     assert 40 < len(re.sub(r"[^▁▂▃▄▅▆▇█]", "", chart)) < 80
 
 
@@ -158,6 +162,20 @@ def test_finished_line_is_one_line_with_the_file_name(tmp_path):
     (line,) = console.file.getvalue().splitlines()
     assert cell_len(line) <= 80 and line.startswith("✓ " + source[:10]) and line.endswith("/holiday_clip.mp4: "
                                                                                            "1500 frames in 12.3 s")
+
+
+def test_the_memory_bank_as_it_ended_stays_after_the_view_closes():
+    console = Console(width=80, file=io.StringIO(), color_system=None)  # not a terminal: only what stays
+    events = RichEvents(console, total_inputs=1)
+    sampling = SimpleNamespace(indices=range(300), timestamps=[i / 25 for i in range(300)])
+    events.started("clip.mp4", SimpleNamespace(duration=12.0), sampling, capacity=4)
+    events.frames(300, 11.96, BankStatus(4, 4, 300, 296, (290.0, 5.0, 3.0, 2.0), ((0, 289), (290, 294),
+                                                                                 (295, 297), (298, 299))))
+    events.finished(SimpleNamespace(input="clip.mp4", sampling=SimpleNamespace(frames=300), timings={"total": 2.0}))
+    lines = console.file.getvalue().splitlines()
+    assert lines == ["✓ clip.mp4: 300 frames in 2.0 s",
+                     "  memory bank: 4/4 slots · 296 compressions · oldest slot 0:00-0:11",
+                     "  frames per slot: █▁▁▁ (█ = 290)"]
 
 
 def test_live_view_does_not_take_over_stdout():
@@ -261,6 +279,9 @@ def test_a_finished_run_leaves_one_line_per_input(tmp_path):
         assert not BOX & set("".join(screen)), "\n".join(screen)
         done = [line for line in screen if line.startswith("✓ ")]
         assert len(done) == 1 and re.search(r"…/holiday_clip\.mp4: 60 frames in \d+\.\d s$", done[0]), screen
+        after = screen[screen.index(done[0]) + 1:]  # the memory bank as it ended stays below it
+        assert after[0].startswith("  memory bank: 40/40 slots · 20 compressions") and \
+            after[1].startswith("  frames per slot: ") and after[1].endswith(")"), screen
         assert "EXIT=0" in screen, "\n".join(screen)
     finally:
         pane.close()

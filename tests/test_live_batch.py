@@ -61,12 +61,17 @@ def test_batch_view_shows_each_video_in_one_row(width):
         assert all(cell_len(line) <= width for line in lines), lines
         assert "[5-8/20] 4 videos in lockstep" in lines[0] and events.index == 8
         progress = next(m for m in map(PROGRESS.search, lines) if m)
-        assert progress.groups()[:2] == ("1234", "3000")  # steps taken of the longest plan
+        assert progress.groups()[:2] == (str(sum(done)), str(sum(planned)))  # the frames of all the videos
         for i, (name, d, n) in enumerate(zip(names, done, planned)):
-            (row,) = [line for line in lines if f"holiday_clip_{i}.mp4" in line]
-            assert f"{d}/{n} frames" in row and f"{min(d, 20)}/20 slots" in row, row
+            (row,) = [line for line in lines if f"clip_{i}.mp4" in line]  # the name's end always shows
+            assert f"{d}/{n} frames" in row, row
+            end = f"{(n - 1) // 2 // 60}:{(n - 1) // 2 % 60:02d}" if n else "0:00"
+            at = f"{(d - 1) // 2 // 60}:{(d - 1) // 2 % 60:02d}" if d else "0:00"
+            assert f"at {at} of {end}" in row, row  # each video's own time (a frame every half second)
             if width >= 80:
-                assert f"{max(0, d - 20)} compressions" in row, row
+                assert f"{min(d, 20)}/20 slots" in row, row
+            if width >= 120:
+                assert f"{max(0, d - 20)} compression" in row, row
             assert ("✓" in row) == (d == n), row  # read to the end (a zero-length video too)
         assert any("3/4 videos read" in line for line in lines)
     finally:
@@ -97,10 +102,12 @@ def test_batch_view_shows_the_stage_then_each_input_finishes_on_one_line():
     for name, n in zip(names, planned):
         events.finished(SimpleNamespace(input=name, sampling=SimpleNamespace(frames=n), timings={"total": 12.34}))
     lines = console.file.getvalue().splitlines()
-    assert len(lines) == 4 and events.live is None
-    for i, (line, n) in enumerate(zip(lines, planned)):
+    assert len(lines) == 8 and events.live is None  # each input: its line, and its memory bank as it ended
+    for i, (line, n) in enumerate(zip(lines[::2], planned)):
         assert cell_len(line) <= 80 and line.startswith("✓ ") and line.endswith(
             f"/holiday_clip_{i}.mp4: {n} frames in 12.3 s"), line
+    assert lines[1] == "  memory bank: 20/20 slots · 280 compressions"
+    assert lines[7] == "  memory bank: 20/20 slots · 10 compressions"
 
 
 def test_a_later_input_closes_the_batch_view_and_counts_on():
@@ -129,10 +136,11 @@ def test_log_lines_for_a_batch():
     lines = out.getvalue().splitlines()
     assert lines[0] == ("malmm: [5-8/20] 4 videos in lockstep: a.mp4 (120 frames), b.mp4 (40 frames), "
                         "c.mp4 (60 frames), empty.mp4 (0 frames), memory 20 slots")
-    progress = [line for line in lines if " steps, frames " in line]
-    assert [int(re.search(r"(\d+)/120 steps", line).group(1)) for line in progress] == list(range(12, 121, 12))
-    assert progress[0] == "malmm: [5-8/20] 4 videos in lockstep: 12/120 steps, frames 12/120, 12/40, 12/60, 0/0"
-    assert progress[-1].endswith("120/120 steps, frames 120/120, 40/40, 60/60, 0/0")
+    progress = [line for line in lines if "/220 frames (" in line]  # the frames of all the videos
+    counts = [int(re.search(r"(\d+)/220 frames", line).group(1)) for line in progress]
+    assert counts[-1] == 220 and len(counts) == 10 and all(c >= 22 * k for k, c in enumerate(counts, 1))
+    assert progress[0] == "malmm: [5-8/20] 4 videos in lockstep: 24/220 frames (8/120, 8/40, 8/60, 0/0)"
+    assert progress[-1].endswith("220/220 frames (120/120, 40/40, 60/60, 0/0)")
     assert lines[-2] == "malmm: [5-8/20] 4 videos in lockstep: writing 3 captions"  # the batch, not a stale input
     assert lines[-1] == "malmm: a.mp4: done, 120 frames in 3.2 s"
     assert events.index == 8
@@ -144,4 +152,4 @@ def test_log_lines_for_a_batch_of_empty_videos():
     started(events, [0], names=["empty.mp4"])
     step(events, [0], 0)
     assert out.getvalue().splitlines() == ["malmm: 1 video in lockstep: empty.mp4 (0 frames), memory 20 slots",
-                                           "malmm: 1 video in lockstep: 0/0 steps, frames 0/0"]
+                                           "malmm: 1 video in lockstep: 0/0 frames (0/0)"]

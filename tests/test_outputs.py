@@ -87,7 +87,7 @@ def test_a_video_caught_by_a_shell_glob_is_never_overwritten(videos, no_model):
 
 
 @pytest.mark.parametrize("name, content, extra", [
-    ("notes.txt", "my own notes\n", ["--json"]),         # text, but not JSON records
+    ("notes.json", "my own notes\n", ["--json"]),        # text, but not JSON records
     ("data.jsonl", '{"id": 1, "input": "x"}\n', []),    # JSON, but not ours
     ("notes.md", "just some text\n", ["--format", "md"]),  # not markdown we write
     ("summary.srt", "hello\n", ["--format", "srt"]),     # not a subtitle file
@@ -199,8 +199,10 @@ def test_each_record_is_one_write(tmp_path, videos, monkeypatch):
 
     monkeypatch.setattr(outputs.os, "write", counting)
     output = tmp_path / "r.jsonl"
-    out = malmm("caption", videos["a"], videos["b"], tmp_path / "missing.mp4", "-o", output, *TINY, *FAST)
-    assert out.exit_code == 1  # the missing input is an error record
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    out = malmm("caption", videos["a"], videos["b"], broken, "-o", output, *TINY, *FAST)
+    assert out.exit_code == 1  # the broken input is an error record
     assert len(calls) == 3 and all(c.endswith(b"\n") and c.count(b"\n") == 1 for c in calls)
     assert output.read_bytes() == b"".join(calls)
 
@@ -216,7 +218,7 @@ def test_resume_cuts_a_torn_last_line_off_into_a_file_beside_it(tmp_path, videos
     output.write_bytes(whole + cut)
     out = malmm("caption", videos["a"], videos["b"], "-o", output, "--model", "tiny-random", *FAST, "--resume")
     assert out.exit_code == 0, out.stderr
-    assert "1 input(s) already done, 1 to go" in out.stderr  # the torn line does not count as done
+    assert "1 input already done, 1 to go" in out.stderr  # the torn line does not count as done
     aside = tmp_path / "torn.jsonl.torn"
     assert aside.read_bytes() == cut  # nothing lost: the cut bytes are kept, and the warning says where
     assert f"{output} ended in a line cut short" in out.stderr and str(aside) in out.stderr
@@ -228,7 +230,7 @@ def test_resume_cuts_a_torn_last_line_off_into_a_file_beside_it(tmp_path, videos
     # Torn again (a second crash): the first fragment is kept, the second goes beside it.
     output.write_bytes(data + cut)
     again = malmm("caption", videos["a"], videos["b"], "-o", output, "--model", "tiny-random", *FAST, "--resume")
-    assert again.exit_code == 0 and "2 input(s) already done, 0 to go" in again.stderr
+    assert again.exit_code == 0 and "2 inputs already done, 0 to go" in again.stderr
     assert (tmp_path / "torn.jsonl.torn-2").read_bytes() == cut and aside.read_bytes() == cut
     assert output.read_bytes() == data
 
@@ -246,7 +248,7 @@ def test_a_full_disk_is_one_sentence_and_earlier_records_stay_whole(tmp_path, vi
     monkeypatch.setattr(outputs.os, "write", disk_fills_up)
     output = tmp_path / "full.jsonl"
     out = malmm("caption", videos["a"], videos["b"], "-o", output, *TINY, *FAST)
-    line = one_error(out, 1, str(output), "no space left on device", "1 result(s)")
+    line = one_error(out, 1, str(output), "no space left on device", "1 result")
     assert line.endswith("kept.")
     (row,) = records(output)  # the half-written record was cut off again
     assert row["input"] == str(videos["a"]) and output.read_bytes().endswith(b"}\n")
@@ -323,11 +325,11 @@ def test_same_named_videos_keep_their_own_files_across_runs(tmp_path, videos):
     assert content[files[videos["x2"].resolve()]].count("-->") == 2  # 3 s
     # Other order, one more input: nothing is taken for done that is not that input's own file.
     out = _summarize_srt(videos["x2"], videos["a"], videos["x1"], out_dir=subs, mode=["--resume"])
-    assert out.exit_code == 0 and "2 input(s) already done, 1 to go" in out.stderr
+    assert out.exit_code == 0 and "2 inputs already done, 1 to go" in out.stderr
     assert {n: (subs / n).read_text() for n in files.values()} == content
     # Alone in a later run, an input still finds its own file.
     again = _summarize_srt(videos["x2"], out_dir=subs, mode=["--resume"])
-    assert again.exit_code == 0 and "1 input(s) already done, 0 to go" in again.stderr
+    assert again.exit_code == 0 and "1 input already done, 0 to go" in again.stderr
 
 
 def test_a_file_named_like_another_inputs_old_name_is_not_taken_for_done(tmp_path, videos):
@@ -337,7 +339,7 @@ def test_a_file_named_like_another_inputs_old_name_is_not_taken_for_done(tmp_pat
     literally = tmp_path / "x-2.mp4"
     shutil.copy(videos["b"], literally)
     out = _summarize_srt(literally, videos["x1"], out_dir=subs, mode=["--resume"])
-    assert out.exit_code == 0 and "1 input(s) already done, 1 to go" in out.stderr
+    assert out.exit_code == 0 and "1 input already done, 1 to go" in out.stderr
     assert (subs / "x-2.srt").read_text().count("-->") == 2
 
 
@@ -390,15 +392,15 @@ def test_another_task_on_the_same_file_is_not_taken_for_done(tmp_path):
     output = tmp_path / "r.jsonl"
     _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output)
     err = _stderr_run("classify", SAMPLE, "--task", "breakfast", *FAST, "-o", output, "--resume")
-    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err
+    assert "0 inputs already done, 1 to go (1 of them recorded in" in err
     caption, classify = records(output)
     assert caption["task"] == "caption" and classify["task"] == "classify" and classify["label_set"] == "breakfast"
     assert len({caption["job"], classify["job"]}) == 2 and all(len(r["job"]) == 16 for r in (caption, classify))
     # Each finds its own record now: nothing more is done, nor loaded.
     err = _stderr_run("classify", SAMPLE, "--task", "breakfast", *FAST, "-o", output, "--resume")
-    assert "1 input(s) already done, 0 to go\n" in err and "loading" not in err
+    assert "1 input already done, 0 to go\n" in err and "loading" not in err
     err = _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output, "--resume")
-    assert "1 input(s) already done, 0 to go\n" in err and "loading" not in err
+    assert "1 input already done, 0 to go\n" in err and "loading" not in err
     assert len(records(output)) == 2
 
 
@@ -444,10 +446,10 @@ def test_options_that_change_the_result_make_resume_redo_the_input(tmp_path, qfo
     then = [str(qformer_checkpoint(tmp_path / "c.pth")) if x == "CKPT" else x for x in then]
     _stderr_run(task, SAMPLE, *_fast(task, first), "-o", output)
     err = _stderr_run(task, SAMPLE, *_fast(task, then), "-o", output, "--resume")
-    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err
+    assert "0 inputs already done, 1 to go (1 of them recorded in" in err
     assert len(records(output)) == 2
     err = _stderr_run(task, SAMPLE, *_fast(task, first), "-o", output, "--resume")  # the first record still counts
-    assert "1 input(s) already done, 0 to go\n" in err
+    assert "1 input already done, 0 to go\n" in err
 
 
 def test_another_checkpoint_or_the_same_one_changed_is_other_work(tmp_path, qformer_checkpoint, monkeypatch):
@@ -456,14 +458,14 @@ def test_another_checkpoint_or_the_same_one_changed_is_other_work(tmp_path, qfor
     assert one.stat().st_size == two.stat().st_size
     run = ("caption", SAMPLE, *FAST, *GEN, "-o", output)
     _stderr_run(*run, "--checkpoint", one)
-    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--checkpoint", two, "--resume")
+    assert "0 inputs already done, 1 to go" in _stderr_run(*run, "--checkpoint", two, "--resume")
     # The same file by another name, and options that do not change the result: done.
     monkeypatch.chdir(tmp_path)
     same = _stderr_run(*run, "--checkpoint", "one.pth", "--no-cache", "--quant", "none", "--device", "cpu", "--resume")
-    assert "1 input(s) already done, 0 to go" in same
+    assert "1 input already done, 0 to go" in same
     qformer_checkpoint(one, 2.0)  # retrained in place: same name, same size, a new mtime
     os.utime(one, ns=(one.stat().st_atime_ns, one.stat().st_mtime_ns + 1_000_000_000))
-    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--checkpoint", one, "--resume")
+    assert "0 inputs already done, 1 to go" in _stderr_run(*run, "--checkpoint", one, "--resume")
     assert len({r["job"] for r in records(output)}) == 3
 
 
@@ -477,26 +479,27 @@ def test_what_a_checkpoint_sets_when_the_options_do_not_is_other_work(tmp_path, 
     output = tmp_path / "r.jsonl"
     run = ("caption", SAMPLE, *FAST, *GEN, "--checkpoint", checkpoint, "-o", output)
     _stderr_run(*run, "--memory", "40")
-    assert "0 input(s) already done, 1 to go" in _stderr_run(*run, "--resume")
-    assert "1 input(s) already done, 0 to go" in _stderr_run(*run, "--resume")  # the same command finds its own
+    assert "0 inputs already done, 1 to go" in _stderr_run(*run, "--resume")
+    assert "1 input already done, 0 to go" in _stderr_run(*run, "--resume")  # the same command finds its own
     assert [r["memory"]["length"] for r in records(output)] == [40, 3]
 
 
 def test_a_failed_input_retried_is_counted_once(tmp_path, videos):
     output, later = tmp_path / "r.jsonl", tmp_path / "later.mp4"
+    later.write_bytes(b"\x00" * 1000)  # not a video yet: an error record
     first = malmm("caption", videos["a"], later, *FAST, *GEN, "-o", output, *CLI_TINY)
-    assert first.exit_code == 1 and "wrote 1 result(s)" in first.stderr and "1 input(s) failed" in first.stderr
+    assert first.exit_code == 1 and "wrote 1 result" in first.stderr and "1 input failed" in first.stderr
     shutil.copy(videos["b"], later)
     err = _stderr_run("caption", videos["a"], later, *FAST, *GEN, "-o", output, "--resume")
-    assert "1 input(s) already done, 1 to go\n" in err and "wrote 1 result(s)" in err and "input(s) failed" not in err
+    assert "1 input already done, 1 to go\n" in err and "wrote 1 result" in err and " failed" not in err
     rows = records(output)
     assert [(r["input"], "error" in r) for r in rows] == [(str(videos["a"]), False), (str(later), True),
                                                           (str(later), False)]
     assert len({r["job"] for r in rows}) == 1  # error records carry the job too
     # An error record and a success for one input: one done input, in this run's inputs only.
-    assert "2 input(s) already done, 0 to go\n" in _stderr_run("caption", videos["a"], later, *FAST, *GEN,
+    assert "2 inputs already done, 0 to go\n" in _stderr_run("caption", videos["a"], later, *FAST, *GEN,
                                                                  "-o", output, "--resume")
-    assert "1 input(s) already done, 0 to go\n" in _stderr_run("caption", later, *FAST, *GEN, "-o", output,
+    assert "1 input already done, 0 to go\n" in _stderr_run("caption", later, *FAST, *GEN, "-o", output,
                                                                  "--resume")
 
 
@@ -515,7 +518,7 @@ def test_a_record_without_a_job_key_is_done_again(tmp_path):
     rewrite.write_record(old)
     rewrite.close()
     err = _stderr_run("caption", SAMPLE, *FAST, *GEN, "-o", output, "--resume")
-    assert "0 input(s) already done, 1 to go (1 of them recorded in" in err and "older malmm" in err
+    assert "0 inputs already done, 1 to go (1 of them recorded in" in err and "older malmm" in err
     assert [("job" in r) for r in records(output)] == [False, True]
 
 
@@ -526,10 +529,10 @@ def test_per_video_files_from_other_options_are_written_again(tmp_path, videos):
     assert (subs / "a.srt").read_text().count("-->") == 3  # 6 s in 2 s cues
     again = malmm(*run, "--every", "3", "--resume")
     assert again.exit_code == 0, again.stderr
-    assert "0 input(s) already done, 2 to go (2 of them have files in" in again.stderr
+    assert "0 inputs already done, 2 to go (2 of them have files in" in again.stderr
     assert (subs / "a.srt").read_text().count("-->") == 2  # 6 s in 3 s cues
     again = malmm(*run, "--every", "3", "--resume")
-    assert again.exit_code == 0 and "2 input(s) already done, 0 to go\n" in again.stderr
+    assert again.exit_code == 0 and "2 inputs already done, 0 to go\n" in again.stderr
     # An index from before job keys and digests says whose files they are, neither how they were
     # made nor what they held: they may have been edited since, so they are not replaced.
     index = json.loads((subs / INDEX_NAME).read_text())

@@ -161,7 +161,7 @@ def test_results_written_before_malmm_kept_records(tmp_path):
     assert malmm("caption", SAMPLE, "-o", text, *TINY, *FAST).exit_code == 0
     shutil.rmtree(Path(os.environ["MALMM_CACHE_DIR"]) / RECORDS)  # as if written by an older malmm
     out = malmm("caption", SAMPLE, "-o", jsonl, *CLI_TINY, *FAST, "--resume")
-    assert out.exit_code == 0 and "1 input(s) already done, 0 to go" in out.stderr
+    assert out.exit_code == 0 and "1 input already done, 0 to go" in out.stderr
     assert malmm("caption", SAMPLE, "-o", jsonl, *TINY, *FAST, "--overwrite").exit_code == 0
     assert len(text_records(jsonl.read_text())) == 1
     one_error(malmm("caption", SAMPLE, "-o", text, *TINY, *FAST, "--overwrite"), 2, "not a results file")
@@ -205,7 +205,7 @@ def test_a_file_name_that_is_not_utf8_is_analysed_recorded_and_resumed(tmp_path,
     assert [os.fsencode(r["input"]) for r in rows] == [os.fsencode(folder / "a.mp4"), os.fsencode(odd)]
     assert b"b\\udcff.mp4" in output.read_bytes()  # JSON-escaped, as documented
     again = malmm("caption", folder, "-o", output, *CLI_TINY, *FAST, "--resume")
-    assert again.exit_code == 0 and "2 input(s) already done, 0 to go" in again.stderr
+    assert again.exit_code == 0 and "2 inputs already done, 0 to go" in again.stderr
     batch = tmp_path / "batch.jsonl"
     assert malmm("caption", folder, "-o", batch, *TINY, *FAST, "--batch", "4").exit_code == 0
     assert len(text_records(batch.read_text(encoding="utf-8"))) == 2

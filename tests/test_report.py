@@ -169,6 +169,18 @@ def test_a_name_that_is_not_utf8_is_shown_and_linked_byte_for_byte(tmp_path):
     assert report_entry(page)["input"] == str(video)  # the data block keeps the real name
 
 
+def test_the_header_names_the_checkpoint_and_when_the_record_was_made(tmp_path):
+    from malmm_cli.results.records import MadeBy
+
+    made = MadeBy(checkpoint={"path": "runs/<ck>.pth", "sha256": "0123456789abcdef"}, device="cpu",
+                  dtype={"vision": "float32", "qformer": "float32", "llm": "float32"}, quant="none",
+                  created="2026-01-02T03:04:05+00:00")
+    page = _write(replace(_result(SAMPLE), made_by=made), tmp_path).read_text()
+    assert "<dt>Checkpoint</dt><dd>runs/&lt;ck&gt;.pth 0123456789abcdef</dd>" in page
+    assert "2026-01-02 03:04" in page
+    assert "<dt>Checkpoint</dt>" not in _write(_result(SAMPLE), tmp_path, "plain.html").read_text()
+
+
 def test_downloads_are_the_writers_own_output(tmp_path):
     result = _result(SAMPLE, texts=("a --> b", "c\nd", "e & <f>"))
     links = _links(_write(result, tmp_path).read_text())

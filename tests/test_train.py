@@ -267,12 +267,21 @@ def test_a_second_training_to_the_same_output_is_refused_at_once(data, tmp_path,
     assert malmm("train", data.train, *TRAIN_FAST, "-o", ckpt, "--overwrite").exit_code == 0  # released
 
 
-def test_a_missing_video_is_a_mistake_in_the_data(data, tmp_path):
+def test_a_missing_video_is_a_mistake_in_the_data_for_train_and_eval_alike(data, tmp_path, monkeypatch):
+    """Issue 24, point 10: one policy for a missing video. Train refused it before loading; eval
+    loaded the model and wrote an error record. Both now refuse it before anything loads, naming
+    the file and line, and the video as the data file writes it."""
+    from malmm_cli.engine import loader
+
     rows = data.train.read_text().splitlines()
     broken = data.train.parent / "broken.csv"  # beside the clips: the paths are relative to it
     broken.write_text("\n".join(rows[:2] + ["nowhere.mp4,cat"]) + "\n")
-    out = malmm("train", broken, "--task", "classify", "-o", tmp_path / "c.pth", *TINY)
-    assert out.exit_code == 2 and "data row 2: the video" in out.output and "nowhere.mp4 does not exist" in out.output
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    for command in (["train", broken, "-o", tmp_path / "c.pth"], ["eval", broken, "-o", tmp_path / "p.jsonl"]):
+        out = malmm(*command, "--task", "classify", *TINY)
+        assert out.exit_code == 2 and out.output.count("\n") == 1, out.output
+        assert f"{broken}, line 3: the video nowhere.mp4 does not exist" in out.output
+    assert not list(tmp_path.iterdir())
 
 
 
@@ -372,9 +381,10 @@ def test_the_help_examples_run_as_printed(tmp_path, monkeypatch):
         for clip, colour in zip(clips, ("red", "green"))))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MALMM_MODEL", "tiny-random")
-    assert len(run_help_examples(["train"])) == 3
+    assert len(run_help_examples(["train"])) == 4
     written = {p.name: torch.load(p, weights_only=True)["config"] for p in tmp_path.glob("*.pth")}
-    assert sorted(written) == ["ckpt.pth", "ckpt2.pth", "qa.pth"]
+    assert sorted(written) == ["ckpt.pth", "ckpt2.last.pth", "ckpt2.pth", "qa.pth"]
+    assert written["ckpt.pth"]["malmm"]["state"]["epoch"] == 6  # resumed after 5 epochs, to 6
     qa = written["qa.pth"]["model"]
     assert (qa["num_frames"], qa["memory_bank_length"]) == (4, 10)  # --frames 20 of 4-frame clips: all 4
 
@@ -384,6 +394,7 @@ def test_training_under_bf16_autocast_keeps_float32_weights_and_learns(data, tin
     loop under CPU bf16 autocast shows that the mixed-precision path runs, learns, and leaves
     the trained weights and the AdamW state in float32."""
     import malmm_cli.learn.train as train_module
+    import malmm_cli.learn.validate as validate_module
 
     calls = []
 
@@ -391,7 +402,8 @@ def test_training_under_bf16_autocast_keeps_float32_weights_and_learns(data, tin
         calls.append(model.device.type)
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    monkeypatch.setattr(train_module, "_autocast", cpu_autocast)
+    monkeypatch.setattr(train_module, "autocast", cpu_autocast)
+    monkeypatch.setattr(validate_module, "autocast", cpu_autocast)
     m = MALMM.from_pretrained(str(tiny_dir), dtype=torch.float32, device="cpu")
     report = train(m, load_dataset(data.train, "classify"),
                    TrainOptions(task="classify", epochs=3, frames=4, memory=4, lr=3e-3, batch_size=4),

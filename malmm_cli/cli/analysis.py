@@ -7,12 +7,12 @@ import typer
 
 from malmm_cli.engine.presets import TOP_K
 
-from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, CpusPerWorkerOpt,
-                      Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt, GpusPerWorkerOpt, HelpInWords,
-                      InputArg, Inputs, JsonOpt, LabelsOpt, LabelTaskOpt, MaxTokensOpt, MemoryOpt, ModelOpt,
-                      MoreQuestionsOpt, NoCacheOpt, OutputOpt, OverwriteOpt, Quant, QuantOpt, QuestionArg, QuietOpt,
-                      RayOpt, ResumeOpt, ScenesOpt, StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, WorkersOpt,
-                      examples)
+from .options import (BatchOpt, BeamsOpt, CaptionPromptOpt, CheckpointOpt, ClassifyPromptOpt, ConcatOpt,
+                      CpusPerWorkerOpt, Device, DeviceOpt, EndOpt, EveryOpt, FormatOpt, FpsOpt, FramesOpt,
+                      GpusPerWorkerOpt, HelpInWords, InputArg, Inputs, JsonOpt, LabelScoreOpt, LabelsOpt, LabelTaskOpt,
+                      MaxTokensOpt, MemoryOpt, MinTokensOpt, ModelOpt, MoreQuestionsOpt, NoCacheOpt, OutputOpt,
+                      OverwriteOpt, PrecisionOpt, Quant, QuantOpt, QuestionArg, QuietOpt, RayOpt, ResumeOpt, ScenesOpt,
+                      StartOpt, SummaryFormat, SummaryPromptOpt, TopKOpt, VerboseOpt, WorkersOpt, YesOpt, examples)
 from .options import SegmentLabelsOpt, SegmentLabelTaskOpt
 
 
@@ -32,13 +32,30 @@ def register(app: typer.Typer) -> None:
         "malmm classify clip.mp4 --task coin --top-k 3",
         "malmm classify clip.mp4 --labels 'cat,dog,bird'",
         "malmm classify clip.mp4 --task lvu_genre --json",
+        "malmm classify clip.mp4 --labels 'cat,dog,bird' --label-score mean",
     ))(classify)
     app.command(cls=HelpInWords, epilog=examples(
         "malmm summarize lecture.mp4 --every 60 --format srt -o lecture.srt",
         "malmm summarize lecture.mp4 --every 2:00",
         "malmm summarize lecture.mp4 --scenes --format md",
         "malmm summarize lecture.mp4 --format html -o lecture.html --task coin",
+        "malmm summarize lecture.mp4 --format all -o lecture/",
     ))(summarize)
+
+
+# `malmm ask *.mp4 "why?"`: the shell hands ask several files where it takes one INPUT.
+GLOB_HINT = ("ask takes one INPUT, then the QUESTION: was a glob expanded by the shell? Quote it ('*.mp4'), "
+             "or pass a folder or @list.txt.")
+
+
+def _question_is_a_video(question: str) -> bool:
+    """Whether the QUESTION names a video file here (the second file of an expanded glob)."""
+    from pathlib import Path
+
+    from malmm_cli.sources.media import VIDEO_EXTENSIONS
+
+    path = Path(question)
+    return path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file()
 
 
 def _run(task: str, inputs: list[str], values: dict, **args) -> int:
@@ -51,10 +68,14 @@ def caption(
     inputs: Inputs,
     prompt: CaptionPromptOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
@@ -68,16 +89,25 @@ def ask(
     question: QuestionArg,
     more: MoreQuestionsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
     """Answer questions about a video (several questions in one pass). With one question and
     one input, the answer alone goes to stdout."""
+    if _question_is_a_video(question):
+        from malmm_cli.messages import error
+
+        error(f"The question '{question}' is a video file. {GLOB_HINT}")
+        raise typer.Exit(2)
     raise typer.Exit(_run("ask", [input], locals(), questions=[question, *(more or [])]))
 
 
@@ -87,16 +117,22 @@ def classify(
     labels: LabelsOpt = None,
     top_k: TopKOpt = TOP_K,
     prompt: ClassifyPromptOpt = None,
+    label_score: LabelScoreOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, batch: BatchOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    batch: BatchOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):
-    """Rank every label of a set by the model's likelihood; report the top k with probabilities."""
-    raise typer.Exit(_run("classify", inputs, locals(), label_task=task, labels=labels, top_k=top_k, prompt=prompt))
+    """Rank every label of a set by the model's likelihood; report the top k with probabilities. With
+    --checkpoint and no --task or --labels: the label set and prompt it was trained with."""
+    raise typer.Exit(_run("classify", inputs, locals(), label_task=task, labels=labels, top_k=top_k, prompt=prompt,
+                          label_score=label_score))
 
 
 def summarize(
@@ -108,10 +144,14 @@ def summarize(
     task: SegmentLabelTaskOpt = None,
     labels: SegmentLabelsOpt = None,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: FpsOpt = None, frames: FramesOpt = None,
-    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, json_: JsonOpt = False, output: OutputOpt = None, resume: ResumeOpt = False,
+    start: StartOpt = None, end: EndOpt = None, memory: MemoryOpt = None, concat: ConcatOpt = False,
+    quant: QuantOpt = Quant.auto,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, json_: JsonOpt = False, output: OutputOpt = None,
+    resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
-    quiet: QuietOpt = False, no_cache: NoCacheOpt = False, beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False, yes: YesOpt = False, no_cache: NoCacheOpt = False,
+    beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
+    min_tokens: MinTokensOpt = None,
     ray: RayOpt = None, workers: WorkersOpt = None, cpus_per_worker: CpusPerWorkerOpt = None,
     gpus_per_worker: GpusPerWorkerOpt = None,
 ):

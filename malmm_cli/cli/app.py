@@ -18,26 +18,39 @@ from malmm_cli import __version__
 from malmm_cli.errors import MalmmError
 from malmm_cli.terminal import error_line, shown
 
+from .analysis import GLOB_HINT
 from .analysis import register as register_analysis
+from .cache import register as register_cache
+from .chat import register as register_chat
 from .eval import register as register_eval
 from .models import register as register_models
+from .options import GroupInWords
+from .serve import register as register_serve
 from .train import register as register_train
+from .watch import register as register_watch
 
 app = typer.Typer(
     name="malmm",
-    help="Understand long videos with MA-LMM: caption, ask, classify and summarize files, folders and URLs.",
+    cls=GroupInWords,
+    help="Understand long videos with MA-LMM: caption, ask, classify and summarize files, folders and URLs; "
+    "chat about a video read once, serve the model over HTTP, or watch a live stream.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-models_app = typer.Typer(help="Model presets: what exists, what is downloaded, where.", no_args_is_help=True)
+models_app = typer.Typer(cls=GroupInWords, help="Model presets: what exists, what is downloaded, where.",
+                         no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 register_analysis(app)  # caption, ask, classify, summarize: in this order in `malmm --help`
 register_models(app, models_app)  # models list|download|path, doctor
 register_train(app)
 register_eval(app)
+register_chat(app)  # after the batch commands in `malmm --help`
+register_serve(app)  # the model behind an OpenAI-compatible HTTP API
+register_watch(app)  # a live stream
+register_cache(app)  # malmm cache [clear|prune]
 
 
 def _version(value: bool):
@@ -70,7 +83,10 @@ def _click_error(err: Exception) -> int | None:
         return None
     message = shown(" ".join(err.format_message().split()))
     ctx = getattr(err, "ctx", None)
-    if "UsageError" in names and ctx is not None:
+    if "UsageError" in names and ctx is not None and ctx.command.name == "ask" and "extra argument" in message:
+        extra = message[message.rfind(" (") + 2 : message.rfind(")")]  # Click's "... argument(s) (b.mp4 why?)"
+        message = f"More arguments than ask takes ({extra}). {GLOB_HINT}"
+    elif "UsageError" in names and ctx is not None:
         message += f" (see: {ctx.command_path} --help)"
     typer.echo(f"malmm: error: {message}", err=True)
     return getattr(err, "exit_code", 2)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from .options import (CheckpointOutOpt, EpochsOpt, FpsOpt, FramesOpt, HelpInWords, LearnTask, LrOpt, BatchSizeOpt,
-                      MemoryOpt, ModelOpt, NoCacheOpt, QuietOpt, ReplaceCheckpointOpt, SeedOpt, StartFromOpt,
-                      TrainDataArg, TrainDeviceOpt, TrainPromptOpt, TrainTaskOpt, ValOpt, examples)
+from .options import (AccumOpt, AugmentOpt, BatchSizeOpt, CheckpointOutOpt, ConcatOpt, EpochsOpt, FpsOpt, FramesOpt,
+                      HelpInWords, LearnTask, LnVisionOpt, LrOpt, MemoryOpt, ModelOpt, NoCacheOpt, QuietOpt,
+                      ReplaceCheckpointOpt, SeedOpt, StartFromOpt, TrainDataArg, TrainDeviceOpt, TrainLabelSetOpt,
+                      TrainPresetOpt, TrainPromptOpt, TrainResumeOpt, TrainTaskOpt, ValOpt, ViewsOpt, examples)
 
 
 def register(app: typer.Typer) -> None:
     app.command("train", cls=HelpInWords, epilog=examples(
         "malmm train train.csv --task classify --epochs 5 -o ckpt.pth",
         "malmm train train.csv --task classify --val val.csv --epochs 5 -o ckpt2.pth",
+        "malmm train train.csv --task classify --epochs 6 -o ckpt.pth --resume",
         "malmm train qa.jsonl --task ask --frames 20 --memory 10 -o qa.pth",
     ))(train)
 
@@ -25,14 +27,22 @@ def train(
     epochs: EpochsOpt = None,
     lr: LrOpt = None,
     batch_size: BatchSizeOpt = None,
+    accum: AccumOpt = None,
     frames: FramesOpt = None,
     fps: FpsOpt = None,
     memory: MemoryOpt = None,
+    concat: ConcatOpt = False,
     prompt: TrainPromptOpt = None,
+    label_set: TrainLabelSetOpt = None,
+    augment: AugmentOpt = None,
+    views: ViewsOpt = None,
+    train_ln_vision: LnVisionOpt = False,
+    preset: TrainPresetOpt = None,
     model: ModelOpt = None,
     checkpoint: StartFromOpt = None,
-    seed: SeedOpt = 42,
+    seed: SeedOpt = None,
     device: TrainDeviceOpt = "auto",
+    resume: TrainResumeOpt = False,
     overwrite: ReplaceCheckpointOpt = False,
     no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,

@@ -21,18 +21,21 @@ import torch
 from models import MALMM, VideoStream
 
 from malmm_cli.errors import VideoError
+from malmm_cli.messages import log, plural
 from malmm_cli.results.events import Events
 from malmm_cli.results.records import (Answer, GenerationMeta, LabelScore, MemoryMeta, Result, SamplingMeta,
-                                       Segmentation, SegmentText, VideoMeta)
+                                       Segmentation, SegmentText, VideoMeta, now)
 from malmm_cli.sources.decoding import stream_frames
 from malmm_cli.sources.inputs import VideoSource
 from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preprocess, probe
 
+from .augment import Augment
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
 from .heap import release_free_memory
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
-from .tasks import Job, Segment, fixed_segments, memory_timeline, probabilities, scene_segments
+from .provenance import made_by
+from .tasks import Job, Segment, fixed_segments, label_scores, memory_timeline, ranked_labels, scene_segments
 from .threads import ThreadPlan, plan_threads, torch_threads
 
 
@@ -49,6 +52,13 @@ class _Run:
     frames_done: int = 0
     kept: KeptFeatures | None = None  # features kept by a read: replayed instead of decoded
     read_at: list[np.ndarray] = field(default_factory=list)  # timestamps of the frames fed, chunk by chunk
+    augment: Augment | None = None  # a training view's crop and flip (engine/augment.py)
+    pre_norm: bool = False  # features before ln_vision (training a trainable ln_vision)
+
+    @property
+    def view(self) -> str:
+        """How this run's features differ from the plain ones, for the cache key ("" if not)."""
+        return "|".join(([self.augment.key()] if self.augment else []) + (["pre-ln"] if self.pre_norm else []))
 
     @property
     def planned(self) -> int:
@@ -92,8 +102,9 @@ class _Lane:
             self.features.close()
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+def _answers(job: Job, texts: Sequence[str]) -> tuple[Answer, ...]:
+    """ask's answers, each with its question as the user wrote it and the prompt it became."""
+    return tuple(Answer(q, a, p) for q, a, p in zip(job.questions, texts, job.prompts))
 
 
 def _check_lockstep(jobs: list[Job], videos: int) -> None:
@@ -137,6 +148,7 @@ class Analyzer:
         self.events = events or Events()
         self.chunk_size = chunk_size
         self.threads: ThreadPlan | None = None
+        self._made_by = None  # results.records.MadeBy of this model, once a record needs it
 
     def run(self, source: VideoSource, job: Job, kept: KeptFeatures | None = None) -> Result:
         """One video through `job`, in one pass. With `kept` (from :meth:`read` of this
@@ -147,6 +159,8 @@ class Analyzer:
         run = self._prepare(source, job, kept)
         self.events.started(source.input, run.info, run.sampling, job.memory)
         fields, stream = getattr(self, f"_{job.task}")(run)
+        if kept is not None:
+            kept.keep(stream)
         result = self._result(run, fields, stream.memory.compressions, time.perf_counter() - started)
         self.events.finished(result)
         return result
@@ -164,6 +178,13 @@ class Analyzer:
         """
         jobs = [job] * len(sources) if isinstance(job, Job) else list(job)
         _check_lockstep(jobs, len(sources))
+        if jobs and jobs[0].concat:  # no bank to batch: the baseline reads its videos one at a time
+            for i, (source, each) in enumerate(zip(sources, jobs)):
+                try:
+                    yield i, self.run(source, each)
+                except errors as err:
+                    yield i, err
+            return
         started = time.perf_counter()
         self._plan_threads()
         lanes: list[_Lane] = []
@@ -253,15 +274,25 @@ class Analyzer:
         n = len(lanes)
         prompts = [p for lane in lanes for p in lane.prompts]
         t0 = time.perf_counter()
-        if job.task == "classify":
+        if job.task == "classify" and job.scoring == "likelihood":
             labels = job.label_set
-            self.events.stage(f"scoring {len(labels.labels)} labels for {_count(n, 'video')}")
+            self.events.stage(f"scoring {len(labels.labels)} labels for {plural(n, 'video')}")
             with self._heavy():
-                loglik = self.model.score(rows, prompts, list(labels.labels)).double().numpy()
-            fields = [self._ranked(job, row) for row in loglik]
+                loglik = label_scores(job, self.model.tokenizer, self.model.score(rows, prompts, list(labels.labels)))
+            fields = [ranked_labels(job, row) for row in loglik]
+        elif job.task == "classify":
+            self.events.stage(f"generating labels for {plural(n, 'video')}")
+            beams = job.generation.num_beams
+            texts = []
+            with self._heavy():
+                for a in range(0, len(prompts), LLM_ROWS):
+                    texts += self.model.generate(rows.part(a, a + LLM_ROWS), prompts[a : a + LLM_ROWS],
+                                                 num_return_sequences=beams, **asdict(job.generation))
+            fields = [{"beams": tuple(texts[i * beams : (i + 1) * beams]), "label_set": job.label_set.name}
+                      for i in range(n)]
         else:
-            self.events.stage(f"writing {_count(n, 'caption')}" if job.task == "caption" else
-                              f"answering {_count(len(prompts), 'question')} about {_count(n, 'video')}")
+            self.events.stage(f"writing {plural(n, 'caption')}" if job.task == "caption" else
+                              f"answering {plural(len(prompts), 'question')} about {plural(n, 'video')}")
             texts: list[str] = []
             with self._heavy():
                 for a in range(0, len(prompts), LLM_ROWS):
@@ -271,7 +302,7 @@ class Analyzer:
             for lane in lanes:
                 mine, at = texts[at : at + len(lane.prompts)], at + len(lane.prompts)
                 fields.append({"text": mine[0]} if job.task == "caption" else
-                              {"answers": tuple(Answer(q, a) for q, a in zip(lane.run.job.questions, mine))})
+                              {"answers": _answers(lane.run.job, mine)})
         share = (time.perf_counter() - t0) / n
         for lane in lanes:
             lane.run.timings["llm"] += share
@@ -298,12 +329,19 @@ class Analyzer:
             model=job.model_label,
             video=VideoMeta(info.duration, info.fps, info.width, info.height),
             sampling=SamplingMeta(job.fps if job.frames is None else None, run.frames_done, sampling.start, sampling.end),
-            memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ())),
+            memory=MemoryMeta(job.memory, compressions, *fields.pop("memory_timeline", ()), concat=job.concat),
+            prompt=job.prompt,
             generation=GenerationMeta(**asdict(job.generation)) if job.generation else None,
+            made_by=self._provenance(),
             timings={k: round(v, 4) for k, v in run.timings.items()},
             warnings=tuple(run.warnings),
             **fields,
         )
+
+    def _provenance(self):
+        if self._made_by is None:
+            self._made_by = made_by(self.model)
+        return replace(self._made_by, created=now())
 
     # ---- CPU threads ------------------------------------------------------------------
 
@@ -320,6 +358,10 @@ class Analyzer:
     def _heavy(self):
         """Threads for a large op (ViT on a chunk, the LLM)."""
         return torch_threads(self.threads.heavy) if self.threads is not None else contextlib.nullcontext()
+
+    # The same policy for front ends that drive the model themselves (the live loop, engine/live.py).
+    plan_threads = _plan_threads
+    heavy = _heavy
 
     # ---- features ---------------------------------------------------------------------
 
@@ -340,12 +382,13 @@ class Analyzer:
             # What this model computes, [n, P, C] with P = CLS + patches: an entry holding
             # anything else is damaged.
             entry = dict(
-                key=feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id),
+                key=feature_key(video_fingerprint(run.source.path), run.sampling.indices, self.model_id, run.view),
                 count=run.planned, torch_dtype=str(self.model.vision_dtype),
                 shape=((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size))
             t0 = time.perf_counter()
             hit = self.cache.get(**entry)
             run.timings["decode"] += time.perf_counter() - t0
+            log.debug("%s: vision features %s the cache", run.source.input, "read from" if hit else "not in")
             if hit is not None:
                 with hit:
                     t0 = time.perf_counter()
@@ -364,10 +407,12 @@ class Analyzer:
                     chunk = next(chunks, None)
                     if chunk is None:
                         break
-                    pixels = preprocess(chunk.frames, spec=self.model.image_spec, antialias=run.job.antialias)
+                    rgb = chunk.frames if run.augment is None else run.augment.apply(chunk.frames)
+                    pixels = preprocess(rgb, spec=self.model.image_spec, antialias=run.job.antialias)
                     t1 = time.perf_counter()
                     with self._heavy():
-                        feats = self.model.encode_frames(pixels)
+                        feats = (self.model.encode_frames(pixels, pre_norm=True) if run.pre_norm else
+                                 self.model.encode_frames(pixels))
                     run.timings["decode"] += t1 - t0
                     run.timings["vision"] += time.perf_counter() - t1
                     if writer is not None:  # on a write error it drops the entry and goes quiet
@@ -376,7 +421,7 @@ class Analyzer:
                     # The consumer has taken the chunk: give its freed buffers back to the
                     # system, else the allocator keeps them and what stays resident grows with
                     # the video's length on a busy machine (heap.py).
-                    del chunk, pixels, feats
+                    del chunk, rgb, pixels, feats
                     release_free_memory()
                 run.warnings.extend(frames.warnings)
             if writer is not None and not run.warnings:
@@ -407,10 +452,21 @@ class Analyzer:
         return KeptFeatures(keep, run.info, run.sampling, np.concatenate(stamps), tuple(run.warnings[decoded_from:]),
                             {k: round(v, 4) for k, v in run.timings.items()})
 
-    def features_of(self, source: VideoSource, job: Job) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+    def features_of(self, source: VideoSource, job: Job, *, indices: Sequence[int] | None = None,
+                    augment: Augment | None = None,
+                    pre_norm: bool = False) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """(timestamps, features) of `source` sampled as `job` says, chunk by chunk, from the
-        cache or through the ViT (and into the cache): the vision pass alone (train's)."""
+        cache or through the ViT (and into the cache): the vision pass alone (train's).
+
+        A training view instead: `indices`, the frames to read (sorted source frame indices,
+        e.g. engine/augment.segment_frames), `augment`, one crop and flip for all of them, and
+        `pre_norm`, features before ln_vision. Each is part of the cache key."""
         run = self._prepare(source, job)
+        if indices is not None:
+            idx = np.unique(np.clip(np.asarray(indices, dtype=np.int64), 0, run.info.frame_count - 1))
+            run.sampling = Sampling(idx, run.info.times()[idx].astype(np.float64), run.sampling.start,
+                                    run.sampling.end, None, len(idx))
+        run.augment, run.pre_norm = augment, pre_norm
         for timestamps, feats in self._features(run):
             run.frames_done += feats.shape[0]
             yield timestamps, feats
@@ -436,12 +492,22 @@ class Analyzer:
     # ---- model calls ------------------------------------------------------------------------
 
     def _new_stream(self, run: _Run, instructions, total: int) -> VideoStream:
-        return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory)
+        return self.model.new_stream(list(instructions), total_frames=total, memory_bank_length=run.job.memory,
+                                     concat=run.job.concat)
 
-    def _generate(self, run: _Run, stream: VideoStream, prompts) -> list[str]:
+    def _whole_stream(self, run: _Run, instructions) -> VideoStream:
+        """The stream over the whole video; over kept features, it replays or records their
+        visual bank (kept.py: the same bits, less work). The concat baseline keeps no bank."""
+        if run.job.concat or run.kept is None:
+            return self._new_stream(run, instructions, run.planned)
+        track = run.kept.track_for(self.model, run.job.memory, run.planned)
+        return self.model.new_stream(list(instructions), total_frames=run.planned, memory_bank_length=run.job.memory,
+                                     visual_track=track)
+
+    def _generate(self, run: _Run, stream: VideoStream, prompts, **extra) -> list[str]:
         t0 = time.perf_counter()
         with self._heavy():
-            texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation))
+            texts = self.model.generate(stream, list(prompts), **asdict(run.job.generation), **extra)
         run.timings["llm"] += time.perf_counter() - t0
         return texts
 
@@ -449,7 +515,7 @@ class Analyzer:
 
     def _answer(self, run: _Run, stage: str) -> tuple[list[str], VideoStream]:
         """One stream row per prompt, one pass over the video, the answers in one batch."""
-        stream = self._new_stream(run, run.job.prompts, run.planned)
+        stream = self._whole_stream(run, run.job.prompts)
         self._feed(run, [stream])
         self.events.stage(stage)
         return self._generate(run, stream, run.job.prompts), stream
@@ -459,37 +525,34 @@ class Analyzer:
         return {"text": texts[0]}, stream
 
     def _ask(self, run: _Run):
-        texts, stream = self._answer(run, f"answering {len(run.job.questions)} question(s)")
-        return {"answers": tuple(Answer(q, a) for q, a in zip(run.job.questions, texts))}, stream
+        texts, stream = self._answer(run, f"answering {plural(len(run.job.questions), 'question')}")
+        return {"answers": _answers(run.job, texts)}, stream
 
     def _classify(self, run: _Run):
-        labels = run.job.label_set
-        stream = self._new_stream(run, [labels.prompt], run.planned)
+        job, labels = run.job, run.job.label_set
+        stream = self._whole_stream(run, [labels.prompt])
         self._feed(run, [stream])
+        if job.scoring == "generate":  # the official eval: 5 beams, the label matched against them
+            self.events.stage("generating the label")
+            beams = self._generate(run, stream, [labels.prompt], num_return_sequences=job.generation.num_beams)
+            return {"beams": tuple(beams), "label_set": labels.name}, stream
         self.events.stage(f"scoring {len(labels.labels)} labels")
-        return self._ranked(run.job, self._score(run, stream)), stream
+        return ranked_labels(job, self._score(run, stream)), stream
 
     def _score(self, run: _Run, stream: VideoStream) -> np.ndarray:
-        """Log-likelihoods of the job's labels after its label prompt, for a stream of that prompt."""
-        labels = run.job.label_set
+        """The job's label scores (label_scores: sum or mean log-likelihood) after its label
+        prompt, for a stream of that prompt."""
+        job, labels = run.job, run.job.label_set
         t0 = time.perf_counter()
         with self._heavy():
-            loglik = self.model.score(stream, [labels.prompt], list(labels.labels))[0].double().numpy()
+            summed = self.model.score(stream, [labels.prompt], list(labels.labels))
+            loglik = label_scores(job, self.model.tokenizer, summed)[0]
         run.timings["llm"] += time.perf_counter() - t0
         return loglik
 
-    @staticmethod
-    def _ranked(job: Job, loglik: np.ndarray) -> dict:
-        """classify's result fields from the labels' log-likelihoods."""
-        labels = job.label_set
-        probs = probabilities(loglik)
-        order = np.argsort(-probs, kind="stable")[: job.top_k]
-        ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
-        return {"labels": ranked, "label_set": labels.name}
-
     def _summarize(self, run: _Run):
         prompt = run.job.prompts[0]
-        whole = self._new_stream(run, [prompt], run.planned)
+        whole = self._whole_stream(run, [prompt])
         if run.job.scenes:
             segments, described = self._scenes(run, whole, prompt)
         else:
@@ -512,13 +575,21 @@ class Analyzer:
         prompts = [prompt] + ([run.job.label_set.prompt] if run.job.label_set is not None else [])
         return [self._new_stream(run, [p], frames) for p in prompts]
 
-    def _caption_segment(self, run: _Run, streams: list[VideoStream], prompt: str, i: int, n: int) -> Described:
-        """A segment's caption, and its top labels when the job has a label set."""
-        self.events.stage(f"captioning segment {i + 1}/{n}")
+    def _caption_segment(self, run: _Run, streams: list[VideoStream], prompt: str, segments: list[Segment],
+                         described: list[Described]) -> None:
+        """Describe the next segment (the one after `described`) from its streams: its caption,
+        and its top labels when the job has a label set."""
+        i, n = len(described), len(segments)
+        self.events.stage(f"captioning segment {i + 1} of {n}")
         text = self._generate(run, streams[0], [prompt])[0]
-        if len(streams) == 1:
-            return text, None
-        return text, self._ranked(run.job, self._score(run, streams[1]))["labels"]
+        labels = None if len(streams) == 1 else ranked_labels(run.job, self._score(run, streams[1]))["labels"]
+        self._segment_done(segments, described, (text, labels))
+
+    def _segment_done(self, segments: list[Segment], described: list[Described], item: Described) -> None:
+        """The next segment's description, kept and told at once (whisper prints each segment as it comes)."""
+        seg = segments[len(described)]
+        described.append(item)
+        self.events.segment(len(described) - 1, len(segments), seg.start, seg.end, item[0])
 
     def _windows(self, run: _Run, whole: VideoStream, prompt: str, segments: list[Segment]) -> list[Described]:
         """One pass: each frame goes to the whole-video stream and to its segment's streams;
@@ -530,19 +601,22 @@ class Analyzer:
         def per_frame(pos: int, feats: torch.Tensor) -> None:
             i = owner[pos]  # every sampled position belongs to exactly one segment
             if i > len(described) and current[0] is not None:
-                described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
+                self._caption_segment(run, current[0], prompt, segments, described)
                 current[0] = None
             if current[0] is None:
-                described.extend([NOTHING_DECODED] * (i - len(described)))
+                while len(described) < i:
+                    self._segment_done(segments, described, NOTHING_DECODED)
                 current[0] = self._segment_streams(run, prompt, len(segments[i].frames))
             for stream in current[0]:
                 stream.add_features(feats)
 
         self._feed(run, [whole], per_frame)
         if current[0] is not None:
-            described.append(self._caption_segment(run, current[0], prompt, len(described), len(segments)))
+            self._caption_segment(run, current[0], prompt, segments, described)
         # Segments after the last decoded frame (a video cut short) have nothing to describe.
-        return described + [NOTHING_DECODED] * (len(segments) - len(described))
+        while len(described) < len(segments):
+            self._segment_done(segments, described, NOTHING_DECODED)
+        return described
 
     def _scenes(self, run: _Run, whole: VideoStream, prompt: str) -> tuple[list[Segment], list[Described]]:
         """Boundaries depend on the whole video, so: one pass over the video feeds the
@@ -563,8 +637,8 @@ class Analyzer:
             self._feed(run, [whole], per_frame)
             timestamps = run.sampling.timestamps[: run.frames_done]
             segments = scene_segments(run.sampling.start, run.sampling.end, timestamps, np.array(change))
-            described = []
-            for i, seg in enumerate(segments):
+            described: list[Described] = []
+            for seg in segments:
                 streams = self._segment_streams(run, prompt, len(seg.frames))
                 t0 = time.perf_counter()
                 for a in range(0, len(seg.frames), self.chunk_size):
@@ -573,5 +647,5 @@ class Analyzer:
                     for stream in streams:
                         stream.add_features(feats)
                 run.timings["qformer"] += time.perf_counter() - t0
-                described.append(self._caption_segment(run, streams, prompt, i, len(segments)))
+                self._caption_segment(run, streams, prompt, segments, described)
         return segments, described

@@ -49,9 +49,11 @@ def list_models(as_json: bool) -> int:
     rows = []
     for preset in PRESETS.values():
         path = local_path(preset.source)
+        built = preset.source == TINY  # made on this machine, never fetched
         rows.append({
             "name": preset.name, "source": preset.source, "description": preset.description,
-            "downloaded": path is not None, "path": str(path) if path else None,
+            "available": path is not None, "downloaded": path is not None and not built,
+            "path": str(path) if path else None,
             "size_bytes": _size(path) if path else None, "download": preset.download, "hardware": preset.hardware,
         })
     if as_json:
@@ -70,9 +72,13 @@ def _print_models(rows: list[dict], console: Console) -> None:
     for i, row in enumerate(rows):
         if i:
             console.print()
-        status = (f"downloaded, {_human(row['size_bytes'])}" if row["downloaded"]
-                  else f"not downloaded ({row['download']})")
-        console.print(Text.assemble((row["name"], "bold"), "  ", (status, "green" if row["downloaded"] else "yellow")))
+        built = row["source"] == TINY
+        if row["available"]:
+            status = f"{'built here' if built else 'downloaded'}, {_human(row['size_bytes'])}"
+        else:
+            status = f"not built yet ({row['download']}, on first use)" if built else \
+                f"not downloaded ({row['download']})"
+        console.print(Text.assemble((row["name"], "bold"), "  ", (status, "green" if row["available"] else "yellow")))
         details = [row["description"]]
         if row["source"] != row["name"]:  # tiny-random is built here, not fetched from anywhere
             details.append(f"hub: {row['source']}")
@@ -86,11 +92,9 @@ def _print_models(rows: list[dict], console: Console) -> None:
 
 
 def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+    from malmm_cli.sources.space import human_bytes
+
+    return human_bytes(n)
 
 
 def _resolve(name: str):
@@ -116,6 +120,14 @@ def download_model(name: str) -> int:
     if Path(choice.source).is_dir():
         print(f"malmm: '{choice.source}' is a local directory; nothing to download.", file=sys.stderr)
         return 0
+    from .fetch import DownloadRefused, check_download, needs_download
+
+    try:
+        if needs_download(choice):
+            check_download(choice, confirm=False)  # room for it; asking for it is saying yes
+    except DownloadRefused as err:
+        print(f"malmm: error: {err}", file=sys.stderr)
+        return 1
     return _download_hub(choice.source)
 
 

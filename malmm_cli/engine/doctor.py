@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import shutil
 import sys
 import time
 from importlib import resources
@@ -31,6 +32,32 @@ def _versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "MISSING"
     return found
+
+
+def optional_tools() -> list[tuple[str, bool, str]]:
+    """(label, present, detail) for what some commands use and the install does not require:
+    Ray (--ray), the caption metrics (eval --task caption) and an ffmpeg binary (yt-dlp)."""
+    found = []
+    ray = _version("ray")
+    found.append(("ray", ray is not None, f"{ray} (--ray)" if ray else
+                  "not installed (optional, for --ray: pip install 'malmm[ray]')"))
+    coco = _version("pycocoevalcap")
+    java = shutil.which("java")
+    java_note = f"Java at {java}, not needed" if java else "no Java, none needed"
+    found.append(("caption metrics", coco is not None,
+                  f"pycocoevalcap {coco}: CIDEr, BLEU-4 for eval --task caption ({java_note})" if coco else
+                  "pycocoevalcap not installed (optional, for eval --task caption: pip install 'malmm[eval]')"))
+    ffmpeg = shutil.which("ffmpeg")
+    found.append(("ffmpeg", ffmpeg is not None, f"{ffmpeg} (yt-dlp uses it for streamed URLs)" if ffmpeg else
+                  "not found (optional: yt-dlp needs it for some streamed URLs; local files do not)"))
+    return found
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def run_doctor() -> int:
@@ -69,6 +96,8 @@ def run_doctor() -> int:
         check("cache", False, str(err))
     except OSError as err:
         check("cache", False, f"{root} is not writable ({err.strerror})")
+    for label, found, detail in optional_tools():
+        console.print(f"[{'green' if found else 'yellow'}]{'ok ' if found else ' - '}[/] {label}: {detail}")
     default = PRESETS["instructblip-vicuna-7b"]
     path = local_path(default.source)
     console.print(f"    {default.name}: " + (f"downloaded at {path}" if path else

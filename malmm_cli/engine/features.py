@@ -82,11 +82,16 @@ def video_fingerprint(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def feature_key(fingerprint: str, indices: np.ndarray, model_id: str) -> str:
+def feature_key(fingerprint: str, indices: np.ndarray, model_id: str, view: str = "") -> str:
+    """An entry's name: the video's content, the frames sampled, the model's vision path, and
+    `view` (a training view: its crop and flip, engine/augment.py; or features taken before
+    ln_vision); the plain view ("") keeps the keys entries always had."""
     h = hashlib.sha256()
     h.update(fingerprint.encode())
     h.update(np.ascontiguousarray(indices, dtype=np.int64).tobytes())
     h.update(model_id.encode())
+    if view:
+        h.update(b"|view|" + view.encode())
     return h.hexdigest()[:40]
 
 
@@ -503,6 +508,11 @@ class FrameStore:
         _read_exact(self.file, _bytes(block))
         self.file.seek(0, os.SEEK_END)
         return from_storage(block, self.torch_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the features written so far."""
+        return self.count * math.prod(self.shape) * storage_dtype(self.torch_dtype).itemsize if self.count else 0
 
     def close(self) -> None:
         self.file.close()

@@ -100,25 +100,44 @@ def _quiet_libraries() -> None:
 
 
 def _announce_download(choice, quiet: bool) -> None:
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    if quiet or constants.HF_HUB_OFFLINE or Path(choice.source).is_dir() or choice.source == "tiny-random":
+    from .fetch import needs_download
+
+    if quiet or not needs_download(choice):
         return
-    if not isinstance(try_to_load_from_cache(choice.source, "config.json"), str):
-        size = f" ({choice.preset.download})" if choice.preset else ""
-        sys.stderr.write(f"malmm: {choice.source} is not downloaded yet; fetching it{size} into "
-                         f"{constants.HF_HUB_CACHE} (Ctrl-C stops; `malmm models download {choice.label}` resumes) ...\n")
+    size = f" ({choice.preset.download})" if choice.preset else ""
+    sys.stderr.write(f"malmm: {choice.source} is not downloaded yet; fetching it{size} into "
+                     f"{constants.HF_HUB_CACHE} (Ctrl-C stops; `malmm models download {choice.label}` resumes) ...\n")
+
+
+def model_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of the model for --precision (presets.PRECISIONS) on `device`."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UsageError("--precision bf16: this GPU does not compute in bf16; use --precision auto or fp32.")
+        return torch.bfloat16
+    return default_dtype(device)
 
 
 def load_model(choice, opts) -> MALMM:
     """The model `choice` (presets.ModelChoice) names, as `opts` (session.SessionOptions: device,
-    quant, checkpoint, quiet) asks, saying what it does on stderr unless quiet."""
+    quant, precision, checkpoint, quiet) asks, saying what it does on stderr unless quiet."""
     from malmm_cli.sources.inputs import cache_root
 
+    from .fetch import check_download, needs_download
+    from .presets import resolve_precision
+
     _quiet_libraries()
+    if needs_download(choice):  # before anything is measured or fetched
+        check_download(choice, confirm=getattr(opts, "confirm_download", False))
     device = _device(str(getattr(opts.device, "value", opts.device)))
-    dtype = default_dtype(device)
-    vision_dtype = vision_dtype_for(choice, device, dtype)
+    precision = resolve_precision(getattr(opts, "precision", None))
+    dtype = model_dtype(device, precision)
+    # Only auto lets timing choose the vision encoder's precision: a pinned one pins every part.
+    vision_dtype = vision_dtype_for(choice, device, dtype) if precision == "auto" else dtype
     quant = resolve_quantization(str(getattr(opts.quant, "value", opts.quant)), choice, device, dtype, opts.quiet,
                                  vision_dtype)
     if opts.checkpoint is not None and not Path(opts.checkpoint).is_file():
@@ -126,8 +145,8 @@ def load_model(choice, opts) -> MALMM:
     _announce_download(choice, opts.quiet)
     t0 = time.perf_counter()
     if not opts.quiet:
-        sys.stderr.write(f"malmm: loading {choice.label} on {device.type}"
-                         + (f" ({quant})" if quant else "") + " ...\n")
+        sys.stderr.write(f"malmm: loading {choice.label} on {device.type} in "
+                         f"{str(dtype).replace('torch.', '')}" + (f" ({quant})" if quant else "") + " ...\n")
         sys.stderr.flush()
     model = MALMM.from_pretrained(
         choice.source, checkpoint=opts.checkpoint, quantization=quant,

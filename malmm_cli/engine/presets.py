@@ -14,6 +14,11 @@ from pathlib import Path
 from malmm_cli.errors import UsageError
 
 MODEL_ENV = "MALMM_MODEL"
+PRECISION_ENV = "MALMM_PRECISION"
+# The model's precision: auto = bf16 where the hardware runs it fast (CUDA with bf16, CPUs with
+# AVX512-BF16 or AMX; fp16 on older GPUs), else fp32, and on a CPU the vision encoder in whichever
+# of bf16 and fp32 runs faster there (timed at load); fp32 and bf16 pin every part.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class ModelPreset:
     description: str
     download: str  # what fetching it costs
     hardware: str  # what running it needs
+    download_bytes: int | None = None  # the files malmm fetches (the disk space a download needs)
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -34,6 +40,7 @@ PRESETS: dict[str, ModelPreset] = {
             description="InstructBLIP-Vicuna-7B with MA-LMM's memory bank (zero-shot; --checkpoint adds finetuned weights)",
             download="32 GB to fetch",
             hardware="GPU with 16 GB (bf16), 10 GB (8-bit) or 6 GB (4-bit); or a CPU with 20+ GB RAM (slow)",
+            download_bytes=32 * 10**9,
         ),
         ModelPreset(
             name="tiny-random",
@@ -129,3 +136,21 @@ SUMMARY_EVERY_SECONDS = 60.0  # default --every window when neither --every nor 
 TOP_K = 5  # classify --top-k default
 SEGMENT_TOP_K = 3  # summarize --labels/--task: labels kept per segment (the report draws them as bars)
 LOCKSTEP_TASKS = ("caption", "ask", "classify")  # --batch: whole videos in lockstep (a summary captions segments)
+
+# malmm watch (a live stream): sampled by stream time, one record per window of stream time.
+WATCH_FPS = 1.0  # --fps default
+WATCH_EVERY_SECONDS = 10.0  # --every default: a record every 10 s of stream time
+WATCH_RETRY_SECONDS = 30.0  # --retries default: how long a cut stream is reopened before giving up
+WATCH_TASKS = ("caption", "ask", "classify")
+
+
+def resolve_precision(value: str | None) -> str:
+    """--precision, else $MALMM_PRECISION, else auto; anything else is a UsageError."""
+    if value is not None:
+        value = str(getattr(value, "value", value))
+        where = "--precision"
+    else:
+        value, where = os.environ.get(PRECISION_ENV) or "auto", PRECISION_ENV
+    if value not in PRECISIONS:
+        raise UsageError(f"{where} is '{value}'; use one of {', '.join(PRECISIONS)}.")
+    return value

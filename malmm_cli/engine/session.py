@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from malmm_cli.errors import MalmmError
+from malmm_cli.errors import MalmmError, UsageError
 from malmm_cli.interrupts import reraise_interrupt
 from malmm_cli.messages import log
 from malmm_cli.results.events import Events
@@ -33,7 +33,7 @@ from malmm_cli.sources.inputs import VideoSource, cache_root, open_source
 
 from .jobs import build_job, check_options, sampling_job
 from .presets import ModelChoice, resolve_model
-from .tasks import Job, label_set_name, with_trained_defaults
+from .tasks import Job, label_set_name, trained_prompt_note, with_trained_defaults
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class SessionOptions:
     quant: str = "auto"  # auto | none | 8bit | 4bit: the LLM's precision
     cache: bool = True  # read and write the vision feature cache (under $MALMM_CACHE_DIR)
     quiet: bool = True  # no loading messages on stderr
+    precision: str | None = None  # auto | fp32 | bf16 (presets.PRECISIONS); None: $MALMM_PRECISION, else auto
+    confirm_download: bool = False  # a model not downloaded yet: ask first on a terminal, else refuse (the CLI)
 
 
 @dataclass(frozen=True)
@@ -98,13 +100,18 @@ class Session:
         self._model_id: str | None = None  # None: from the model and options (loader.model_id)
         self._cache: Any = _FROM_OPTIONS  # from_model: the caller's FeatureCache or None
         self._labels_checked: set[tuple[str, ...]] = set()  # label sets within this model's token limit
+        self._noted: set[str] = set()  # warnings already given (once per session, not per video)
+        self._read_config = None  # the checkpoint's TrainedConfig, read before the model loads
 
     @classmethod
     def load(cls, model: str | None = None, *, checkpoint: str | Path | None = None, device: str = "auto",
-             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None) -> Session:
+             quant: str = "auto", cache: bool = True, quiet: bool = True, events: Events | None = None,
+             precision: str | None = None) -> Session:
         """A session with its model loaded: `model` a preset (tiny-random, instructblip-vicuna-7b),
-        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b)."""
-        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet)
+        a local folder or a hub id (default: $MALMM_MODEL, else instructblip-vicuna-7b);
+        `precision` auto, fp32 or bf16 (default: $MALMM_PRECISION, else auto)."""
+        options = SessionOptions(model, None if checkpoint is None else Path(checkpoint), device, quant, cache, quiet,
+                                 precision)
         session = cls(options, events=events)
         session.model  # noqa: B018 - loads it now
         return session
@@ -183,7 +190,10 @@ class Session:
         labels or label_task, top_k, every, scenes), and the checkpoint's trained frames and
         memory where those are not given."""
         check_options(**{k: options.get(k) for k in ("fps", "frames", "start", "end", "memory", "beams",
-                                                      "max_tokens")})
+                                                      "max_tokens", "min_tokens") if options.get(k) is not None},
+                      concat=bool(options.get("concat")))
+        options.setdefault("checkpoint", self.options.checkpoint is not None or bool(
+            self.loaded and self.model.overlay_report is not None))
         return self.resolve(build_job(task, self.label, **options))
 
     def resolve(self, job: Job) -> Job:
@@ -193,6 +203,10 @@ class Session:
         (check_labels): a UsageError, before the job reads any video."""
         if job.trained_defaults:
             job = with_trained_defaults(job, self.trained_config())
+        note = trained_prompt_note(job, self.trained_config()) if job.task == "classify" else None
+        if note is not None and note not in self._noted:
+            self._noted.add(note)
+            log.warning("%s", note)
         if job.label_set is not None and self.loaded:
             self.check_labels(job.label_set.labels, label_set_name(job.label_set))
         return job
@@ -216,9 +230,13 @@ class Session:
             return self.model.trained_config
         if self.options.checkpoint is None:
             return None
-        from models.overlay import read_trained_config
+        if self._read_config is None:  # read once: every job's resolve asks
+            from models.overlay import read_trained_config
 
-        return read_trained_config(self.options.checkpoint)
+            if not Path(self.options.checkpoint).is_file():
+                raise UsageError(f"--checkpoint '{self.options.checkpoint}' does not exist.")
+            self._read_config = read_trained_config(self.options.checkpoint)
+        return self._read_config
 
     # ---- one input ---------------------------------------------------------------------------
 
@@ -311,15 +329,32 @@ class Session:
             raise
         return VideoState(self, source, kept, job)
 
+    def watch(self, source, job: Job, *, every: float, cumulative: bool = False, duration: float | None = None,
+              retries: float = 30.0, events=None, queue_frames: int | None = None):
+        """A live source (a stream URL, a camera, a growing file, "-"; sources/live.py), read as
+        its frames arrive: iterate the returned engine.live.LiveWatch for one record per `every`
+        seconds of stream time. `job`: caption, ask or classify, sampled at job.fps."""
+        from malmm_cli.sources.live import LiveSpec, live_spec
+
+        from .live import LiveWatch
+
+        spec = source if isinstance(source, LiveSpec) else live_spec(str(source))
+        return LiveWatch(self, spec, self.resolve(job), every=every, cumulative=cumulative, duration=duration,
+                         retries=retries, events=events, queue_frames=queue_frames)
+
     def features(self, source: str | Path | VideoSource, *, task: str = "caption", fps: float | None = None,
-                 frames: int | None = None, start: float | None = None, end: float | None = None):
+                 frames: int | None = None, start: float | None = None, end: float | None = None,
+                 indices=None, augment=None, pre_norm: bool = False):
         """The vision features [T, P, C] of `source` (on the CPU), from the cache or through the
-        ViT and into the cache: what training needs of a clip. Sampling as in :meth:`read`."""
+        ViT and into the cache: what training needs of a clip. Sampling as in :meth:`read`, or
+        a training view: `indices` (the frames), `augment` (engine/augment.Augment) and
+        `pre_norm` (before ln_vision), each cached apart (Analyzer.features_of)."""
         import torch
 
         source = _opened(source)
-        job = sampling_job(task, self.label, fps=fps, frames=frames, start=start, end=end)
-        return torch.cat([feats.cpu() for _, feats in self.analyzer.features_of(source, job)])
+        job = sampling_job(task, self.label, fps=fps, frames=frames if indices is None else 1, start=start, end=end)
+        chunks = self.analyzer.features_of(source, job, indices=indices, augment=augment, pre_norm=pre_norm)
+        return torch.cat([feats.cpu() for _, feats in chunks])
 
 
 class VideoState:
@@ -349,6 +384,25 @@ class VideoState:
         """What the read cost, in seconds: decode, vision, total (the answers cost none of it)."""
         return dict(self.kept.timings)
 
+    @property
+    def nbytes(self) -> int:
+        """What keeping it costs, in bytes: its features (in a temporary file) and the visual
+        banks kept in memory for follow-up answers (kept.py, on the model's device). What a
+        budget of kept videos counts (malmm serve's --keep)."""
+        return self.kept.store.nbytes + self.kept.nbytes
+
+    @property
+    def kv_budget(self) -> int:
+        """Bytes the kept visual banks may take (default kept.KV_BUDGET_BYTES); 0 keeps none
+        (every answer then runs the whole Q-Former: the same answers, slower)."""
+        return self.kept.kv_budget
+
+    @kv_budget.setter
+    def kv_budget(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"kv_budget must be 0 or more bytes, not {value}")
+        self.kept.set_budget(int(value))
+
     def caption(self, *, prompt: str | None = None, memory: int | None = None, beams: int | None = None,
                 max_tokens: int | None = None) -> Result:
         return self.answer(self._job("caption", prompt=prompt, memory=memory, beams=beams, max_tokens=max_tokens))
@@ -359,12 +413,14 @@ class VideoState:
         return self.answer(self._job("ask", questions=questions, memory=memory, beams=beams, max_tokens=max_tokens))
 
     def classify(self, *, labels: str | Sequence[str] | None = None, label_set: str | None = None,
-                 prompt: str | None = None, top_k: int | None = None, memory: int | None = None) -> Result:
-        """Rank `labels` ("a,b,c", a file, or a list) or a built-in `label_set` (lvu_genre, coin, ...)."""
+                 prompt: str | None = None, top_k: int | None = None, memory: int | None = None,
+                 label_score: str | None = None) -> Result:
+        """Rank `labels` ("a,b,c", a file, or a list) or a built-in `label_set` (lvu_genre, coin, ...);
+        `label_score` "sum" (default) or "mean" of each label's token log-probabilities."""
         if labels is not None and not isinstance(labels, str):
             labels = ",".join(labels)
         return self.answer(self._job("classify", labels=labels, label_task=label_set, prompt=prompt, top_k=top_k,
-                                     memory=memory))
+                                     memory=memory, label_score=label_score))
 
     def summarize(self, *, every: float | None = None, scenes: bool = False, prompt: str | None = None,
                   memory: int | None = None, beams: int | None = None, max_tokens: int | None = None,

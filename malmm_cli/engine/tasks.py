@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -51,10 +52,13 @@ def load_label_set(name: str) -> LabelSet:
     raise UsageError(f"Unknown task '{name}': choose one of {', '.join(LABEL_SET_NAMES)}, or use --labels.")
 
 
-def custom_label_set(spec: str, prompt: str | None) -> LabelSet:
-    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"."""
-    path = Path(spec).expanduser()
-    if path.exists():
+def custom_label_set(spec: str | Sequence[str], prompt: str | None) -> LabelSet:
+    """--labels FILE (one label per line, '#' starts a comment, or a JSON list) or "a,b,c"; or
+    the labels themselves as a list, never taken for a file (a server's clients name no files)."""
+    path = Path(spec).expanduser() if isinstance(spec, str) else None
+    if path is None:
+        raw = list(spec)
+    elif path.exists():
         raw = _label_file(path)
     elif "," in spec or not (path.suffix or "/" in spec):
         raw = spec.split(",")
@@ -96,7 +100,7 @@ def _label_file(path: Path) -> list[str]:
             except UnicodeDecodeError:
                 raise UsageError(f"Labels file '{path}' is not UTF-8 text.") from None
             except json.JSONDecodeError as err:
-                raise UsageError(f"Labels file '{path}' is not valid JSON ({err.msg}, line {err.lineno}).") from None
+                raise UsageError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}).") from None
             except (RecursionError, ValueError):
                 raise UsageError(f"Labels file '{path}' must hold a JSON list of strings.") from None
             if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
@@ -132,9 +136,24 @@ class Job:
     every: float | None = None
     scenes: bool = False
     antialias: bool = True
-    # Which of "frames" and "memory" were left to the task defaults: a finetuned checkpoint's
-    # trained values replace those once the model is known (with_trained_defaults).
+    # Which of "frames", "memory", "labels" and "prompt" were left to the defaults: a finetuned
+    # checkpoint's trained values replace those once it is known (with_trained_defaults).
     trained_defaults: tuple[str, ...] = ()
+    # Fields added after records first carried job keys: left out of the key at their default
+    # (results/jobkey.py), so work recorded before them still counts as done.
+    concat: bool = field(default=False, metadata={"key_if_set": True})  # the no-memory baseline
+    label_score: str = field(default="sum", metadata={"key_if_set": True})  # classify: sum | mean
+    scoring: str = field(default="likelihood", metadata={"key_if_set": True})  # classify: likelihood | generate
+
+    @property
+    def prompt(self) -> str:
+        """The instruction (Q-Former instruction and LLM prompt) records carry: classify's label
+        set's, caption's and summarize's own, and for ask the template each question fills."""
+        if self.label_set is not None:
+            return self.label_set.prompt
+        if self.task == "ask":
+            return TASK_DEFAULTS["ask"].prompt
+        return self.prompts[0] if self.prompts else TASK_DEFAULTS[self.task].prompt
 
 
 _QUESTION_PUNCTUATION = re.compile(r'[.!"()*#:;~]')
@@ -149,6 +168,21 @@ def normalize_question(question: str) -> str:
     return " ".join(words[:QUESTION_MAX_WORDS]) if len(words) > QUESTION_MAX_WORDS else text
 
 
+_CAPTION_PUNCTUATION = _QUESTION_PUNCTUATION
+_WHITESPACE_RUN = re.compile(r"\s{2,}")
+CAPTION_MAX_WORDS = 50
+
+
+def normalize_caption(caption: str) -> str:
+    """A caption as the official training data feeds it to the loss (LAVIS ``pre_caption``):
+    lowercased, each of .!"()*#:;~ replaced by a space, runs of two or more whitespace
+    characters made one space, a trailing newline and outer spaces dropped, at most 50 words."""
+    text = _WHITESPACE_RUN.sub(" ", _CAPTION_PUNCTUATION.sub(" ", caption.lower()))
+    text = text.rstrip("\n").strip(" ")
+    words = text.split(" ")
+    return " ".join(words[:CAPTION_MAX_WORDS]) if len(words) > CAPTION_MAX_WORDS else text
+
+
 def question_prompt(question: str) -> str:
     """The prompt (Q-Former instruction and LLM prompt) for a question; records keep the
     user's own text."""
@@ -160,17 +194,99 @@ def question_prompt(question: str) -> str:
 
 def with_trained_defaults(job: Job, trained) -> Job:
     """A finetuned checkpoint's own settings where the user set none (job.trained_defaults):
-    its frame count (for the tasks sampled by frame count; summaries keep their rate) and its
-    memory bank length. `trained` is the model's TrainedConfig, or None. Applying it twice
-    changes nothing more."""
-    if trained is None:
-        return job
+    its frame count (for the tasks sampled by frame count; summaries keep their rate), its
+    memory bank length (or the no-memory baseline it was trained as), and for classify its
+    label set and prompt. `trained` is the model's TrainedConfig, or None. Applying it twice
+    changes nothing more. A classify job the checkpoint cannot complete is a UsageError."""
     changes = {}
-    if "memory" in job.trained_defaults and trained.memory_bank_length is not None:
-        changes["memory"] = trained.memory_bank_length
-    if "frames" in job.trained_defaults and trained.num_frames and job.frames is not None:
-        changes["frames"] = trained.num_frames
+    if trained is not None:
+        if "memory" in job.trained_defaults and trained.concat:
+            changes["concat"] = True
+        if "memory" in job.trained_defaults and trained.memory_bank_length is not None:
+            changes["memory"] = trained.memory_bank_length
+        if "frames" in job.trained_defaults and trained.num_frames and job.frames is not None:
+            changes["frames"] = trained.num_frames
+    if job.task == "classify" and ({"labels", "prompt"} & set(job.trained_defaults)):
+        changes["label_set"] = trained_label_set(job, trained)
+        if job.scoring == "generate" and "max_tokens" in job.trained_defaults:
+            changes["generation"] = replace(job.generation, max_new_tokens=classify_generation(
+                changes["label_set"].name).max_new_tokens)
     return replace(job, **changes) if changes else job
+
+
+def official_label_set(trained) -> str | None:
+    """The built-in label set of an official checkpoint's dataset (its config's ``datasets``):
+    breakfast_cls, coin_cls, and lvu_cls with its task."""
+    for dataset in trained.datasets:
+        if dataset == "breakfast_cls":
+            return "breakfast"
+        if dataset == "coin_cls":
+            return "coin"
+        if dataset == "lvu_cls" and trained.dataset_task in LVU_TASKS:
+            return f"lvu_{trained.dataset_task}"
+    return None
+
+
+def trained_label_set(job: Job, trained) -> LabelSet:
+    """classify's label set and prompt where the options leave them to the checkpoint: its own
+    label set (malmm's name, or an official checkpoint's dataset), else the labels it was
+    trained on; the prompt it was trained with unless --prompt is given."""
+    label_set = job.label_set
+    if "labels" in job.trained_defaults:
+        name = None if trained is None else trained.label_set or official_label_set(trained)
+        if name is not None:
+            label_set = load_label_set(name)
+        elif trained is not None and trained.labels and len(trained.labels) >= 2:
+            label_set = LabelSet("checkpoint", TASK_DEFAULTS["classify"].prompt, tuple(trained.labels))
+        else:
+            raise UsageError("Give the labels to score (--task NAME or --labels): the checkpoint names no label "
+                             "set." if trained is not None else "Give exactly one of --task (a built-in label "
+                             "set) or --labels (your own), or a --checkpoint trained on a label set.")
+    prompt = job.prompts[0] if job.prompts else label_set.prompt
+    if "prompt" in job.trained_defaults and trained is not None and trained.prompt:
+        prompt = trained.prompt
+    return replace(label_set, prompt=prompt)
+
+
+def trained_prompt_note(job: Job, trained) -> str | None:
+    """A warning when the instruction a classify job asks differs from the one the checkpoint
+    was trained with (a model answers the prompt it learnt; another one costs accuracy)."""
+    if trained is None or job.label_set is None or not trained.prompt and not official_label_set(trained):
+        return None
+    learnt = trained.prompt or load_label_set(official_label_set(trained)).prompt
+    if job.label_set.prompt == learnt:
+        return None
+    return (f"the checkpoint was trained with the prompt {learnt!r}; this asks {job.label_set.prompt!r} "
+            "(leave out --task/--prompt to ask what it learnt)")
+
+
+def classify_generation(label_set_name: str | None) -> Generation:
+    """The official classification eval's decoding (classification.py with the cls configs):
+    5 beams, all 5 returned, at most 20 new tokens (LVU: 5), at least 1, repetition penalty 1.5,
+    length penalty 1."""
+    return Generation(num_beams=5, max_new_tokens=5 if (label_set_name or "").startswith("lvu_") else 20)
+
+
+def label_scores(job: Job, tokenizer, summed) -> np.ndarray:
+    """[B, K] scores of the labels from their summed log-likelihoods (a tensor, EOS included):
+    as they are, or with --label-score mean over the label's tokens, which takes away the head
+    start a short label has (every token costs log-probability)."""
+    loglik = summed.double().numpy()
+    if job.label_score == "mean":
+        ids = tokenizer(list(job.label_set.labels), add_special_tokens=False).input_ids
+        loglik = loglik / np.array([len(x) + 1 for x in ids], dtype=np.float64)
+    return loglik
+
+
+def ranked_labels(job: Job, scores: np.ndarray) -> dict:
+    """classify's result fields from one video's label scores: the top k with probabilities."""
+    from malmm_cli.results.records import LabelScore
+
+    labels = job.label_set
+    probs = probabilities(scores)
+    order = np.argsort(-probs, kind="stable")[: job.top_k]
+    ranked = tuple(LabelScore(labels.labels[i], round(float(probs[i]), 6)) for i in order)
+    return {"labels": ranked, "label_set": labels.name, "label_score": job.label_score}
 
 
 def probabilities(log_likelihoods: np.ndarray) -> np.ndarray:

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from malmm_cli.messages import plural
+
 log = logging.getLogger("malmm")
 
 THREADS_ENV = "MALMM_THREADS"
@@ -122,8 +124,8 @@ def plan_threads(large_model: bool) -> ThreadPlan:
     if light is None:  # OMP_NUM_THREADS set, or no /proc: torch's own choice for everything
         return ThreadPlan(current, current)
     plan = ThreadPlan(light, usable_cores() if large_model else light)
-    log.debug("CPU threads: %d for small ops, %d for large ones (%d usable core(s))", plan.light, plan.heavy,
-              usable_cores())
+    log.debug("CPU threads: %d for small ops, %d for large ones (%s usable)", plan.light, plan.heavy,
+              plural(usable_cores(), "core"))
     return plan
 
 

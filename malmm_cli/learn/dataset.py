@@ -5,8 +5,10 @@ Columns (CSV header or JSONL keys) per task:
   ask       video,question,answer
   caption   video,caption
 Relative video paths are resolved against the data file's folder, so a data file and its clips
-move together; URLs are kept as written. A video that does not exist is not an error here: the
-eval reports it per item, like the batch commands do, so one bad clip does not stop a run.
+move together; URLs are kept as written (records show every video as the file writes it).
+Whether the videos exist is checked by the commands before any model loads
+(:func:`check_videos`): train and eval both refuse a data file that names a missing local
+video, with its file and line, and report a video that exists but cannot be read per item.
 
 CSV follows the csv module's quoting rules strictly: a quoted field may hold commas, doubled
 quotes and line breaks; a quote left open, or text after a closing quote, is an error naming
@@ -21,7 +23,7 @@ import csv
 import itertools
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -42,6 +44,14 @@ class Item:
     video: str  # absolute local path, or a URL as written
     target: str  # the label, answer or caption
     question: str | None = None  # ask only
+    # How the row is written, for records and messages; not part of what the item is.
+    spec: str = field(default="", compare=False)  # the video as the data file writes it
+    where: str = field(default="", compare=False)  # "FILE, line N"
+
+    @property
+    def shown(self) -> str:
+        """The video as the data file names it (its absolute path if it was built by hand)."""
+        return self.spec or self.video
 
 
 def columns(task: str) -> tuple[str, ...]:
@@ -99,6 +109,8 @@ def _item(where: str, row: dict, needed: tuple[str, ...], task: str, base: Path,
         video=_resolve_video(values["video"], base),
         target=values[TARGET_COLUMNS[task]],
         question=values.get("question"),
+        spec=values["video"],
+        where=where,
     )
 
 
@@ -201,3 +213,15 @@ def _csv_rows(path: Path, text: Iterator[str], needed: tuple[str, ...]) -> Itera
                              "quote.") from None
         raise UsageError(f"{path}, line {reader.line_num}: not valid CSV ({e}); a field with a quote or "
                          "a comma in it must be quoted whole, its quotes doubled.") from None
+
+
+def check_videos(items, label: str = "") -> None:
+    """Every local video of the data exists (URLs are fetched later): a missing one is a
+    mistake in the data file, refused before any model loads with its file and line. One
+    policy for train and eval (a video that exists but cannot be decoded is eval's error
+    record, and stops training)."""
+    for item in items:
+        if not is_url(item.video) and not Path(item.video).is_file():
+            where = item.where or f"{label or 'the data'}, row {item.index + 1}"
+            raise UsageError(f"{where}: the video {item.shown} does not exist"
+                             + (f" ({item.video})." if item.shown != item.video else "."))

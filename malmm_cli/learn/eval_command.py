@@ -18,18 +18,37 @@ import sys
 from pathlib import Path
 
 from malmm_cli.errors import MalmmError, UsageError
+from malmm_cli.messages import plural
 
 from malmm_cli.results.records import to_json
 from malmm_cli.terminal import shown
 
 SUMMARY_SUFFIX = ".summary.json"  # where the final record goes, beside the predictions file
 SHOWN_CLASSES = 20  # the per-class table on a terminal; --json and the summary file hold all
+SHOWN_MATRIX = 12  # the confusion matrix is printed whole up to this many columns, else its largest cells
 
 
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None) -> int:
+def with_preset(opts, task: str, preset: str | None):
+    """--preset NAME (caption): a data set's official decoding where --max-tokens and
+    --min-tokens leave it (learn/recipe.py's CAPTION_PRESETS)."""
+    if preset is None:
+        return opts
+    from dataclasses import replace
+
+    from .recipe import CAPTION_PRESETS
+
+    if task != "caption" or preset not in CAPTION_PRESETS:
+        raise UsageError(f"--preset is for --task caption: one of {', '.join(CAPTION_PRESETS)}.")
+    generation = CAPTION_PRESETS[preset].generation
+    return replace(opts, max_tokens=opts.max_tokens or generation.max_new_tokens,
+                   min_tokens=generation.min_new_tokens if opts.min_tokens is None else opts.min_tokens)
+
+
+def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt=None, scoring=None,
+             label_score=None, preset=None) -> int:
     """The command: exit code 0 (all scored), 1 (some cases failed, or the model did not load),
     2 (usage), 130/143 (interrupted; the predictions so far are kept)."""
     from malmm_cli.engine.presets import resolve_model
@@ -37,20 +56,24 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
     from malmm_cli.messages import error, setup_logging
     from malmm_cli.runs.command import check_environment, validate
 
-    from .dataset import load_dataset
+    from .dataset import check_videos, load_dataset
     from .evaluate import check_options, plan
 
     setup_logging(opts.quiet)
     output = None
     try:
+        opts = with_preset(opts, task, preset)
         validate(opts)
         if sys.stdout is None and opts.output is None:  # started with `>&-`: the final record would be lost
             raise UsageError("Standard output is closed, so results have nowhere to go; give -o FILE.")
-        check_options(task, labels=labels, label_set=label_set, prompt=prompt)
+        check_options(task, labels=labels, label_set=label_set, prompt=prompt, scoring=scoring,
+                      label_score=label_score)
         choice = resolve_model(opts.model)
         items = load_dataset(data, task)
+        check_videos(items)  # one policy with train: a missing video is a mistake in the data file
+        trained = _trained(opts, choice)
         job, cases = plan(task, items, choice.label, labels=labels, label_set=label_set, prompt=prompt,
-                          **opts.job_options())
+                          scoring=scoring, label_score=label_score, trained=trained, **opts.job_options())
         check_environment(opts)
         output = _output(task, data, cases, opts)
         summary = _claim_summary(opts.output, data, cases) if opts.output is not None else None
@@ -71,11 +94,23 @@ def run_eval(data: Path, task: str, opts, *, labels=None, label_set=None, prompt
         except KeyboardInterrupt as stop:
             where = f" in {shown(str(output.path))}" if output is not None else ""
             kept = output.written if output is not None else 0
-            sys.stderr.write(f"malmm: interrupted; {kept} prediction(s) kept{where}\n")
+            sys.stderr.write(f"malmm: interrupted; {plural(kept, 'prediction')} kept{where}\n")
             return exit_code(stop, fired)
         finally:
             if output is not None:
                 output.close()
+
+
+def _trained(opts, choice):
+    """The --checkpoint's TrainedConfig, read from its config alone (no weights), or None."""
+    from models import ModelError
+
+    from malmm_cli.engine.session import Session
+
+    try:
+        return Session(opts.session_options(), choice=choice).trained_config()
+    except ModelError as err:  # not a readable checkpoint: the sentence loading it would give
+        raise UsageError(str(err)) from None
 
 
 def _output(task: str, data: Path, cases, opts):
@@ -161,7 +196,7 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
             kept = _kept(output, cases, job.task)
     todo = [c for c in cases if c.index not in kept]
     if kept and not opts.quiet:
-        sys.stderr.write(f"malmm: --resume: {len(kept)} case(s) already done, {len(todo)} to go\n")
+        sys.stderr.write(f"malmm: --resume: {plural(len(kept), 'case')} already done, {len(todo)} to go\n")
     records: dict[int, dict] = dict(kept)
     failures = 0
     if todo:
@@ -178,10 +213,10 @@ def _claim_and_run(choice, job, cases, data: Path, output, summary: Path | None,
     record = final.to_record()
     if summary is not None:
         _write_summary(summary, record)
-    _print(record, opts)
+    _print(record, opts, data)
     if output is not None and not opts.quiet:
-        sys.stderr.write(f"malmm: {final.n} prediction(s) in {shown(str(output.path))}"
-                         + (f"; {failures} case(s) failed" if failures else "")
+        sys.stderr.write(f"malmm: {plural(final.n, 'prediction')} in {shown(str(output.path))}"
+                         + (f"; {plural(failures, 'case')} failed" if failures else "")
                          + (f"; final record in {shown(str(summary))}" if summary else "") + "\n")
     return 1 if failures else 0
 
@@ -209,7 +244,7 @@ def _keep(case, record: dict, output, records: dict[int, dict]) -> bool:
     from malmm_cli.messages import error, log
 
     if "error" in record:
-        error(f"item {case.index + 1}: {record['error']}", about=case.video)
+        error(f"{case.row}: {record['error']}", about=case.video)
     for warning in record.get("warnings", ()):
         log.warning("%s: %s", case.video, warning)
     if output is not None:
@@ -245,7 +280,7 @@ def _write_summary(path: Path, record: dict) -> None:
 # ---- the final record on stdout ------------------------------------------------------------------
 
 
-def _print(record: dict, opts) -> None:
+def _print(record: dict, opts, data: Path) -> None:
     if sys.stdout is None:
         return  # stdout closed: the final record is in FILE.summary.json (checked before the run)
     if opts.json_:
@@ -257,7 +292,8 @@ def _print(record: dict, opts) -> None:
     from rich.text import Text
 
     console = Console(file=sys.stdout, highlight=False)
-    console.print(Text(shown(f"{record['task']}: {record['data']} ({record['model']})"), style="bold"))
+    # The data file as it was given (the record holds its absolute path).
+    console.print(Text(shown(f"{record['task']}: {data} ({record['model']})"), style="bold"))
     for table in _tables(record):
         console.print(table)
 
@@ -267,9 +303,9 @@ def _pct(value) -> str:
 
 
 def _tables(record: dict) -> list:
-    """The metrics table, and for classify the per-class accuracy (the most frequent classes)."""
+    """The metrics table; for classify the per-class accuracy (the most frequent classes) and
+    the confusion matrix; the notes (a caption score left out, and why)."""
     from rich.table import Table
-    from rich.text import Text
 
     task = record["task"]
     table = Table(show_header=False, box=None, padding=(0, 2, 0, 0), pad_edge=False)
@@ -285,19 +321,75 @@ def _tables(record: dict) -> list:
         table.add_row("exact match", _pct(record["accuracy"]))
         table.add_row("first-word match", _pct(record["first_word_accuracy"]))
     else:
-        table.add_row("CIDEr", "-" if record["cider"] is None else f"{100 * record['cider']:.1f}")
-        table.add_row("BLEU-4", "-" if record["bleu4"] is None else f"{100 * record['bleu4']:.1f}")
+        for key, name in (("cider", "CIDEr"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("bleu4", "BLEU-4"),
+                          ("bleu1", "BLEU-1")):
+            table.add_row(name, "-" if record.get(key) is None else f"{100 * record[key]:.1f}")
+        if record.get("tokenizer"):
+            table.add_row("tokenizer", "PTB (Java)" if record["tokenizer"] == "ptb" else "approximate (no Java)")
     tables = [table]
+    if task == "classify":
+        tables.append("labels scored by " + ("generating 5 beams (the official eval)" if record.get("scoring") ==
+                                             "generate" else f"likelihood, {record.get('label_score', 'sum')} over "
+                                                             "their tokens"))
     if task == "classify" and record["per_class"]:
-        per_class = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
-        per_class.add_column("class")
-        per_class.add_column("n", justify="right")
-        per_class.add_column("accuracy", justify="right")
-        ranked = sorted(record["per_class"].items(), key=lambda kv: (-kv[1]["n"], kv[0]))
-        for label, stats in ranked[:SHOWN_CLASSES]:
-            # A Text, not a str: Rich would take "[...]" in a label for markup; escaped for the terminal.
-            per_class.add_row(Text(shown(label)), str(stats["n"]), _pct(stats["accuracy"]))
-        if len(ranked) > SHOWN_CLASSES:
-            per_class.add_row(f"... {len(ranked) - SHOWN_CLASSES} more (--json)", "", "")
-        tables += ["", per_class]
+        tables += ["", _per_class(record["per_class"]), *_confusion(record["confusion"])]
+    for note in record.get("notes", ()):
+        tables += [f"note: {note}"]
     return tables
+
+
+def _per_class(per_class: dict):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
+    table.add_column("class")
+    table.add_column("n", justify="right")
+    table.add_column("accuracy", justify="right")
+    ranked = sorted(per_class.items(), key=lambda kv: (-kv[1]["n"], kv[0]))
+    for label, stats in ranked[:SHOWN_CLASSES]:
+        # A Text, not a str: Rich would take "[...]" in a label for markup; escaped for the terminal.
+        table.add_row(Text(shown(label)), str(stats["n"]), _pct(stats["accuracy"]))
+    if len(ranked) > SHOWN_CLASSES:
+        table.add_row(f"... {len(ranked) - SHOWN_CLASSES} more (--json)", "", "")
+    return table
+
+
+def _in_use(labels: list, columns: list, matrix: list) -> tuple[list[int], list[int]]:
+    """The matrix's rows and columns worth printing: the true labels the data has, and the
+    labels that are true or predicted for some item (a set of 48 labels on 5 test items
+    would otherwise print 48 rows of zeros)."""
+    rows = [i for i, row in enumerate(matrix) if sum(row)]
+    true = {labels[i] for i in rows}
+    cols = [j for j, column in enumerate(columns) if column in true or any(matrix[i][j] for i in rows)]
+    return rows, cols
+
+
+def _confusion(confusion: dict) -> list:
+    """The confusion matrix (rows: true label, columns: predicted) for a small label set; for a
+    large one, the pairs most often confused (the whole matrix is in --json and the summary)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    labels, columns, matrix = confusion["labels"], confusion.get("columns", confusion["labels"]), confusion["matrix"]
+    rows, cols = _in_use(labels, columns, matrix)
+    if len(cols) <= SHOWN_MATRIX:
+        table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
+        table.add_column("", no_wrap=True)
+        for j in cols:
+            table.add_column(Text(shown(columns[j])), justify="right")
+        for i in rows:
+            table.add_row(Text(shown(labels[i])), *(str(matrix[i][j]) for j in cols))
+        shown_all = len(rows) == len(labels) and len(cols) == len(columns)
+        return ["", "confusion (rows: true, columns: predicted" + ("" if shown_all else
+                "; labels no item has or got left out") + ")", table]
+    pairs = sorted(((v, labels[i], columns[j]) for i, row in enumerate(matrix) for j, v in enumerate(row)
+                    if v and labels[i] != columns[j]), key=lambda x: (-x[0], x[1], x[2]))[:SHOWN_CLASSES]
+    if not pairs:
+        return ["", "confusion: none (every item right)"]
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False)
+    for name, justify in (("true", "left"), ("predicted", "left"), ("n", "right")):
+        table.add_column(name, justify=justify)
+    for n, true, predicted in pairs:
+        table.add_row(Text(shown(true)), Text(shown(predicted)), str(n))
+    return ["", "most confused (the whole matrix: --json)", table]

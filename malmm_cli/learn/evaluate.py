@@ -8,15 +8,13 @@ Three layers, so that each can be used (and run elsewhere) on its own:
   per case (a prediction, or an error with one sentence).
 - `report(task, records, ...)`: the records -> an EvalReport (metrics only; no model).
 
-`evaluate(model, items, task)` puts them together for Python users.
+`evaluate(model, items, task)` puts them together for Python users. The metrics are
+metrics.py's and caption_metrics.py's, as the official MA-LMM evaluation computes them.
 
-Metrics follow the official MA-LMM evaluation (lavis/tasks in the research code):
-classify: top-1 and top-5, which the official eval takes from 5 generated beams matched
-exactly against the label; here every label of the set is ranked by its likelihood (as
-`malmm classify` does), so each prediction is a label and the top 5 are the 5 likeliest;
-ask: exact match, and the first word of the answer against the ground truth, which is how
-MSRVTT-QA and MSVD-QA are scored; caption: CIDEr(-D) and BLEU-4 from pycocoevalcap, the
-library the official eval calls.
+classify is scored one of two ways (`scoring`): "likelihood" ranks every label of the set by
+the model's likelihood of answering it (as `malmm classify` does; `label_score` "sum" or
+"mean" over the label's tokens), so every prediction is a label; "generate" is the official
+eval: 5 beams generated, top-1 when beam 0 is the label exactly, top-5 when any beam is.
 """
 
 from __future__ import annotations
@@ -26,14 +24,17 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .dataset import Item, columns
-from malmm_cli.errors import UsageError
 from malmm_cli.engine.presets import TASK_DEFAULTS
-from malmm_cli.engine.tasks import (LABEL_SET_NAMES, Job, LabelSet, check_labels, custom_label_set, load_label_set,
-                                   question_prompt)
+from malmm_cli.engine.tasks import (LABEL_SET_NAMES, Job, LabelSet, check_labels, custom_label_set, label_set_name,
+                                   load_label_set, official_label_set, question_prompt)
+from malmm_cli.errors import UsageError
 
-TOP_K = 5  # top-5 accuracy, as the official classification eval reports
-CAPTION_EXTRA = "eval"  # pip install 'malmm[eval]' brings pycocoevalcap
+from .caption_metrics import caption_scores, scorers
+from .dataset import Item, columns
+from .metrics import TOP_K, ask_metrics, classify_metrics, exact_match, first_word_match
+
+__all__ = ["Case", "cases_for", "plan", "run_cases", "report", "evaluate", "EvalReport", "classify_metrics",
+           "ask_metrics", "exact_match", "first_word_match", "caption_scores", "TOP_K"]
 
 
 # ---- cases ---------------------------------------------------------------------------------
@@ -45,26 +46,37 @@ class Case:
     the captions of all rows naming it (MSRVTT has 20 per video; CIDEr is built for many)."""
 
     index: int  # the row index of the data item (caption: of the video's first row)
-    video: str
+    video: str  # where to read it (an absolute path, or a URL)
     targets: tuple[str, ...]
     question: str | None = None
+    spec: str = ""  # the video as the data file writes it (what records show)
+    where: str = ""  # "FILE, line N" of its (first) row: how messages name it
+
+    @property
+    def shown(self) -> str:
+        return self.spec or self.video
 
     @property
     def target(self) -> str:
         return self.targets[0]
+
+    @property
+    def row(self) -> str:
+        """How a message names the case: its data file and line, as every data-file message does."""
+        return self.where or f"data row {self.index + 1}"
 
 
 def cases_for(items: Sequence[Item], task: str) -> list[Case]:
     """The data items as scored units (see Case)."""
     columns(task)  # an unknown task is a usage error
     if task != "caption":
-        return [Case(i.index, i.video, (i.target,), i.question) for i in items]
+        return [Case(i.index, i.video, (i.target,), i.question, i.shown, i.where) for i in items]
     refs: dict[str, list[str]] = {}
-    first: dict[str, int] = {}
+    first: dict[str, Item] = {}
     for item in items:
         refs.setdefault(item.video, []).append(item.target)
-        first.setdefault(item.video, item.index)
-    return [Case(first[v], v, tuple(r)) for v, r in refs.items()]
+        first.setdefault(item.video, item)
+    return [Case(first[v].index, v, tuple(r), spec=first[v].shown, where=first[v].where) for v, r in refs.items()]
 
 
 def data_label_set(cases: Sequence[Case], prompt: str | None = None) -> LabelSet:
@@ -78,16 +90,39 @@ def data_label_set(cases: Sequence[Case], prompt: str | None = None) -> LabelSet
 
 
 def choose_label_set(cases: Sequence[Case], *, labels: str | None, label_set: str | None,
-                     prompt: str | None) -> LabelSet:
-    """--labels (a file or "a,b,c"), --label-set NAME, or the data's own labels; every target
-    must be one of them (compared exactly, then ignoring case, which the target then takes)."""
+                     prompt: str | None, trained=None) -> LabelSet:
+    """--labels (a file or "a,b,c"), --label-set NAME, else a --checkpoint's own label set (the
+    set it names, or the labels it was trained on), else the data's labels. The prompt: --prompt,
+    else the checkpoint's, else the set's. Every target must be one of the labels (compared
+    exactly, then ignoring case, which the target then takes: align_targets)."""
     if label_set is not None:
         if label_set not in LABEL_SET_NAMES:
             raise UsageError(f"Unknown --label-set '{label_set}': choose one of {', '.join(LABEL_SET_NAMES)}.")
         return load_label_set(label_set)
+    learnt = None if trained is None else trained.prompt
     if labels is not None:
-        return custom_label_set(labels, prompt)
-    return data_label_set(cases, prompt)
+        chosen = custom_label_set(labels, prompt)
+    else:
+        name = None if trained is None else trained.label_set or official_label_set(trained)
+        if name is not None:
+            chosen = load_label_set(name)
+            learnt = learnt or chosen.prompt
+        elif trained is not None and trained.labels and len(trained.labels) >= 2:
+            chosen = LabelSet("checkpoint", TASK_DEFAULTS["classify"].prompt, tuple(trained.labels))
+        else:
+            chosen = data_label_set(cases, prompt)
+        if chosen.name != "data" and not _covers(chosen, cases):
+            from malmm_cli.messages import log
+
+            log.warning("the data has labels outside the label set the checkpoint was trained on (%s); scoring the "
+                        "data's own labels, with the prompt it learnt", label_set_name(chosen))
+            chosen = data_label_set(cases, prompt)
+    return replace(chosen, prompt=prompt or learnt or chosen.prompt)
+
+
+def _covers(label_set: LabelSet, cases: Sequence[Case]) -> bool:
+    folded = {label.casefold() for label in label_set.labels}
+    return all(c.target.casefold() in folded for c in cases)
 
 
 def align_targets(cases: Sequence[Case], label_set: LabelSet) -> list[Case]:
@@ -100,8 +135,10 @@ def align_targets(cases: Sequence[Case], label_set: LabelSet) -> list[Case]:
     for case in cases:
         label = case.target if case.target in exact else folded.get(case.target.casefold())
         if label is None:
-            raise UsageError(f"Item {case.index + 1}: the label {case.target!r} is not in the label set "
-                             f"'{label_set.name}' ({_preview(label_set.labels)}).")
+            hint = " (the labels the checkpoint was trained on; give --labels to score others)" if (
+                label_set.name == "checkpoint") else ""
+            raise UsageError(f"{case.row}: the label {case.target!r} is not in the label set "
+                             f"'{label_set.name}' ({_preview(label_set.labels)}){hint}.")
         out.append(replace(case, targets=(label,)))
     return out
 
@@ -117,7 +154,7 @@ def check_questions(cases: Sequence[Case]) -> None:
         try:
             question_prompt(case.question or "")
         except UsageError as err:
-            raise UsageError(f"Item {case.index + 1}: {err}") from None
+            raise UsageError(f"{case.row}: {err}") from None
 
 
 def case_job(job: Job, case: Case) -> Job:
@@ -161,7 +198,7 @@ def case_record(case: Case, task: str, outcome) -> dict[str, Any]:
 
 
 def _head(case: Case) -> dict[str, Any]:
-    head: dict[str, Any] = {"input": case.video, "index": case.index}
+    head: dict[str, Any] = {"input": case.shown, "index": case.index}
     if case.question is not None:
         head["question"] = case.question
     return head
@@ -174,7 +211,12 @@ def error_record(case: Case, message: str) -> dict[str, Any]:
 def prediction_record(case: Case, task: str, result) -> dict[str, Any]:
     """What a Result says about a case, with what the metrics need to score it later."""
     record = _head(case)
-    if task == "classify":
+    record["prompt"] = result.answers[0].prompt if task == "ask" else result.prompt
+    if task == "classify" and result.beams is not None:  # generated: the official match on 5 beams
+        beams = list(result.beams)
+        record.update(target=case.target, prediction=beams[0], correct=beams[0] == case.target,
+                      rank=beams.index(case.target) + 1 if case.target in beams else None, beams=beams)
+    elif task == "classify":
         ranked = [score.label for score in result.labels]
         record.update(target=case.target, prediction=ranked[0], correct=ranked[0] == case.target,
                       rank=ranked.index(case.target) + 1 if case.target in ranked else None,
@@ -185,6 +227,8 @@ def prediction_record(case: Case, task: str, result) -> dict[str, Any]:
                       first_word_correct=first_word_match(answer, case.target))
     else:
         record.update(references=list(case.targets), prediction=result.text)
+    if result.made_by is not None:  # what made it: a results file may mix runs (--resume)
+        record.update(result.made_by.fields())
     if result.warnings:
         record["warnings"] = list(result.warnings)
     return record
@@ -193,7 +237,7 @@ def prediction_record(case: Case, task: str, result) -> dict[str, Any]:
 def record_matches(record: dict, case: Case, task: str) -> bool:
     """Whether a kept record (--resume) is this very case: same row, video, question and
     target(s). A data file edited since is redone where it changed, never mis-scored."""
-    if record.get("index") != case.index or record.get("input") != case.video or "prediction" not in record:
+    if record.get("index") != case.index or record.get("input") != case.shown or "prediction" not in record:
         return False
     if record.get("question") != case.question:
         return False
@@ -202,94 +246,13 @@ def record_matches(record: dict, case: Case, task: str) -> bool:
     return record.get("target") == case.target
 
 
-# ---- metrics --------------------------------------------------------------------------------
-
-
-def exact_match(prediction: str, target: str) -> bool:
-    """As the official QA eval: the text as generated (spaces trimmed) equals the answer."""
-    return prediction.strip() == target.strip()
-
-
-def first_word_match(prediction: str, target: str) -> bool:
-    """As the official MSRVTT-QA / MSVD-QA eval: the answer's first word (split on a space)
-    equals the ground truth, which is a single word there."""
-    return prediction.strip().split(" ")[0] == target.strip()
-
-
-def classify_metrics(records: Sequence[dict], labels: Sequence[str]) -> dict[str, Any]:
-    """Top-1, top-5, per-class accuracy (by true label) and the confusion matrix
-    (rows: true label, columns: predicted, in label-set order)."""
-    at = {label: i for i, label in enumerate(labels)}
-    matrix = [[0] * len(labels) for _ in labels]
-    for r in records:
-        matrix[at[r["target"]]][at[r["prediction"]]] += 1
-    n = len(records)
-    top1 = sum(r["prediction"] == r["target"] for r in records)
-    top5 = sum(r.get("rank") is not None and r["rank"] <= TOP_K for r in records)
-    per_class = {}
-    for label in labels:
-        row = matrix[at[label]]
-        if sum(row):
-            per_class[label] = {"n": sum(row), "accuracy": _ratio(row[at[label]], sum(row))}
-    return {"accuracy": _ratio(top1, n), "top5": _ratio(top5, n), "per_class": per_class,
-            "confusion": {"labels": list(labels), "matrix": matrix}}
-
-
-def ask_metrics(records: Sequence[dict]) -> dict[str, Any]:
-    n = len(records)
-    return {"accuracy": _ratio(sum(r["correct"] for r in records), n),
-            "first_word_accuracy": _ratio(sum(r["first_word_correct"] for r in records), n)}
-
-
-_PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", '"', "(", ")", "[", "]", "{", "}", ".", "?", "!", ",", ":",
-                              "-", "--", "...", ";"])
-_CLITIC = re.compile(r"(?<=\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
-_TOKEN = re.compile(r"n't|'\w+|\w+(?:[-.'/]\w+)*|\.\.\.|--|\S")
-
-
-def caption_tokens(text: str) -> str:
-    """The caption as pycocoevalcap's PTB tokenizer leaves it, without Java: lowercased,
-    clitics split off ("don't" -> "do n't", "man's" -> "man 's"), punctuation dropped, tokens
-    joined by spaces. For plain English captions this matches the Stanford tokenizer."""
-    text = _CLITIC.sub(r" \1", text.lower().replace("\n", " "))
-    return " ".join(t for t in _TOKEN.findall(text) if t not in _PTB_PUNCTUATION)
-
-
-def caption_metrics(records: Sequence[dict]) -> dict[str, Any]:
-    """Corpus CIDEr-D and BLEU-4 (pycocoevalcap's scorers, the official eval's), on 0-1 scale
-    for BLEU and COCO's for CIDEr (its x10), as papers report them before x100."""
-    if not records:
-        return {"cider": None, "bleu4": None}
-    Bleu, Cider = caption_scorers()
-    refs = {i: [caption_tokens(t) for t in r["references"]] for i, r in enumerate(records)}
-    hyps = {i: [caption_tokens(r["prediction"])] for i, r in enumerate(records)}
-    bleu, _ = Bleu(4).compute_score(refs, hyps, verbose=0)
-    cider, _ = Cider().compute_score(refs, hyps)
-    return {"cider": round(float(cider), 6), "bleu4": round(float(bleu[3]), 6)}
-
-
-def caption_scorers():
-    """pycocoevalcap's Bleu and Cider classes, or a usage error saying how to install it."""
-    try:
-        from pycocoevalcap.bleu.bleu import Bleu
-        from pycocoevalcap.cider.cider import Cider
-    except ImportError:
-        raise UsageError("Caption scores (CIDEr, BLEU-4) need pycocoevalcap: "
-                         f"pip install 'malmm[{CAPTION_EXTRA}]' (or pip install pycocoevalcap).") from None
-    return Bleu, Cider
-
-
-def _ratio(k: int, n: int) -> float | None:
-    return round(k / n, 6) if n else None
-
-
 # ---- the report -----------------------------------------------------------------------------
 
 
 @dataclass
 class EvalReport:
     """The final record of an eval: `accuracy` and `n` at top level (accuracy is None for
-    captions, whose scores are `cider` and `bleu4`), the task's metrics, and the per-case
+    captions, whose scores are `cider`, `meteor`, `bleu1`..`bleu4` and `rouge_l`), the task's metrics, and the per-case
     records it was computed from (not part of to_record())."""
 
     task: str
@@ -316,18 +279,24 @@ def report(task: str, records: Iterable[dict], *, labels: Sequence[str] = (), er
     elif task == "ask":
         metrics = ask_metrics(scored)
     else:
-        metrics = {"accuracy": None, **caption_metrics(scored)}
+        metrics = {"accuracy": None, **caption_scores(scored)}
     return EvalReport(task, len(scored), errors, metrics["accuracy"], metrics, records, dict(extra or {}))
 
 
 # ---- jobs -----------------------------------------------------------------------------------
 
 
-def check_options(task: str, *, labels: str | None, label_set: str | None, prompt: str | None) -> None:
+def check_options(task: str, *, labels: str | None, label_set: str | None, prompt: str | None,
+                  scoring: str | None = None, label_score: str | None = None) -> None:
     """Options that contradict the task, found before the data file is read."""
     columns(task)
     if task != "classify" and (labels is not None or label_set is not None):
         raise UsageError("--labels and --label-set are for --task classify.")
+    if task != "classify" and (scoring is not None or label_score is not None):
+        raise UsageError("--scoring and --label-score are for --task classify.")
+    if scoring == "generate" and label_score is not None:
+        raise UsageError("--label-score sets how likelihood scoring ranks labels; --scoring generate matches "
+                         "generated text instead.")
     if labels is not None and label_set is not None:
         raise UsageError("Give --labels or --label-set, not both.")
     if task == "ask" and prompt:
@@ -338,38 +307,49 @@ def check_options(task: str, *, labels: str | None, label_set: str | None, promp
 
 
 def plan(task: str, items: Sequence[Item], model_label: str, *, labels: str | None = None,
-         label_set: str | None = None, prompt: str | None = None, **options) -> tuple[Job, list[Case]]:
-    """The job (task defaults + `options`: fps, frames, memory, beams, max_tokens, as
-    engine.jobs.build_job takes them) and the checked cases. Everything a user can get wrong in
-    the data or options is found here, before a model loads."""
+         label_set: str | None = None, prompt: str | None = None, scoring: str | None = None,
+         label_score: str | None = None, trained=None, **options) -> tuple[Job, list[Case]]:
+    """The job (task defaults + `options`: fps, frames, memory, beams, max_tokens, min_tokens,
+    concat, as engine.jobs.build_job takes them) and the checked cases. `trained`: a
+    checkpoint's TrainedConfig (its label set and prompt are the defaults). Everything a user
+    can get wrong in the data or options is found here, before a model loads."""
     from malmm_cli.engine.jobs import build_job
 
-    check_options(task, labels=labels, label_set=label_set, prompt=prompt)
+    check_options(task, labels=labels, label_set=label_set, prompt=prompt, scoring=scoring, label_score=label_score)
     cases = cases_for(items, task)
     if task == "caption":
-        caption_scorers()  # missing pycocoevalcap is found before hours of captioning
+        scorers()  # missing pycocoevalcap is found before hours of captioning
         return build_job("caption", model_label, prompt=prompt, **options), cases
     if task == "ask":
         check_questions(cases)
         return build_job("ask", model_label, questions=(), **options), cases
-    chosen = choose_label_set(cases, labels=labels, label_set=label_set, prompt=prompt)
+    chosen = choose_label_set(cases, labels=labels, label_set=label_set, prompt=prompt, trained=trained)
     cases = align_targets(cases, chosen)
     # build_job resolves sampling, memory and generation for classify; its label set is
-    # replaced by the chosen one, and every label is ranked so each record has the target's rank.
-    job = build_job("classify", model_label, labels="-,+", **options)
-    return replace(job, label_set=chosen, top_k=len(chosen.labels)), cases
+    # replaced by the chosen one (labels and prompt are settled: nothing left for the
+    # checkpoint to fill in), and every label is ranked so each record has the target's rank.
+    job = build_job("classify", model_label, labels="-,+", prompt=chosen.prompt, scoring=scoring,
+                    label_score=label_score, label_task=None, **options)
+    if job.scoring == "generate" and "max_tokens" in job.trained_defaults:
+        from malmm_cli.engine.tasks import classify_generation
+
+        job = replace(job, generation=replace(job.generation, max_new_tokens=classify_generation(
+            chosen.name).max_new_tokens))
+    kept = tuple(d for d in job.trained_defaults if d not in ("labels", "prompt", "max_tokens"))
+    return replace(job, label_set=chosen, top_k=len(chosen.labels), trained_defaults=kept), cases
 
 
 def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = None, label_set: str | None = None,
              prompt: str | None = None, frames: int | None = None, fps: float | None = None,
              memory: int | None = None, beams: int | None = None, max_tokens: int | None = None,
+             scoring: str | None = None, label_score: str | None = None, concat: bool = False,
              cache=None, model_id: str | None = None, batch: int = 1,
              on_record: Callable[[dict], None] | None = None) -> EvalReport:
     """Evaluate a loaded MALMM on data items (dataset.load_dataset) without the CLI.
 
-    Options default to the task presets, and a finetuned checkpoint's own frame count and
-    memory length apply where none is given, as in the CLI. `cache` is an optional
-    features.FeatureCache: the ViT then runs once per video across cases and runs. Its
+    Options default to the task presets, and a finetuned checkpoint's own frame count, memory
+    length, label set and prompt apply where none is given, as in the CLI. `cache` is an
+    optional features.FeatureCache: the ViT then runs once per video across cases and runs. Its
     entries are keyed by `model_id`, which must change when the vision weights do (default:
     the model's name and overlaid checkpoint, right unless the ViT was changed in memory).
     `batch` > 1 reads that many videos at a time in lockstep (as `malmm eval --batch`).
@@ -378,11 +358,12 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
     from malmm_cli.engine.session import Session
     from malmm_cli.runs.command import CommonOptions, validate
 
-    opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch)
+    opts = CommonOptions(frames=frames, fps=fps, memory=memory, beams=beams, max_tokens=max_tokens, batch=batch,
+                         concat=concat)
     validate(opts)
     session = Session.from_model(model, model_id=model_id, cache=cache)
-    job, cases = plan(task, items, session.label, labels=labels, label_set=label_set, prompt=prompt,
-                      **opts.job_options())
+    job, cases = plan(task, items, session.label, labels=labels, label_set=label_set, prompt=prompt, scoring=scoring,
+                      label_score=label_score, trained=model.trained_config, **opts.job_options())
     job = session.resolve(job)  # the model is loaded: its tokenizer checks the labels (Session.resolve)
     records = []
     for _, record in run_cases(session, job, cases, opts.runner()):
@@ -394,10 +375,16 @@ def evaluate(model, items: Sequence[Item], task: str, *, labels: str | None = No
 
 
 def job_summary(job: Job) -> dict[str, Any]:
-    """How the cases were run, for the final record: sampling, memory, label set."""
-    out: dict[str, Any] = {"memory": job.memory}
+    """How the cases were run, for the final record: the prompt, sampling, memory (or the
+    no-memory baseline), and for classify the label set and how labels were scored."""
+    out: dict[str, Any] = {"prompt": job.prompt, "memory": job.memory}
+    if job.concat:
+        out["concat"] = True
     out["frames" if job.frames is not None else "fps"] = job.frames if job.frames is not None else job.fps
     if job.label_set is not None:
         out["label_set"] = job.label_set.name
         out["labels"] = len(job.label_set.labels)
+        out["scoring"] = job.scoring
+        if job.scoring == "likelihood":
+            out["label_score"] = job.label_score
     return out

@@ -1,15 +1,14 @@
 """Finetuning MA-LMM on labelled clips: what `malmm train` runs, usable from Python.
 
 What is trained and how follows the official MA-LMM code (the LAVIS fork): the Q-Former with
-its query tokens, the temporal position embedding and the projection to the LLM, with the
-LLM's loss on the answer followed by EOS (models/training.py); the ViT and the LLM frozen;
-AdamW (weight decay 0.05 on matrices, none on biases and norms) with a linear warm-up from
-1e-8 and a per-epoch cosine decay to 0 (``LinearWarmupCosineLRScheduler``); learning rate,
-epochs and batch size per task from ``run_scripts/``.
-
-The ViT runs once per video, through the feature cache; the features of the whole data set
-are then kept in one temporary file (constant RAM whatever its size), so an epoch costs the
-Q-Former and the LLM only.
+its query tokens, the temporal position embedding and the projection to the LLM (and, as an
+option, ln_vision), with the LLM's loss on the answer followed by EOS (models/training.py); the
+ViT and the LLM frozen; AdamW (weight decay 0.05 on matrices) with a linear warm-up from 1e-8
+and a per-epoch cosine decay to 0; the global batches, learning rates and epochs of the run
+scripts (recipe.py); shuffled batches with the last incomplete one dropped (LAVIS's training
+loader has ``drop_last=True``); the frames and augmentation of the official training data, as
+views computed once (clips.py); the best epoch by the validation metric (validate.py) and a
+resumable last one (checkpoints.py).
 
     from malmm_cli.learn.dataset import load_dataset
     from malmm_cli.learn.train import TrainOptions, load_for_training, train
@@ -22,159 +21,32 @@ Q-Former and the LLM only.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from models import MALMM
-from models.training import (answer_log_likelihood, candidate_log_likelihoods, freeze_for_training,
-                             official_config, save_checkpoint, tokenize_instructions, visual_tokens)
+from models.training import answer_log_likelihood, freeze_for_training, official_config, save_checkpoint
 
-from malmm_cli.engine.features import FeatureCache, FrameStore
-from malmm_cli.engine.presets import TASK_DEFAULTS
+from malmm_cli.engine.features import FeatureCache
 from malmm_cli.engine.session import Session
-from malmm_cli.engine.tasks import question_prompt
-from malmm_cli.errors import MalmmError, UsageError, write_failure
+from malmm_cli.errors import MalmmError, UsageError
 from malmm_cli.messages import log
-from malmm_cli.results.written import replace_file
 
+from . import checkpoints
+from .checkpoints import TrainState
+from .clips import Clip, FeatureStore, prepare_clips
 from .dataset import Item
+from .recipe import (TRAIN_DEFAULTS, WARMUP_START_LR, TrainOptions, learning_rate, make_optimizer,
+                     warmup_iterations)
+from .validate import Validation, autocast, clip_tokens, groups, validate
 
-# ---- defaults (the official run scripts and configs) -------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainDefaults:
-    lr: float
-    epochs: int
-    batch_size: int  # per step, as one GPU of the paper's 4 had it
-
-
-TRAIN_DEFAULTS = {
-    # run_scripts/{lvu,breakfast,coin}/train.sh: init_lr 1e-4, 20 epochs, batch 16
-    "classify": TrainDefaults(lr=1e-4, epochs=20, batch_size=16),
-    # run_scripts/{msrvtt,msvd,activitynet}/train_qa.sh: 1e-4, 5 epochs, batch 32
-    "ask": TrainDefaults(lr=1e-4, epochs=5, batch_size=32),
-    # run_scripts/{msrvtt,msvd}/train_cap.sh: 1e-5, 10 epochs, batch 16
-    "caption": TrainDefaults(lr=1e-5, epochs=10, batch_size=16),
-}
-WARMUP_STEPS = 1000  # configs: warmup_steps 1000 from warmup_lr 1e-8 ...
-WARMUP_START_LR = 1e-8
-MIN_LR = 0.0  # ... and a cosine down to min_lr 0
-WEIGHT_DECAY = 0.05
-BETAS = (0.9, 0.999)
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """A training run. None means the task's default (TRAIN_DEFAULTS, TASK_DEFAULTS)."""
-
-    task: str
-    epochs: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    frames: int | None = None  # frames per clip, spread evenly (the paper's sampling)
-    fps: float | None = None  # or a rate instead
-    memory: int | None = None  # memory bank length M; 0 = no memory
-    prompt: str | None = None  # the instruction for classify and caption (ask: from each question)
-    warmup_steps: int = WARMUP_STEPS
-    weight_decay: float = WEIGHT_DECAY
-    min_lr: float = MIN_LR
-    seed: int = 42
-
-    def resolved(self, trained=None) -> TrainOptions:
-        """Every None filled in: the options, else a starting checkpoint's own frames and
-        memory (``model.trained_config``), else the task defaults."""
-        if self.task not in TRAIN_DEFAULTS:
-            raise UsageError(f"Unknown task '{self.task}'; use one of: {', '.join(TRAIN_DEFAULTS)}.")
-        run, task = TRAIN_DEFAULTS[self.task], TASK_DEFAULTS[self.task]
-        frames, memory = self.frames, self.memory
-        if frames is None and self.fps is None:
-            frames = (trained.num_frames if trained and trained.num_frames else None) or task.frames
-        if memory is None:
-            memory = trained.memory_bank_length if trained and trained.memory_bank_length is not None else task.memory
-        return replace(self, epochs=self.epochs or run.epochs, lr=self.lr or run.lr,
-                       batch_size=self.batch_size or run.batch_size, frames=frames, memory=memory)
-
-
-def training_prompt(task: str, item: Item, prompt: str | None = None) -> str:
-    """The instruction for an item (Q-Former instruction and LLM prompt), exactly the one the
-    matching command uses at inference: classify and caption the task's prompt (or
-    ``prompt``), ask the question in the paper's QA template."""
-    if task == "ask":
-        return question_prompt(item.question or "")
-    return (prompt or TASK_DEFAULTS[task].prompt).strip()
-
-
-# ---- the learning rate ---------------------------------------------------------------------------
-
-
-def learning_rate(epoch: int, step: int, *, lr: float, epochs: int, warmup_steps: int, min_lr: float = MIN_LR,
-                  warmup_start: float = WARMUP_START_LR) -> float:
-    """LAVIS's LinearWarmupCosineLRScheduler: in epoch 0 a linear warm-up over `warmup_steps`
-    steps (then flat), from epoch 1 on the cosine of the epoch."""
-    if epoch == 0:
-        return min(lr, warmup_start + (lr - warmup_start) * step / max(warmup_steps, 1))
-    return (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) + min_lr
-
-
-def make_optimizer(model: MALMM, trained, options: TrainOptions) -> torch.optim.AdamW:
-    """AdamW as the LAVIS runner builds it: weight decay on matrices only (not on biases,
-    norms or any 1-d tensor)."""
-    decay = [p for n, p in trained if p.ndim >= 2 and "bias" not in n]
-    ids = {id(p) for p in decay}
-    rest = [p for _, p in trained if id(p) not in ids]
-    groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=options.lr, weight_decay=options.weight_decay, betas=BETAS)
-
-
-# ---- clips -------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Clip:
-    """One example: where its features are in the store, and what to ask and answer."""
-
-    item: Item
-    prompt: str
-    target: str
-    start: int  # first row in the FeatureStore
-    frames: int
-
-
-class FeatureStore:
-    """Every clip's features in one temporary file: read back per batch, never all in RAM."""
-
-    def __init__(self, directory: Path | None = None):
-        self.store = FrameStore(directory)
-        self.directory = directory
-
-    def add(self, features: torch.Tensor) -> tuple[int, int]:
-        start = self.store.count
-        try:
-            self.store.append(features)
-        except OSError as err:  # a full temporary folder: one sentence, not a traceback
-            import tempfile
-
-            where = self.directory or tempfile.gettempdir()
-            raise MalmmError(f"The clips' vision features do not fit in the temporary folder {where} "
-                             f"({write_failure(err, where)}); free some space there, or set TMPDIR to a folder "
-                             "with room.") from None
-        return start, features.shape[0]
-
-    def read(self, clip: Clip) -> torch.Tensor:
-        return self.store.read(clip.start, clip.start + clip.frames)
-
-    def close(self) -> None:
-        self.store.close()
-
-
-# ---- the loop ------------------------------------------------------------------------------------
+__all__ = ["TrainOptions", "TrainEvents", "EpochStats", "TrainReport", "Interrupted", "train", "load_for_training",
+           "learning_rate", "TRAIN_DEFAULTS"]
 
 
 class TrainEvents:
@@ -197,8 +69,25 @@ class EpochStats:
     epochs: int
     train_loss: float
     val_loss: float | None = None
-    val_accuracy: float | None = None  # classify only: the top label by likelihood is the target
+    val_metric: float | None = None  # validate.METRICS[task]: accuracy, exact_match or cider
+    metric_name: str | None = None
     seconds: float = 0.0
+    best: bool = False  # this epoch is the one -o holds (with --val)
+    lr: float = 0.0  # at the end of the epoch
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """classify's and ask's validation accuracy (None for captions)."""
+        return self.val_metric if self.metric_name in ("accuracy", "exact_match") else None
+
+    def to_dict(self) -> dict:
+        out = {"epoch": self.epoch, "train_loss": round(self.train_loss, 6), "lr": self.lr,
+               "seconds": round(self.seconds, 3)}
+        if self.val_loss is not None:
+            out.update(val_loss=round(self.val_loss, 6), best=self.best)
+        if self.metric_name is not None and self.val_metric is not None:
+            out[f"val_{self.metric_name}"] = round(self.val_metric, 6)
+        return out
 
 
 @dataclass
@@ -208,72 +97,15 @@ class TrainReport:
     epochs: list[EpochStats] = field(default_factory=list)
     steps: int = 0
     interrupted: bool = False
+    best_epoch: int | None = None  # with validation: the epoch -o holds
 
 
 class Interrupted(Exception):
-    """Training stopped by Ctrl-C or SIGTERM; the progress so far is in `report.output` (when saved)."""
+    """Training stopped by Ctrl-C or SIGTERM; the progress so far is saved (when `saved`)."""
 
     def __init__(self, report: TrainReport, saved: bool, where: str, cause: BaseException):
         super().__init__(where)
         self.report, self.saved, self.where, self.cause = report, saved, where, cause
-
-
-def _autocast(model: MALMM):
-    """bf16 autocast on a GPU (the trained weights and the AdamW state stay float32)."""
-    if model.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _groups(clips: Sequence[Clip]) -> list[list[Clip]]:
-    """Clips of equal frame counts together: each group runs as one batch."""
-    return [[c for c in clips if c.frames == n] for n in sorted({c.frames for c in clips})]
-
-
-def _visual(model: MALMM, store: FeatureStore, group: Sequence[Clip], memory: int) -> torch.Tensor:
-    feats = torch.stack([store.read(c) for c in group]).to(model.device)  # [B, T, P, C]
-    return visual_tokens(model, feats, tokenize_instructions(model, [c.prompt for c in group]), memory)
-
-
-def _log_likelihood(model: MALMM, store: FeatureStore, clips: Sequence[Clip], memory: int):
-    """(summed log-likelihood of the targets, target tokens) over clips."""
-    total, tokens = 0.0, 0
-    for group in _groups(clips):
-        with _autocast(model):
-            visual = _visual(model, store, group, memory)
-            ll, n = answer_log_likelihood(model, visual, [c.prompt for c in group], [c.target for c in group])
-        total, tokens = total + ll.sum(), tokens + int(n.sum())
-    return total, tokens
-
-
-def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    order = rng.permutation(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-@torch.no_grad()
-def evaluate(model: MALMM, store: FeatureStore, clips: Sequence[Clip], memory: int, *, batch_size: int,
-             labels: Sequence[str] | None = None) -> tuple[float, float | None]:
-    """(loss per target token, accuracy or None): with `labels` (classify), a clip counts as
-    right when its label is the candidate with the highest likelihood, as `malmm classify`
-    ranks them."""
-    was_training = model.qformer.training
-    model.qformer.eval()
-    try:
-        total, tokens, right = 0.0, 0, 0
-        for start in range(0, len(clips), batch_size):
-            for group in _groups(clips[start : start + batch_size]):
-                with _autocast(model):
-                    visual = _visual(model, store, group, memory)
-                    prompts = [c.prompt for c in group]
-                    ll, n = answer_log_likelihood(model, visual, prompts, [c.target for c in group])
-                    if labels:
-                        best = candidate_log_likelihoods(model, visual, prompts, labels).argmax(dim=1)
-                        right += sum(labels[int(k)] == c.target for k, c in zip(best, group))
-                total, tokens = total + float(ll.sum()), tokens + int(n.sum())
-        return -total / max(tokens, 1), (right / len(clips) if labels else None)
-    finally:
-        model.qformer.train(was_training)
 
 
 @dataclass
@@ -286,137 +118,240 @@ class _Run:
     val: list[Clip]
     labels: list[str] | None
     events: TrainEvents
-    config: Callable[..., dict]
+    info: dict  # config["malmm"] but the state
     report: TrainReport
+    state: TrainState
     optimizer: torch.optim.Optimizer | None = None
-    epoch: int = 0
-    step_in_epoch: int = 0
+    resume_optimizer: dict | None = None
+    at_batch: int = 0  # the batch being worked on (0-based), for where Ctrl-C stopped
+
+    @property
+    def with_val(self) -> bool:
+        return bool(self.val)
 
 
-def _train_epoch(run: _Run, trained, rng: np.random.Generator, warmup: int) -> float:
+def _batches(run: _Run, epoch: int) -> list[np.ndarray]:
+    """This epoch's batches: a permutation drawn from the seed and the epoch alone (a resumed
+    run takes the same ones), cut into batches of the step size; the last incomplete batch is
+    dropped (LAVIS: drop_last=True), unless the data holds less than one batch."""
+    n = len(run.clips)
+    order = np.random.default_rng([run.options.seed, epoch]).permutation(n)
+    size = min(run.options.batch_size, n)
+    return [order[i * size : (i + 1) * size] for i in range(n // size)]
+
+
+def _micro_loss(run: _Run, clips: Sequence[Clip], epoch: int) -> torch.Tensor:
+    """Mean negative log-likelihood per target token over `clips` (LAVIS's LLM loss), each clip
+    read in the view this epoch trains on."""
     model, opts = run.model, run.options
-    batches = _batches(len(run.clips), opts.batch_size, rng)
-    run.events.epoch_started(run.epoch, opts.epochs, len(batches))
-    losses = []
-    for i, batch in enumerate(batches):
-        run.step_in_epoch = i
-        lr = learning_rate(run.epoch, i, lr=opts.lr, epochs=opts.epochs, warmup_steps=warmup, min_lr=opts.min_lr)
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        total, tokens = _log_likelihood(model, run.store, [run.clips[j] for j in batch], opts.memory)
-        loss = -total / tokens
+    views = [c.view(epoch, opts.seed) for c in clips]
+    total, tokens = 0.0, 0
+    for group in groups(clips, views):
+        chosen = [clips[i] for i in group]
+        with autocast(model):
+            visual = clip_tokens(model, run.store, chosen, [views[i] for i in group], opts)
+            ll, n = answer_log_likelihood(model, visual, [c.prompt for c in chosen], [c.target for c in chosen])
+        total, tokens = total + ll.sum(), tokens + int(n.sum())
+    return -total / tokens
+
+
+def _train_epoch(run: _Run, epoch: int) -> tuple[float, float]:
+    """One epoch from run.state.step on (a resumed epoch skips the steps already taken);
+    returns (mean loss, last learning rate)."""
+    model, opts = run.model, run.options
+    batches = _batches(run, epoch)
+    warmup = warmup_iterations(opts, len(batches) * len(batches[0]))
+    iteration = opts.defaults.iteration
+    run.events.epoch_started(epoch, opts.epochs, len(batches))
+    losses, lr = [], WARMUP_START_LR
+    for i in range(run.state.step, len(batches)):
+        run.at_batch = i
         run.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        seen, step_loss = i * len(batches[i]), 0.0
+        for micro in np.array_split(batches[i], opts.accum):  # accum_grad_iters: gradients add up
+            # LAVIS steps its schedule every iteration, a micro-batch included: by clips seen here.
+            lr = learning_rate(epoch, seen / iteration, lr=opts.lr, epochs=opts.epochs, warmup_steps=warmup,
+                               min_lr=opts.min_lr)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss = _micro_loss(run, [run.clips[j] for j in micro], epoch) / opts.accum
+            loss.backward()
+            seen, step_loss = seen + len(micro), step_loss + float(loss.detach())
         run.optimizer.step()
-        run.report.steps += 1
-        losses.append(float(loss.detach()))
-        run.events.step(i + 1, losses[-1], lr)
-    return float(np.mean(losses))
+        run.state.step, run.state.steps = i + 1, run.state.steps + 1
+        run.report.steps = run.state.steps
+        losses.append(step_loss)
+        run.events.step(i + 1, step_loss, lr)
+    return float(np.mean(losses)) if losses else float("nan"), lr
 
 
-def _save(run: _Run, **state) -> None:
-    """Write the checkpoint atomically, its content recorded (written.py): the file malmm
-    wrote is the one `malmm train -o ... --overwrite` may replace later, and no other. A write
-    that fails (a full disk) leaves the previous checkpoint in place and is one sentence."""
+def _config(run: _Run) -> dict:
+    model, opts = run.model, run.options
+    frames = max((c.frames for c in run.clips), default=opts.frames or 0)
+    sched = {"task": opts.task, "lr_sched": "linear_warmup_cosine_lr", "init_lr": opts.lr, "min_lr": opts.min_lr,
+             "warmup_lr": WARMUP_START_LR, "warmup_steps": opts.warmup_steps, "weight_decay": opts.weight_decay,
+             "max_epoch": opts.epochs, "batch_size_train": opts.batch_size, "accum_grad_iters": opts.accum,
+             "seed": opts.seed, "amp": model.device.type == "cuda"}
+    extra = {**run.info, "state": run.state.to_dict()}
+    return official_config(model, num_frames=frames, memory_bank_length=0 if opts.concat else opts.memory, run=sched,
+                           extra=extra)
 
-    def write(path: Path) -> None:
-        save_checkpoint(path, run.model, config=run.config(**state), optimizer=run.optimizer, epoch=run.epoch)
 
-    try:
-        replace_file(run.output, write, "checkpoint")
-    except (OSError, RuntimeError) as err:  # torch reports a short write as RuntimeError
-        kept = "the previous one is kept" if run.output.exists() else "nothing was written"
-        raise MalmmError(f"The checkpoint could not be written to {run.output} "
-                         f"({write_failure(err, run.output.parent)}); {kept}.") from None
+def _save(run: _Run, path: Path, **more) -> None:
+    config = _config(run)
+    config["malmm"].update(more)
+
+    # ln_vision goes in when trained, and when the starting checkpoint overlaid it (an official
+    # one): the result then stands alone, as the weights it was trained with.
+    from malmm_cli.engine.loader import overlays_vision
+
+    ln_vision = run.options.ln_vision or overlays_vision(run.model)
+
+    def write(tmp: Path) -> None:
+        save_checkpoint(tmp, run.model, config=config, optimizer=run.optimizer, epoch=max(run.state.epoch - 1, 0),
+                        ln_vision=ln_vision)
+
+    checkpoints.save(path, write)
+
+
+def _finish_epoch(run: _Run, epoch: int, loss: float, lr: float, seconds: float) -> EpochStats:
+    """Validate, keep the best (-o) and the last (.last.pth), write the metrics log."""
+    val: Validation | None = None
+    if run.with_val:
+        val = validate(run.model, run.store, run.val, run.options, run.labels)
+    best = val is not None and (run.state.best_score is None or val.score > run.state.best_score)
+    stats = EpochStats(epoch + 1, run.options.epochs, loss, val.loss if val else None, val.metric if val else None,
+                       val.name if val else None, seconds, best, lr)
+    run.state.epoch, run.state.step = epoch + 1, 0
+    run.state.history.append(stats.to_dict())
+    if best:
+        run.state.best_epoch, run.state.best_score = epoch + 1, val.score
+    run.report.best_epoch = run.state.best_epoch
+    _save(run, checkpoints.last_path(run.output) if run.with_val else run.output, epochs_done=epoch + 1)
+    if best:
+        _save(run, run.output, epochs_done=epoch + 1)
+    checkpoints.write_metrics(checkpoints.metrics_path(run.output), run.state.history)
+    return stats
 
 
 def _loop(run: _Run) -> TrainReport:
     model, opts = run.model, run.options
-    trained = freeze_for_training(model)
-    run.optimizer = make_optimizer(model, trained, opts)
-    torch.manual_seed(opts.seed)
-    rng = np.random.default_rng(opts.seed)
-    steps_per_epoch = math.ceil(len(run.clips) / opts.batch_size)
-    # LAVIS warms up in epoch 0 only; on a small data set, over that epoch rather than never
-    # reaching the learning rate before the cosine takes over.
-    warmup = min(opts.warmup_steps, steps_per_epoch)
-    for run.epoch in range(opts.epochs):
+    trained = freeze_for_training(model, ln_vision=opts.ln_vision)
+    run.optimizer = make_optimizer(trained, opts)
+    if run.resume_optimizer is not None:
+        run.optimizer.load_state_dict(run.resume_optimizer)
+    for epoch in range(run.state.epoch, opts.epochs):
+        torch.manual_seed(opts.seed * 1000 + epoch)  # dropout: as reproducible as the batches
         t0 = time.perf_counter()
-        train_loss = _train_epoch(run, trained, rng, warmup)
-        val_loss = val_acc = None
-        if run.val:
-            val_loss, val_acc = evaluate(model, run.store, run.val, opts.memory, batch_size=opts.batch_size,
-                                         labels=run.labels)
-        stats = EpochStats(run.epoch + 1, opts.epochs, train_loss, val_loss, val_acc, time.perf_counter() - t0)
+        loss, lr = _train_epoch(run, epoch)
+        stats = _finish_epoch(run, epoch, loss, lr, time.perf_counter() - t0)
         run.report.epochs.append(stats)
-        _save(run, epochs_done=run.epoch + 1)
         run.events.epoch_finished(stats)
-    # The model in memory now is the checkpoint: its streams use what it was trained with.
-    model.trained_frames = max(c.frames for c in run.clips)
-    model.memory_bank_length = opts.memory
-    model.eval()
     return run.report
-
-
-def prepare_clips(session: Session, items: Sequence[Item], options: TrainOptions, store: FeatureStore,
-                  progress: Callable[[int], None] | None = None) -> list[Clip]:
-    """Features of every item into `store` (the ViT once per video, through the session's
-    feature path: the cache entries `malmm eval` and the other commands use), as Clips."""
-    clips = []
-    for i, item in enumerate(items):
-        feats = session.features(item.video, frames=options.frames, fps=options.fps)
-        start, count = store.add(feats)
-        clips.append(Clip(item, training_prompt(options.task, item, options.prompt), item.target, start, count))
-        if progress is not None:
-            progress(i + 1)
-    return clips
 
 
 def train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: str | Path, *,
           val_items: Sequence[Item] | None = None, cache: FeatureCache | None = None, model_id: str | None = None,
-          events: TrainEvents | None = None, run_info: dict | None = None) -> TrainReport:
+          events: TrainEvents | None = None, run_info: dict | None = None, resume: dict | None = None) -> TrainReport:
     """Finetune `model` on `items` and write the checkpoint to `output` (after every epoch,
-    atomically). Raises :class:`Interrupted` on Ctrl-C, with the progress so far saved.
+    atomically; with `val_items`, `output` keeps the best epoch and CKPT.last.pth the last).
+    Raises :class:`Interrupted` on Ctrl-C, with the progress so far saved.
 
     `model_id` identifies the vision path for the feature cache (the CLI's
     ``loader.model_id``); without it the cache is not used. `run_info` goes into the
-    checkpoint's ``config["malmm"]``.
+    checkpoint's ``config["malmm"]``. `resume`: {"state": TrainState, "optimizer": its state
+    dict}, from a checkpoint of this run (checkpoints.read_resume).
     """
     with _thread_team(model):
         return _train(model, items, options, output, val_items=val_items, cache=cache, model_id=model_id,
-                      events=events, run_info=run_info)
+                      events=events, run_info=run_info, resume=resume)
 
 
-def _train(model: MALMM, items: Sequence[Item], options: TrainOptions, output: str | Path, *, val_items, cache,
-           model_id, events, run_info) -> TrainReport:
+def _train(model, items, options: TrainOptions, output, *, val_items, cache, model_id, events, run_info,
+           resume) -> TrainReport:
     options = options.resolved(model.trained_config)
     if not items:
         raise UsageError("There is nothing to train on: the data has no items.")
+    items, val_items, labels, prompt = _labels(options, list(items), list(val_items or ()))
+    options = replace(options, prompt=prompt)
+    model.max_text_tokens = options.defaults.max_text_tokens  # LAVIS max_txt_len (classify configs: 30)
     cache = cache if model_id is not None else None
     session = Session.from_model(model, model_id=model_id, cache=cache)
-    if options.task == "classify":  # the labels are scored whole for the validation accuracy
-        session.check_labels(dict.fromkeys(i.target for i in [*items, *(val_items or ())]), "The data's label set")
+    if labels:  # the labels are scored whole for the validation accuracy
+        session.check_labels(labels, "The data's label set")
     events = events or TrainEvents()
     output = Path(output)
     store = FeatureStore(cache.scratch_dir() if cache is not None else None)
     report = TrainReport(output, options)
+    state = resume["state"] if resume else TrainState()
     run = None
     try:
-        every = list(items) + list(val_items or [])
-        clips = prepare_clips(session, every, options, store, progress=lambda done: events.features(done, len(every)))
-        train_clips, val_clips = clips[: len(items)], clips[len(items) :]
-        labels = list(dict.fromkeys(c.target for c in clips)) if options.task == "classify" else None
-
-        def config(**state) -> dict:
-            return _checkpoint_config(model, options, labels, train_clips, run_info, **state)
-
-        run = _Run(model, options, output, store, train_clips, val_clips, labels, events, config, report)
+        total = len(items) + len(val_items)
+        clips = prepare_clips(session, items, options, store, train=True,
+                              progress=lambda done: events.features(done, total))
+        val = prepare_clips(session, val_items, options, store, train=False,
+                            progress=lambda done: events.features(len(items) + done, total))
+        info = _run_info(options, labels, clips, run_info)
+        run = _Run(model, options, output, store, clips, val, labels, events, info, report, state,
+                   resume_optimizer=resume["optimizer"] if resume else None)
+        report.steps = state.steps
         return _loop(run)
     except KeyboardInterrupt as stop:
         raise _interrupted(run, report, stop) from None
     finally:
-        events.close()
-        store.close()
+        _settle(model, options, store, events, run)
+
+
+def _labels(options: TrainOptions, items: list[Item], val_items: list[Item]):
+    """classify's labels and prompt: a --label-set's (every target must be one of its labels,
+    spelled as the set spells it), else the data's own labels; (items, val_items, labels, prompt)."""
+    if options.task != "classify":
+        if options.label_set is not None:
+            raise UsageError("--label-set goes with --task classify.")
+        return items, val_items, None, options.prompt
+    if options.label_set is None:
+        return items, val_items, sorted({i.target for i in items + val_items}), options.prompt
+    from malmm_cli.engine.tasks import LABEL_SET_NAMES, load_label_set
+
+    if options.label_set not in LABEL_SET_NAMES:
+        raise UsageError(f"Unknown --label-set '{options.label_set}': choose one of {', '.join(LABEL_SET_NAMES)}.")
+    chosen = load_label_set(options.label_set)
+    if options.prompt not in (None, chosen.prompt):  # (a resumed run's options name the set's own)
+        raise UsageError("--prompt goes without --label-set: a built-in label set trains with the paper's prompt.")
+    spelled = {label.casefold(): label for label in chosen.labels}
+
+    def aligned(rows: list[Item]) -> list[Item]:
+        out = []
+        for item in rows:
+            label = item.target if item.target in chosen.labels else spelled.get(item.target.casefold())
+            if label is None:
+                raise UsageError(f"{item.where or f'row {item.index + 1}'}: the label {item.target!r} is not in "
+                                 f"the label set {options.label_set}.")
+            out.append(replace(item, target=label))
+        return out
+
+    return aligned(items), aligned(val_items), list(chosen.labels), chosen.prompt
+
+
+def _run_info(options: TrainOptions, labels, clips: Sequence[Clip], run_info: dict | None) -> dict:
+    """config["malmm"]: what the model was trained to answer, and the run (for --resume)."""
+    prompt = clips[0].prompt if options.task != "ask" else "Question: {question} Short answer:"
+    return {"task": options.task, "prompt": prompt, "label_set": options.label_set, "labels": labels,
+            "concat": options.concat, "fps": options.fps, "train_items": len(clips),
+            "options": options.summary(), **(run_info or {})}
+
+
+def _settle(model: MALMM, options: TrainOptions, store: FeatureStore, events: TrainEvents, run) -> None:
+    """After training (or its interruption): the model in memory is its last checkpoint, and
+    runs as inference does (eval mode; ln_vision back in the ViT's dtype)."""
+    events.close()
+    store.close()
+    if run is not None:
+        model.trained_frames = max(c.frames for c in run.clips)
+        model.memory_bank_length = options.memory
+    if options.ln_vision:
+        model.vision_model.post_layernorm.to(model.vision_dtype)
+    model.eval()
 
 
 def _thread_team(model: MALMM):
@@ -433,30 +368,20 @@ def _thread_team(model: MALMM):
 
 
 def _interrupted(run: _Run | None, report: TrainReport, stop: BaseException) -> Interrupted:
-    """Ctrl-C: save what the steps so far made of the weights, and say where training stopped."""
+    """Ctrl-C: save what the steps so far made of the weights (where --resume continues), and
+    say where training stopped."""
     report.interrupted = True
-    if run is None or run.optimizer is None or report.steps == 0:
+    if run is None or run.optimizer is None or run.state.steps == 0:
         return Interrupted(report, False, "before the first training step", stop)
-    where = f"epoch {run.epoch + 1}/{run.options.epochs}, batch {run.step_in_epoch + 1}"
-    run.model.eval()
+    epoch = run.state.epoch
+    where = f"epoch {epoch + 1}/{run.options.epochs}, batch {run.at_batch + 1}"
+    path = checkpoints.last_path(run.output) if run.with_val else run.output
     try:
-        _save(run, epochs_done=run.epoch, interrupted_at={"epoch": run.epoch + 1, "batch": run.step_in_epoch + 1})
+        _save(run, path, epochs_done=epoch, interrupted_at={"epoch": epoch + 1, "batch": run.at_batch + 1})
     except MalmmError as err:
         log.warning("%s", err)
         return Interrupted(report, False, where, stop)
     return Interrupted(report, True, where, stop)
-
-
-def _checkpoint_config(model: MALMM, options: TrainOptions, labels, clips: Sequence[Clip], run_info: dict | None,
-                       **state) -> dict:
-    frames = max((c.frames for c in clips), default=options.frames or 0)
-    run = {"task": options.task, "lr_sched": "linear_warmup_cosine_lr", "init_lr": options.lr,
-           "min_lr": options.min_lr, "warmup_lr": WARMUP_START_LR, "warmup_steps": options.warmup_steps,
-           "weight_decay": options.weight_decay, "max_epoch": options.epochs, "batch_size_train": options.batch_size,
-           "seed": options.seed, "amp": model.device.type == "cuda"}
-    extra = {"task": options.task, "prompt": options.prompt, "fps": options.fps, "labels": labels,
-             "train_items": len(clips), **(run_info or {}), **state}
-    return official_config(model, num_frames=frames, memory_bank_length=options.memory, run=run, extra=extra)
 
 
 def load_for_training(source: str = "tiny-random", *, checkpoint: str | Path | None = None,
@@ -468,7 +393,3 @@ def load_for_training(source: str = "tiny-random", *, checkpoint: str | Path | N
     dev = resolve_device(device)
     return MALMM.from_pretrained(source, checkpoint=checkpoint, dtype=default_dtype(dev), device=dev,
                                  qformer_dtype=torch.float32)
-
-
-def options_summary(options: TrainOptions) -> dict:
-    return {k: v for k, v in asdict(options).items() if v is not None}

@@ -21,14 +21,14 @@ from pathlib import Path
 
 def _validate(o: dict) -> None:
     from malmm_cli.engine.jobs import MAX_FPS, MAX_FRAMES, MAX_MEMORY
+    from malmm_cli.engine.tasks import LABEL_SET_NAMES
     from malmm_cli.errors import UsageError
 
-    if o["epochs"] is not None and o["epochs"] < 1:
-        raise UsageError("--epochs must be 1 or more.")
+    for name in ("epochs", "batch_size", "accum", "views"):
+        if o.get(name) is not None and o[name] < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be 1 or more.")
     if o["lr"] is not None and not (math.isfinite(o["lr"]) and 0 < o["lr"] <= 1):
         raise UsageError("--lr must be a number above 0 and at most 1 (the paper uses 1e-4 and 1e-5).")
-    if o["batch_size"] is not None and o["batch_size"] < 1:
-        raise UsageError("--batch-size must be 1 or more.")
     if o["fps"] is not None and o["frames"] is not None:
         raise UsageError("Use either --fps or --frames, not both.")
     if o["fps"] is not None and not (math.isfinite(o["fps"]) and 0 < o["fps"] <= MAX_FPS):
@@ -37,9 +37,34 @@ def _validate(o: dict) -> None:
         raise UsageError(f"--frames must be from 1 to {MAX_FRAMES:,}.")
     if o["memory"] is not None and not 0 <= o["memory"] <= MAX_MEMORY:
         raise UsageError(f"--memory must be from 0 (no memory) to {MAX_MEMORY}.")
+    if o.get("concat") and o["memory"] is not None:
+        raise UsageError("--concat has no memory bank: leave out --memory (or leave out --concat).")
     if o["prompt"] is not None and (o["task"] == "ask" or not o["prompt"].strip()):
         raise UsageError("--prompt is empty." if o["prompt"].strip() == "" else
                          "--prompt goes with classify and caption; ask builds each prompt from its question.")
+    if o.get("label_set") is not None:
+        if o["task"] != "classify":
+            raise UsageError("--label-set goes with --task classify.")
+        if o["label_set"] not in LABEL_SET_NAMES:
+            raise UsageError(f"Unknown --label-set '{o['label_set']}': choose one of {', '.join(LABEL_SET_NAMES)}.")
+        if o["prompt"] is not None:
+            raise UsageError("--prompt goes without --label-set: a built-in label set trains with the paper's prompt.")
+    if o.get("views") is not None and o.get("augment") is False:
+        raise UsageError("--views counts augmented views; --no-augment trains on one plain view.")
+    _validate_run(o)
+
+
+def _validate_run(o: dict) -> None:
+    from malmm_cli.errors import UsageError
+
+    from .recipe import CAPTION_PRESETS
+
+    if o.get("preset") is not None and (o["task"] != "caption" or o["preset"] not in CAPTION_PRESETS):
+        raise UsageError(f"--preset is for --task caption: one of {', '.join(CAPTION_PRESETS)}.")
+    if o.get("resume") and o["checkpoint"] is not None:
+        raise UsageError("--resume continues from CKPT's own weights; leave out --checkpoint.")
+    if o.get("resume") and o["overwrite"]:
+        raise UsageError("Use either --resume (continue the run in CKPT) or --overwrite (start again), not both.")
     if o["checkpoint"] is not None and not Path(o["checkpoint"]).is_file():
         raise UsageError(f"--checkpoint '{o['checkpoint']}' does not exist.")
 
@@ -52,12 +77,13 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> int:
-    """-o may name a new file, an empty one, or, with --overwrite, a checkpoint malmm wrote
-    there and nobody changed since (results/written.py); never a folder, a device, a pipe, a
-    user's file, nor any input of the run (the data, the validation data, the starting
-    checkpoint, a video). Takes the output's lock (a second training to the same file is
-    refused at once) and returns it, to be closed when the run ends. Nothing is written here."""
+def check_output(output: Path, overwrite: bool, inputs: list[Path], kind: str = "checkpoint") -> int:
+    """-o may name a new file, an empty one, or, with --overwrite (or --resume), a checkpoint
+    malmm wrote there and nobody changed since (results/written.py); never a folder, a device,
+    a pipe, a user's file, nor any input of the run (the data, the validation data, the starting
+    checkpoint, a video). The same for the files beside it (CKPT.last.pth, CKPT.metrics.jsonl:
+    `kind`). Takes the file's lock (a second training to the same file is refused at once) and
+    returns it, to be closed when the run ends. Nothing is written here."""
     import stat
 
     from malmm_cli.errors import UsageError
@@ -77,12 +103,13 @@ def check_output(output: Path, overwrite: bool, inputs: list[Path]) -> int:
                         "another -o.")
     try:
         if mine is not None and os.path.getsize(output) > 0:
-            if not Record(output, "checkpoint").holds(file_content(output)):
-                raise UsageError(f"{output} exists and is not a checkpoint that malmm wrote (or it was changed "
+            what = "a checkpoint" if kind == "checkpoint" else "a metrics log"
+            if not Record(output, kind).holds(file_content(output)):
+                raise UsageError(f"{output} exists and is not {what} that malmm wrote (or it was changed "
                                  "since); choose another -o, or move it away.")
             if not overwrite:
-                raise UsageError(f"{output} holds a checkpoint that malmm wrote; pass --overwrite to replace it, "
-                                 "or choose another -o.")
+                raise UsageError(f"{output} holds {what} that malmm wrote; pass --overwrite to replace it, "
+                                 "--resume to continue its training, or choose another -o.")
             if not os.access(output, os.W_OK):
                 raise UsageError(f"{output} cannot be replaced (not writable).")
         if not os.access(Path(os.path.realpath(output)).parent, os.W_OK):
@@ -128,138 +155,146 @@ def run_train(o: dict) -> int:
             sys.stderr.write(error_line(f"training stopped: {os_error_sentence(err)}"))
             return 1
         except Interrupted as stop:
-            kept = f"the progress so far is saved in {shown(str(o['output']))}" if stop.saved else "nothing was saved"
+            where = shown(str(_progress_file(o)))
+            kept = (f"the progress so far is saved in {where} (malmm train ... --resume continues it)"
+                    if stop.saved else "nothing was saved")
             sys.stderr.write(f"malmm: interrupted {stop.where}; {kept}\n")
             return 143 if isinstance(stop.cause, Terminated) else 130
         finally:
-            os.close(held)  # the output's lock
+            for fd in held:  # the outputs' locks
+                os.close(fd)
     if not o["quiet"]:
-        last = report.epochs[-1]
-        sys.stderr.write(f"malmm: saved {shown(str(o['output']))} ({last.epochs} epochs, {report.steps} steps; "
-                         f"frames {report.options.frames or report.options.fps}, memory {report.options.memory})\n")
+        _say_saved(o, report)
     return 0
 
 
+def _progress_file(o: dict) -> Path:
+    from .checkpoints import last_path
+
+    return last_path(Path(o["output"])) if o["val"] is not None else Path(o["output"])
+
+
+def _say_saved(o: dict, report) -> None:
+    from malmm_cli.terminal import shown
+
+    from .checkpoints import last_path, metrics_path
+
+    options, out = report.options, Path(o["output"])
+    sampling = f"frames {options.frames or options.fps}, " + ("no memory (--concat)" if options.concat else
+                                                              f"memory {options.memory}")
+    if report.best_epoch is not None:
+        sys.stderr.write(f"malmm: saved {shown(str(out))} (the best epoch, {report.best_epoch} of {options.epochs}; "
+                         f"{sampling}); the last in {shown(str(last_path(out)))}; "
+                         f"metrics in {shown(str(metrics_path(out)))}\n")
+    else:
+        from malmm_cli.messages import plural
+
+        counted = f"{plural(options.epochs, 'epoch')}, {plural(report.steps, 'step')}"
+        sys.stderr.write(f"malmm: saved {shown(str(out))} ({counted}; {sampling}); metrics in "
+                         f"{shown(str(metrics_path(out)))}\n")
+
+
 def _prepare(o: dict):
-    """Options, model choice, data and output, all checked before anything heavy."""
-    from .dataset import load_dataset
+    """Options, model choice, data and outputs, all checked before anything heavy."""
     from malmm_cli.engine.presets import resolve_model
+
+    from .checkpoints import written_paths
+    from .dataset import check_videos, load_dataset
 
     _validate(o)
     choice = resolve_model(o["model"])
     items = load_dataset(o["data"], o["task"])
     val_items = load_dataset(o["val"], o["task"]) if o["val"] is not None else None
     inputs = [Path(o["data"])] + ([Path(o["val"])] if o["val"] else []) + ([Path(o["checkpoint"])] if o["checkpoint"] else [])
-    for name, rows in ((o["data"], items), (o["val"], val_items or [])):
-        _check_videos(name, rows)
+    check_videos(items)
+    check_videos(val_items or [])
     if o["task"] == "classify":
         from malmm_cli.engine.tasks import check_labels
 
         check_labels(tuple(dict.fromkeys(i.target for i in items + (val_items or []))), "The data's label set")
     inputs += [Path(i.video) for i in items + (val_items or [])]
-    held = check_output(Path(o["output"]), o["overwrite"], inputs)
+    held = []
+    try:
+        for path in written_paths(Path(o["output"]), o["val"] is not None):
+            kind = "metrics" if path.suffix == ".jsonl" else "checkpoint"
+            held.append(check_output(path, o["overwrite"] or bool(o.get("resume")), inputs, kind))
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
     return choice, items, val_items, held
 
 
-def _check_videos(data: Path, items) -> None:
-    """Every local video of the data exists: training needs all of them, so a missing one is
-    a mistake in the data file, found before the model loads (URLs are fetched later)."""
-    from malmm_cli.errors import UsageError
-    from malmm_cli.sources.inputs import is_url
+GIVEN = ("epochs", "lr", "batch_size", "accum", "frames", "fps", "memory", "prompt", "label_set", "views",
+         "preset", "seed")
 
-    for item in items:
-        if not is_url(item.video) and not Path(item.video).is_file():
-            raise UsageError(f"{data}, data row {item.index + 1}: the video {item.video} does not exist.")
+
+def _options(o: dict):
+    """The run's TrainOptions from the command line (None: the defaults, recipe.py)."""
+    from .recipe import TrainOptions
+
+    flags = {name: o.get(name) for name in GIVEN if o.get(name) is not None}
+    return TrainOptions(task=o["task"], concat=bool(o.get("concat")), ln_vision=bool(o.get("train_ln_vision")),
+                        augment=o.get("augment") is not False, **flags)
+
+
+def _resumed(o: dict):
+    """--resume: the options, weights and state of the run CKPT holds (checkpoints.read_resume),
+    any option given now that differs refused."""
+    import torch
+
+    from malmm_cli.errors import UsageError
+
+    from .checkpoints import check_same_run, read_resume
+    from .recipe import TrainOptions
+
+    source, info, state = read_resume(Path(o["output"]))
+    given = {name: o.get(name) for name in GIVEN if name != "epochs"}  # more (or fewer) epochs: the run's end moves
+    given.update(concat=True if o.get("concat") else None, ln_vision=True if o.get("train_ln_vision") else None,
+                 augment=o.get("augment"))
+    saved = check_same_run(info, given, Path(o["data"]), Path(o["val"]) if o["val"] else None)
+    options = TrainOptions(**{**saved, "epochs": o.get("epochs") or saved.get("epochs")})
+    if state.epoch >= options.epochs:
+        raise UsageError(f"--resume: the training in {o['output']} is complete ({options.epochs} epochs).")
+    optimizer = torch.load(source, map_location="cpu", weights_only=True)["optimizer"]
+    return source, options, {"state": state, "optimizer": optimizer}
 
 
 def _run(o: dict, choice, items, val_items):
     from types import SimpleNamespace
 
-    from malmm_cli.errors import UsageError
     from malmm_cli.engine.features import FeatureCache
-    from malmm_cli.sources.inputs import cache_root
     from malmm_cli.engine.loader import model_id
-    from .train import TrainOptions, load_for_training, train
+    from malmm_cli.errors import UsageError
+    from malmm_cli.sources.inputs import cache_root
 
-    options = TrainOptions(task=o["task"], epochs=o["epochs"], lr=o["lr"], batch_size=o["batch_size"],
-                           frames=o["frames"], fps=o["fps"], memory=o["memory"], prompt=o["prompt"], seed=o["seed"])
+    from .train import load_for_training, train
+    from .train_view import make_train_events
+
     device = None if o["device"] == "auto" else o["device"]
     if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be auto, cpu or cuda, not '{device}'.")
+    start, options, resume = o["checkpoint"], _options(o), None
+    if o.get("resume"):
+        start, options, resume = _resumed(o)
     events = make_train_events(o["quiet"])
     if not o["quiet"]:
         sys.stderr.write(f"malmm: loading {choice.label} for training ...\n")
-    model = load_for_training(choice.source, checkpoint=o["checkpoint"], device=device)
+    model = load_for_training(choice.source, checkpoint=start, device=device)
     cache = None if o["no_cache"] else FeatureCache(cache_root() / "features")
-    ident = model_id(choice, SimpleNamespace(checkpoint=o["checkpoint"]), model)
+    ident = model_id(choice, SimpleNamespace(checkpoint=start), model)
     info = {"model": choice.label, "data": str(Path(o["data"]).resolve()),
+            "val": str(Path(o["val"]).resolve()) if o["val"] else None,
             "checkpoint": str(o["checkpoint"]) if o["checkpoint"] else None}
+    if resume is not None:
+        info["checkpoint"] = _previous_start(start)
     return train(model, items, options, o["output"], val_items=val_items, cache=cache, model_id=ident,
-                 events=events, run_info=info)
+                 events=events, run_info=info, resume=resume)
 
 
-# ---- progress on stderr -----------------------------------------------------------------------
+def _previous_start(source: Path):
+    """The --checkpoint the resumed run started from (as its checkpoint says)."""
+    import torch
 
-
-def make_train_events(quiet: bool):
-    """Rich progress bars on a terminal, a line per epoch otherwise, nothing with --quiet."""
-    from rich.console import Console
-
-    from .train import TrainEvents
-
-    if quiet:
-        return TrainEvents()
-    return TrainView(Console(stderr=True))
-
-
-def _epoch_line(stats) -> str:
-    parts = [f"epoch {stats.epoch}/{stats.epochs}: loss {stats.train_loss:.4f}"]
-    if stats.val_loss is not None:
-        parts.append(f"val loss {stats.val_loss:.4f}")
-    if stats.val_accuracy is not None:
-        parts.append(f"val accuracy {100 * stats.val_accuracy:.1f}%")
-    parts.append(f"{stats.seconds:.1f} s")
-    return " · ".join(parts)
-
-
-class TrainView:
-    """A bar for the vision features, then one per epoch with the running loss (a terminal),
-    or a line per epoch (a log). Implements learn.train.TrainEvents."""
-
-    def __init__(self, console):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.console = console
-        self.live = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
-        self.task = None
-        if self.live:
-            self.progress.start()
-
-    def features(self, done: int, total: int) -> None:
-        if self.live:
-            if self.task is None:
-                self.task = self.progress.add_task("vision features", total=total, info="")
-            self.progress.update(self.task, completed=done)
-        elif done == total:
-            self.console.print(f"malmm: vision features of {total} clips ready", highlight=False)
-
-    def epoch_started(self, epoch: int, epochs: int, steps: int) -> None:
-        if self.live:
-            self.task = self.progress.add_task(f"epoch {epoch + 1}/{epochs}", total=steps, info="")
-
-    def step(self, done: int, loss: float, lr: float) -> None:
-        if self.live:
-            self.progress.update(self.task, completed=done, info=f"loss {loss:.4f} · lr {lr:.1e}")
-
-    def epoch_finished(self, stats) -> None:
-        line = _epoch_line(stats)
-        if self.live:
-            self.progress.update(self.task, info=line.split(": ", 1)[1])
-        else:
-            self.console.print(f"malmm: {line}", highlight=False)
-
-    def close(self) -> None:
-        if self.live:
-            self.progress.stop()
+    saved = torch.load(source, map_location="cpu", weights_only=True, mmap=True)
+    return ((saved.get("config") or {}).get("malmm") or {}).get("checkpoint")

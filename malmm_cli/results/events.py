@@ -8,7 +8,8 @@ what it shows. Times are seconds; `memory` is the visual bank's status
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 
@@ -24,8 +25,18 @@ class Events:
     def stage(self, text: str) -> None:
         """What the analysis does now, in words ("writing the caption")."""
 
+    def segment(self, index: int, total: int, start: float, end: float, text: str) -> None:
+        """A summary's segment `index` (from 0) of `total` is captioned: its times and its text,
+        as soon as it is written (the summary's record comes at the end)."""
+
     def finished(self, result: Any) -> None:
         """The video's Result (results.records)."""
+
+    @contextlib.contextmanager
+    def printing(self) -> Iterator[None]:
+        """While this is open the caller writes to the terminal (a result as it comes): a live
+        view steps aside, and comes back after."""
+        yield
 
     def batch_started(self, sources: Sequence[str], samplings: Sequence[Any], capacity: int) -> None:
         """Several videos start together, read in lockstep (--batch); `sources` are their inputs
@@ -44,3 +55,31 @@ class Events:
 
     def close(self) -> None:
         """Tidy the display after an error or an interrupt."""
+
+
+class Fanout(Events):
+    """Every event to each of `listeners`, in order (the terminal view, then a writer of results)."""
+
+    def __init__(self, *listeners: Events):
+        self.listeners = listeners
+
+    @contextlib.contextmanager
+    def printing(self) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for each in self.listeners:
+                stack.enter_context(each.printing())
+            yield
+
+
+def _forward(name: str):
+    def forward(self: Fanout, *args, **kwargs) -> None:
+        for each in self.listeners:
+            getattr(each, name)(*args, **kwargs)
+
+    forward.__name__ = name
+    return forward
+
+
+for _name, _value in list(vars(Events).items()):  # each callback of Events, forwarded
+    if callable(_value) and not _name.startswith("_") and _name != "printing":
+        setattr(Fanout, _name, _forward(_name))

@@ -124,16 +124,20 @@ def _top_labels(result: Result) -> int:
 
 def _checkpoint(result: Result) -> str | None:
     """The checkpoint a record names, if it names one (records made with --checkpoint)."""
-    value = getattr(result, "checkpoint", None)
+    value = result.made_by.checkpoint if result.made_by is not None else None
     if isinstance(value, dict):
         value = " ".join(str(v) for k, v in value.items() if k in ("path", "sha256") and v)
     return shown(str(value)) if value else None
 
 
 def _created(result: Result) -> str:
-    created = getattr(result, "created", None)
-    if isinstance(created, str) and created:
-        return created
+    """When the record was made (its made_by), else now; shown to the minute."""
+    if result.made_by is not None and result.made_by.created:
+        try:
+            made = datetime.datetime.fromisoformat(result.made_by.created)
+        except ValueError:
+            return result.made_by.created
+        return made.strftime("%Y-%m-%d %H:%M %Z").strip()
     return _now()
 
 

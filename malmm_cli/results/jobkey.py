@@ -12,6 +12,7 @@ cache) is not: the same request on another machine is the same work.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -32,10 +33,16 @@ def job_key(job, choice, checkpoint: Path | None) -> str:
     # a checkpoint it changes nothing.
     fields = asdict(replace(job, model_label=_model_identity(choice)))
     trained = fields.pop("trained_defaults")
+    for f in dataclasses.fields(job):  # fields added later count only once set (records made before stay done)
+        if f.metadata.get("key_if_set") and fields[f.name] == f.default:
+            del fields[f.name]
     material = {"v": JOB_KEY_VERSION, "job": fields}
     if checkpoint is not None:
         material["checkpoint"] = {**file_identity(checkpoint), "frames_set": "frames" not in trained,
                                   "memory_set": "memory" not in trained}
+        from_checkpoint = sorted({"labels", "prompt"} & set(trained))  # classify's label set or prompt
+        if from_checkpoint:
+            material["checkpoint"]["from_it"] = from_checkpoint
     text = json.dumps(material, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:JOB_KEY_HEX]
 

@@ -60,8 +60,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from malmm_cli.errors import UsageError
+from malmm_cli.messages import plural
 from malmm_cli.sources.inputs import VIDEO_EXTENSIONS, is_url
-from .records import ErrorResult, Result, to_json
+from .events import Events
+from .records import ErrorResult, Result, SegmentText, to_json
 from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, TORN_SUFFIX: re-exported)
     TORN_SUFFIX,
     OutputWriteError,
@@ -73,7 +75,7 @@ from .results_file import (  # noqa: F401  (OutputWriteError, recorded_inputs, T
     recorded_inputs,
     successes,
 )
-from .writers import EXTENSIONS, ResultWriter, get_writer
+from .writers import EXTENSIONS, WRITERS, ResultWriter, get_writer, header_line, segment_line
 from .written import file_content
 
 log = logging.getLogger("malmm")
@@ -84,6 +86,8 @@ MODES = ("new", "resume", "overwrite")
 _HELD = (signal.SIGINT, signal.SIGTERM)
 _HASHED = re.compile(r".*\.[0-9a-f]{8}", re.IGNORECASE)
 _FILE_SUFFIXES = frozenset(EXTENSIONS) | VIDEO_EXTENSIONS  # an -o with one of these names a file
+_FORMAT_NAMES = {"text": "text", "json": "JSON", "md": "Markdown", "srt": "SubRip (srt)", "vtt": "WebVTT (vtt)",
+                 "html": "HTML"}
 
 
 # ---- what counts as ours ---------------------------------------------------------------------
@@ -130,14 +134,15 @@ def _signals_held():
 
 
 class _PerVideoDir:
-    """One file per input in a directory (srt, vtt, html), replaced atomically when it is written."""
+    """One file per input and format in a directory (srt, vtt, html; every format with --format
+    all), each replaced atomically when it is written. `writers`: format -> its writer, placed
+    for this folder; a writer with an index page (html's index.html) keeps it listing its pages."""
 
-    def __init__(self, path: Path, fmt: str, specs: list[str], ids: set[tuple[int, int]],
-                 writer: ResultWriter | None = None):
-        self.path, self.fmt, self.specs, self.ids = path, fmt, specs, ids
-        self.writer = writer
-        self.index_page = writer.index_name if writer is not None else None  # e.g. index.html
-        self.entries: dict[str, dict] | None = None  # page name -> what the index page shows of it
+    def __init__(self, path: Path, writers: dict[str, ResultWriter], specs: list[str], ids: set[tuple[int, int]]):
+        self.path, self.writers, self.specs, self.ids = path, writers, specs, ids
+        self.formats = {fmt: writer.extension.lstrip(".") for fmt, writer in writers.items()}  # format -> extension
+        self.index_pages = {fmt: w.index_name for fmt, w in writers.items() if w.index_name}  # e.g. index.html
+        self.entries: dict[str, dict[str, dict]] = {}  # format -> page name -> what its index page shows of it
         self.keys = {s: input_key(s) for s in specs}
         self.fd: int | None = None
         self.created = False
@@ -145,47 +150,61 @@ class _PerVideoDir:
         self.jobs: dict[str, str] = {}  # file name -> job key it was written with
         self.digests: dict[str, list[str]] = {}  # file name -> SHA-256 of what malmm left there (two mid-write)
         self.current: dict[str, str] = {}  # file name -> SHA-256 of a file of ours there now, to be replaced
-        self.names: dict[str, str] = {}  # spec -> file name
+        self.names: dict[tuple[str, str], str] = {}  # (spec, format) -> file name
         self.job: str | None = None
         self.other_work: set[str] = set()  # inputs whose files are from other work (--resume)
 
     def claim(self, mode: str, job: str | None) -> set[str]:
+        """The inputs whose files are all there from this very work (--resume); every other file
+        that this run would replace is checked to be malmm's, or the run is refused."""
         self._lock_dir()
         self.index, self.jobs, self.digests = self._load_index()
         self.job = job
-        reserved = frozenset({self.index_page} if self.index_page else ())
-        self.names = plan_names(self.specs, self.keys, self.fmt, self.index, reserved)
-        if self.index_page is not None:
-            self._check_index_page()
-        done = set()
-        for spec in self.specs:
-            target = self.path / self.names[spec]
-            if not os.path.lexists(target):
-                continue
-            if is_input(target, self.ids):
-                raise UsageError(f"{target} is one of the inputs; choose another -o directory.")
-            mine = self.index.get(target.name) == self.keys[spec]
-            if mode == "resume" and mine and (job is None or self.jobs.get(target.name) == job):
-                done.add(spec)  # not written again: whatever it holds now is the user's to keep
-                continue
-            if not self._ours(target):
-                raise UsageError(f"{target} exists and is not a {self.fmt} file that malmm wrote (or it was changed "
-                                 "since); move it away or choose another -o directory.")
-            if target.name not in self.current:
-                continue  # empty: nothing to lose
-            if mode == "resume" and mine:
-                self.other_work.add(spec)
-            elif mode == "resume":
-                raise UsageError(f"{target} exists but was not written by malmm for {spec}; move it away, "
-                                 "or use --overwrite instead of --resume to replace it.")
-            elif mode == "new":
-                raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
-                                 "there or --overwrite to replace them.")
+        reserved = frozenset(self.index_pages.values())
+        for fmt, ext in self.formats.items():
+            names = plan_names(self.specs, self.keys, ext, self.index, reserved)
+            self.names.update({(spec, fmt): names[spec] for spec in self.specs})
+        for page in self.index_pages.values():
+            self._check_index_page(page)
+        done_files = {key for key in self.names if mode == "resume" and self._done(key, job)}
+        done = {spec for spec in self.specs if all((spec, fmt) in done_files for fmt in self.formats)}
+        for (spec, fmt), name in self.names.items():
+            if spec not in done:  # written again, every format of it: each file must be malmm's to replace
+                self._check_replaceable(mode, spec, fmt, self.path / name)
         return done
 
-    def _check_index_page(self) -> None:
-        """The index page may be replaced only if it is malmm's, as any page."""
-        target = self.path / self.index_page
+    def _done(self, key: tuple[str, str], job: str | None) -> bool:
+        """Whether the file of (spec, format) was written for that input by this work."""
+        target = self.path / self.names[key]
+        if not os.path.lexists(target):
+            return False
+        if is_input(target, self.ids):
+            raise UsageError(f"{target} is one of the inputs; choose another -o directory.")
+        return self.index.get(target.name) == self.keys[key[0]] and (job is None or self.jobs.get(target.name) == job)
+
+    def _check_replaceable(self, mode: str, spec: str, fmt: str, target: Path) -> None:
+        if not os.path.lexists(target):
+            return
+        if is_input(target, self.ids):
+            raise UsageError(f"{target} is one of the inputs; choose another -o directory.")
+        if not self._ours(target):
+            raise UsageError(f"{target} exists and is not a {fmt} file that malmm wrote (or it was changed "
+                             "since); move it away or choose another -o directory.")
+        if target.name not in self.current:
+            return  # empty: nothing to lose
+        mine = self.index.get(target.name) == self.keys[spec]
+        if mode == "resume" and mine:
+            self.other_work.add(spec)
+        elif mode == "resume":
+            raise UsageError(f"{target} exists but was not written by malmm for {spec}; move it away, "
+                             "or use --overwrite instead of --resume to replace it.")
+        elif mode == "new":
+            raise UsageError(f"{target} already exists; add --resume to skip the inputs whose files are "
+                             "there or --overwrite to replace them.")
+
+    def _check_index_page(self, page: str) -> None:
+        """An index page may be replaced only if it is malmm's, as any page."""
+        target = self.path / page
         if os.path.lexists(target) and (is_input(target, self.ids) or not self._ours(target)):
             raise UsageError(f"{target} exists and is not an index page that malmm wrote (or it was changed since); "
                              "move it away or choose another -o directory.")
@@ -249,33 +268,38 @@ class _PerVideoDir:
     def open(self) -> None:
         pass
 
-    def put(self, spec: str, text: str) -> None:
-        self._replace(self.names[spec], self.keys[spec], text, self.job)
-        if self.index_page is not None:
-            entries = self._index_entries()
-            entry = self.writer.index_entry(text)
+    def put(self, spec: str, text: str, fmt: str | None = None) -> None:
+        fmt = fmt or next(iter(self.formats))
+        name = self.names[spec, fmt]
+        self._replace(name, self.keys[spec], text, self.job)
+        page = self.index_pages.get(fmt)
+        if page is not None:
+            writer = self.writers[fmt]
+            entries = self._index_entries(fmt)
+            entry = writer.index_entry(text)
             if entry is not None:
-                entries[self.names[spec]] = entry
-            page = self.writer.index_page(sorted(entries.items(), key=lambda item: item[0].casefold()))
-            self._replace(self.index_page, INDEX_PAGE_KEY, page, None)
+                entries[name] = entry
+            index = writer.index_page(sorted(entries.items(), key=lambda item: item[0].casefold()))
+            self._replace(page, INDEX_PAGE_KEY, index, None)
 
-    def _index_entries(self) -> dict[str, dict]:
-        """What the index page lists: the pages of malmm's in the folder (read once per run, then
-        kept up to date as pages are written)."""
-        if self.entries is None:
-            self.entries = {}
+    def _index_entries(self, fmt: str) -> dict[str, dict]:
+        """What the index page of `fmt` lists: its pages of malmm's in the folder (read once per
+        run, then kept up to date as pages are written)."""
+        if fmt not in self.entries:
+            entries = self.entries[fmt] = {}
+            writer, page, ext = self.writers[fmt], self.index_pages[fmt], self.formats[fmt]
             for name in self.index:
                 target = self.path / name
-                if name == self.index_page or not name.lower().endswith(f".{self.fmt}"):
+                if name == page or not name.lower().endswith(f".{ext}"):
                     continue
                 with contextlib.suppress(OSError):
                     if stat.S_ISREG(os.lstat(target).st_mode):
                         data = target.read_bytes()
                         if hashlib.sha256(data).hexdigest() in self.digests.get(name, ()):
-                            entry = self.writer.index_entry(data.decode("utf-8", "replace"))
+                            entry = writer.index_entry(data.decode("utf-8", "replace"))
                             if entry is not None:
-                                self.entries[name] = entry
-        return self.entries
+                                entries[name] = entry
+        return self.entries[fmt]
 
     def _replace(self, name: str, key: str, text: str, job: str | None) -> None:
         """Write file `name` of input `key` (atomically, recorded in the index before and after)."""
@@ -348,6 +372,17 @@ def plan_names(specs: list[str], keys: dict[str, str], fmt: str, index: dict[str
 # ---- the output of a run ----------------------------------------------------------------------
 
 
+ALL_FORMATS = "all"  # --format all: every format of the writers' registry, in one pass
+
+
+def _every_format(task: str, path: Path | None) -> dict[str, object]:
+    """The writers of --format all: every one of the registry (writers.WRITERS) that writes this
+    task, each to a file of its own per video, into -o DIRECTORY."""
+    if path is None or (not path.is_dir() and path.suffix.lower() in _FILE_SUFFIXES):
+        raise UsageError("--format all writes a file per format and video: give -o DIRECTORY.")
+    return {name: writer for name, writer in WRITERS.items() if task in writer.tasks}
+
+
 class Output:
     """Where a run's results go: stdout, one file (records appended as they finish), or a
     directory with one file per input for per-video formats (srt, vtt, html).
@@ -357,29 +392,62 @@ class Output:
     the lock."""
 
     def __init__(self, task: str, path: Path | None, fmt: str | None, json_: bool, specs: list[str]):
+        named = EXTENSIONS.get(path.suffix.lower()) if path is not None else None  # what the name says
         if fmt is None:
-            fmt = "json" if json_ else (EXTENSIONS.get(path.suffix.lower(), "text") if path else "text")
+            fmt = "json" if json_ else (named or "text")
         elif json_ and fmt != "json":
             raise UsageError(f"--json and --format {fmt} disagree; use one.")
-        self.writer = get_writer(fmt, task)
+        if fmt == ALL_FORMATS:
+            self.writers = _every_format(task, path)
+        else:
+            self.writers = {fmt: get_writer(fmt, task)}
+        self.writer = next(iter(self.writers.values()))  # the one writer, but for --format all
         self.fmt, self.path, self.n_inputs = fmt, path, len(specs)
-        self.per_file = path is not None and not self.writer.many_per_file and (len(specs) > 1 or path.is_dir())
+        self.per_file = path is not None and (fmt == ALL_FORMATS or not self.writer.many_per_file
+                                              and (len(specs) > 1 or path.is_dir()))
         if path is None and not self.writer.many_per_file and len(specs) > 1:
             raise UsageError(f"--format {fmt} makes one file per video: with several inputs, give -o DIRECTORY.")
         if self.per_file and not path.is_dir() and path.suffix.lower() in _FILE_SUFFIXES:
             # -o all.srt would become a folder named all.srt, holding one file per video.
             raise UsageError(f"--output {path} names a file, but {fmt} makes one file per video: with "
                              f"{len(specs)} inputs, give -o DIRECTORY (a name without {path.suffix}).")
+        if named is not None and fmt != named and not path.is_dir():
+            # -o x.srt --format vtt would put WebVTT in a file every program opens as SubRip.
+            given = "--json" if json_ else f"--format {fmt}"
+            ext = WRITERS[fmt].extension if fmt in WRITERS else f".{fmt}"
+            raise UsageError(f"--output {path} names a {_FORMAT_NAMES.get(named, named)} file, but {given} writes "
+                             f"{_FORMAT_NAMES.get(fmt, fmt)}; name it {path.with_suffix(ext).name}, or leave out "
+                             f"{given}.")
         # Where the output goes, for what it links to (html: the video, relative to the page).
-        self.writer = self.writer.placed(Path(".") if path is None else path if self.per_file else path.parent)
+        folder = Path(".") if path is None else path if self.per_file else path.parent
+        self.writers = {name: writer.placed(folder) for name, writer in self.writers.items()}
+        self.writer = next(iter(self.writers.values()))
         if path is None:
             self.sink = Stdout()
         elif self.per_file:
-            self.sink = _PerVideoDir(path, fmt, specs, input_ids(specs), self.writer)
+            self.sink = _PerVideoDir(path, self.writers, specs, input_ids(specs))
         else:
             self.sink = ResultsFile(path, fmt, input_ids(specs))
         self.written = 0
         self.job: str | None = None
+        self.task = task
+        self.streamed: dict[str, str] = {}  # input -> what of its text output went out before its record
+
+    @property
+    def streams(self) -> bool:
+        """Whether a result's parts go out as they come (stream_segment): a summary as text on
+        stdout, segment by segment, as whisper prints them. Files get whole records."""
+        return self.path is None and self.fmt == "text" and self.task == "summarize"
+
+    def stream_segment(self, spec: str, segment: SegmentText) -> None:
+        """One segment of `spec`'s summary, now (the header first when there are several inputs);
+        its record, written later, adds only what is not out yet."""
+        text = segment_line(segment)
+        if spec not in self.streamed and self.n_inputs > 1:
+            text = header_line(spec) + text
+        with _signals_held():
+            self._put(spec, text)
+            self.streamed[spec] = self.streamed.get(spec, "") + text
 
     def claim(self, mode: str, job: str | None = None) -> set[str]:
         """Check that `mode` (new, resume, overwrite) destroys nothing and take the lock;
@@ -408,10 +476,17 @@ class Output:
     def write(self, result: Result) -> None:
         if self.job is not None:
             result = replace(result, job=self.job)
-        buf = io.StringIO()
-        self.writer.write(result, buf, header=self.n_inputs > 1 and not self.per_file)
+        texts = {}
+        for fmt, writer in self.writers.items():
+            buf = io.StringIO()
+            writer.write(result, buf, header=self.n_inputs > 1 and not self.per_file)
+            texts[fmt] = buf.getvalue()
+        out = self.streamed.pop(result.input, "")
+        if out and texts[self.fmt].startswith(out):  # the segments went out as they came
+            texts[self.fmt] = texts[self.fmt][len(out):]
         with _signals_held():
-            self._put(result.input, buf.getvalue())
+            for fmt, text in texts.items():
+                self._put(result.input, text, fmt if len(texts) > 1 else None)
             self.written += 1
 
     def kept_records(self) -> list[dict]:
@@ -443,14 +518,33 @@ class Output:
             with _signals_held():
                 self._put(error.input, buf.getvalue())
 
-    def _put(self, spec: str, text: str) -> None:
+    def _put(self, spec: str, text: str, fmt: str | None = None) -> None:
         try:
-            self.sink.put(spec, text)
+            if fmt is None:
+                self.sink.put(spec, text)
+            else:  # one of several formats, each a file of its own
+                self.sink.put(spec, text, fmt)
         except OSError as e:
             if self.path is None:
                 raise
-            kept = f"the {self.written} result(s) written before are kept"
+            kept = f"the {plural(self.written, 'result')} written before {'is' if self.written == 1 else 'are'} kept"
             raise OutputWriteError(f"Cannot write to {self.path} ({os_reason(e)}); {kept}.") from None
 
     def close(self) -> None:
         self.sink.close()
+
+
+class SegmentEcho(Events):
+    """Hears a summary's segments as they are captioned and writes each to `output` at once
+    (Output.stream_segment), the live view `view` stepping aside while it does."""
+
+    def __init__(self, output: Output, view: Events):
+        self.output, self.view = output, view
+        self.source = ""
+
+    def started(self, source, info, sampling, capacity):
+        self.source = source
+
+    def segment(self, index, total, start, end, text):
+        with self.view.printing():
+            self.output.stream_segment(self.source, SegmentText(start, end, text))

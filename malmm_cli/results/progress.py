@@ -9,16 +9,24 @@ what gives way is, in order: the elapsed time, the progress bar, the rate; the f
 of total and the time left always stay, and a long input path loses its middle, never its
 file name.
 
-With --batch, one view follows the videos read in lockstep: the steps taken of the longest
-plan, then a row per video (frames read, memory slots, compressions; up to a dozen rows, then a
-count of the rest). In a row the name gives way first, then the compressions, then the slots.
+Below the bar: the memory bank in words, the frames-per-slot chart with its scale, a one-line
+legend of slots and compressions, and where in the video the run is ("video at 1:03 of 1:10").
+When a video is done its panel goes, and what stays is a line for it and its memory bank as it
+ended (the words and the chart). A summary's segments are printed above the panel as each is
+captioned, unless they go to stdout as they come (runs/command.py), and the panel counts them.
+
+With --batch, one view follows the videos read in lockstep: the frames read of all of them,
+then a row per video (frames read, where in its video it is, memory slots, compressions; up to
+a dozen rows, then a count of the rest). In a row the name gives way first, then the
+compressions, then the slots, then the time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TextIO
 
 from rich.cells import cell_len
@@ -27,24 +35,27 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.text import Text
 
+from malmm_cli.messages import plural
 from malmm_cli.terminal import shown
 
 from .events import Events
-from .records import Result
-from .writers import short_clock
+from .records import Result, SegmentText
+from .writers import segment_line, short_clock
 
 _BARS = " ▁▂▃▄▅▆▇█"
 _MAX_WIDTH = 100  # wider, the panel would be mostly empty bar
 _MIN_BAR = 10  # a bar narrower than this shows nothing the numbers do not
 _PANEL_FRAME = 4  # border and one space of padding on each side
 _CHART_LABEL = "frames per slot: "
+# What a slot and a compression are, in one line (it shows where it fits).
+LEGEND = "slot: frames averaged into one entry · compression: two alike slots merged"
 _MAX_LANES = 12  # rows of a batch view: with the frame and the lines around it, within 24 rows
 _MIN_NAME = 12  # a batch row narrower than this for its name drops a number instead
 
 
 def memory_line(memory, timestamps) -> str:
     """'12/20 slots · 37 compressions · oldest slot 0:00-0:41'."""
-    text = f"{memory.length}/{memory.capacity} slots · {memory.compressions} compressions"
+    text = f"{memory.length}/{memory.capacity} slots · {plural(memory.compressions, 'compression')}"
     if memory.slot_spans and timestamps is not None and len(timestamps):
         first, last = memory.slot_spans[0]
         last = min(last, len(timestamps) - 1)
@@ -52,18 +63,43 @@ def memory_line(memory, timestamps) -> str:
     return text
 
 
-def slot_chart(slot_frames: Sequence[float], width: int | None = None) -> str:
-    """Frames per slot as a one-line bar chart, scaled to the fullest slot. With more slots than
-    `width` columns, each bar is the mean of neighbouring slots, so it still reads oldest to newest."""
+def _bins(slot_frames: Sequence[float], width: int | None) -> list[float]:
+    """The chart's bars: one per slot, or with more slots than `width` columns the mean of
+    neighbouring slots, so that it still reads oldest to newest."""
     values = list(slot_frames)
-    if not values or width == 0:
-        return ""
     if width is not None and len(values) > width:
         n = len(values)
         values = [sum(values[i * n // width:(i + 1) * n // width]) / ((i + 1) * n // width - i * n // width)
                   for i in range(width)]
-    top = max(values) or 1
+    return values
+
+
+def slot_chart(slot_frames: Sequence[float], width: int | None = None) -> str:
+    """Frames per slot as a one-line bar chart, scaled to the fullest bar (chart_top)."""
+    if width == 0:
+        return ""
+    values = _bins(slot_frames, width)
+    top = max(values, default=0) or 1
     return "".join(_BARS[min(8, max(1, round(8 * v / top)))] for v in values)
+
+
+def chart_top(slot_frames: Sequence[float], width: int | None = None) -> float:
+    """The frames a full bar (█) of slot_chart stands for."""
+    return max(_bins(slot_frames, width), default=0)
+
+
+def chart_row(slot_frames: Sequence[float], width: int) -> str:
+    """'frames per slot: █▂▁▂ (█ = 25)' in at most `width` columns: the chart and its scale."""
+    if not slot_frames:
+        return ""
+    for label in (_CHART_LABEL, ""):
+        room = width - len(label) - 12  # 12: the widest scale, " (█ = 1,234)"
+        if room >= _MIN_BAR or not label:
+            break
+    if room < 1:
+        return ""
+    top = chart_top(slot_frames, room)
+    return label + slot_chart(slot_frames, room) + (f" (█ = {top:.0f})" if top >= 10 else f" (█ = {top:.1f})")
 
 
 def _fit(chars: Iterable[str], cells: int) -> str:
@@ -192,12 +228,14 @@ class _Panel:
 
 
 class _View(_Panel):
-    """One input: its frames, and its memory bank in words and as a chart."""
+    """One input: its frames, its memory bank in words and as a chart with its scale, a legend,
+    and for a summary the segments captioned so far."""
 
     def __init__(self, title: str, total: int, capacity: int, note: str):
         super().__init__(title, total, note)
         self.memory = f"memory bank: 0/{capacity} slots"
         self.slot_frames: Sequence[float] = ()
+        self.segments = ""  # "segment 2 of 6 captioned"
 
     def frames(self, done: int, memory_text: str, slot_frames: Sequence[float]) -> None:
         self.advance(done)
@@ -207,34 +245,59 @@ class _View(_Panel):
     def body(self, inner: int) -> list[Text]:
         rows = [Text(_wrap_parts(self.memory.split(" · "), inner), style="cyan")]
         if self.slot_frames:
-            label = _CHART_LABEL if inner - len(_CHART_LABEL) >= _MIN_BAR else ""
-            rows.append(Text(label + slot_chart(self.slot_frames, inner - len(label)), style="cyan"))
+            rows.append(Text(chart_row(self.slot_frames, inner), style="cyan"))
+            if cell_len(LEGEND) <= inner:
+                rows.append(Text(LEGEND, style="dim"))
+        if self.segments:
+            rows.append(Text(self.segments, style="green"))
         return rows
+
+    def final(self, width: int) -> list[str]:
+        """What stays of the view when it closes: the memory bank as the video ended."""
+        lines = ["  " + line for line in _wrap_parts(self.memory.split(" · "), width - 2).split("\n")]
+        if self.slot_frames:
+            lines.append("  " + chart_row(self.slot_frames, width - 2))
+        return lines
+
+
+def _at(seconds: float, of: float) -> str:
+    return f"at {short_clock(seconds)} of {short_clock(of)}"
 
 
 class _BatchView(_Panel):
-    """Videos read in lockstep: steps taken of the longest plan, then a row per video."""
+    """Videos read in lockstep: the frames read of them all, then a row per video."""
 
-    def __init__(self, title: str, names: Sequence[str], planned: Sequence[int], capacity: int):
-        super().__init__(title, max(planned, default=0),
-                         f"{sum(planned)} frames to read in {max(planned, default=0)} steps")
-        self.names, self.planned = list(names), list(planned)
+    def __init__(self, title: str, names: Sequence[str], samplings: Sequence, capacity: int):
+        planned = [len(s.indices) for s in samplings]
+        super().__init__(title, sum(planned), f"{plural(sum(planned), 'frame')} to read in "
+                         f"{plural(max(planned, default=0), 'step')}")
+        self.names, self.planned = list(names), planned
+        self.times = [list(s.timestamps) for s in samplings]
+        self.ends = [float(getattr(s, "end", t[-1] if len(t) else 0.0)) for s, t in zip(samplings, self.times)]
         self.counts = [0] * len(names)  # frames each video has read
         self.memory = [(0, capacity, 0)] * len(names)  # (slots used, capacity, compressions)
 
     def frames(self, done: Sequence[int], memories: Sequence) -> None:
-        self.advance(max(done, default=0))
+        self.advance(sum(done))
         self.counts = list(done)
         self.memory = [(m.length, m.capacity, m.compressions) for m in memories]
         read = sum(d >= p for d, p in zip(self.counts, self.planned))
         self.note = (f"{read}/{len(self.names)} videos read", "dim")
 
+    def at(self, i: int) -> str:
+        """Where video `i` is in its own time."""
+        count, times = self.counts[i], self.times[i]
+        return _at(float(times[count - 1]) if count and times else 0.0, self.ends[i])
+
+    def memory_text(self, i: int) -> str:
+        used, capacity, compressions = self.memory[i]
+        return f"{used}/{capacity} slots · {plural(compressions, 'compression')}"
+
     def body(self, inner: int) -> list[Text]:
         lanes = len(self.names) if len(self.names) <= _MAX_LANES else _MAX_LANES - 1
-        parts = [(f"{count}/{planned} frames", f"{used}/{capacity} slots", f"{compressions} compressions")
-                 for count, planned, (used, capacity, compressions)
-                 in zip(self.counts, self.planned, self.memory[:lanes])]
-        for keep in (3, 2, 1):  # what gives way once the name is down to _MIN_NAME: compressions, slots
+        parts = [(f"{self.counts[i]}/{self.planned[i]} frames", self.at(i), *self.memory_text(i).split(" · "))
+                 for i in range(min(lanes, len(self.names)))]
+        for keep in (4, 3, 2, 1):  # what gives way once the name is down to _MIN_NAME: compressions, slots, time
             numbers = [" · ".join(p[:keep]) for p in parts]
             room = inner - 4 - max(map(cell_len, numbers), default=0)  # 4: the "✓ " marker, the gap after the name
             if room >= _MIN_NAME:
@@ -250,38 +313,51 @@ class _BatchView(_Panel):
             rows.append(Text(f"… and {len(self.names) - lanes} more", style="dim"))
         return rows
 
+    def final(self, name: str) -> list[str]:
+        """What stays of a video of the batch when it is done: its memory bank as it ended."""
+        if name not in self.names:
+            return []
+        return [f"  memory bank: {self.memory_text(self.names.index(name))}"]
+
 
 class RichEvents(Events):
-    """The live view (a terminal on stderr)."""
+    """The live view (a terminal on stderr). `show_segments`: print a summary's segments above
+    the view as each comes (off when they go to stdout on this terminal already)."""
 
-    def __init__(self, console: Console, total_inputs: int):
+    def __init__(self, console: Console, total_inputs: int, show_segments: bool = True):
         self.console = console
         self.total_inputs = total_inputs
+        self.show_segments = show_segments
         self.index = 0
         self.live: Live | None = None
+        self.view: _Panel | None = None
 
     def _show(self, view: _Panel) -> None:
         self.close()  # the previous view, if it ended without finished()
         self.view = view
+        self._start()
+
+    def _start(self) -> None:
         # stdout is for results, even when a stray write there happens while the view is up.
-        self.live = Live(view, console=self.console, refresh_per_second=8, transient=True, redirect_stdout=False)
+        self.live = Live(self.view, console=self.console, refresh_per_second=8, transient=True, redirect_stdout=False)
         self.live.start()
 
     def started(self, source, info, sampling, capacity):
         self.index += 1
         self.timestamps = sampling.timestamps
+        self.duration = info.duration
         self._show(_View(_counter(self.index, 1, self.total_inputs) + source, len(sampling.indices), capacity,
                          f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to read"))
 
     def frames(self, done, timestamp, memory):
         self.view.frames(done, memory_line(memory, self.timestamps), memory.slot_frames)
-        self.view.note = (f"at {short_clock(timestamp)}", "dim")
+        self.view.note = ("video " + _at(timestamp, self.duration), "dim")
         self._refresh()
 
     def batch_started(self, sources, samplings, capacity):
         title = _batch_title(self.index + 1, len(sources), self.total_inputs)
         self.index += len(sources)
-        self._show(_BatchView(title, sources, [len(s.indices) for s in samplings], capacity))
+        self._show(_BatchView(title, sources, samplings, capacity))
 
     def batch_frames(self, done, memories):
         self.view.frames(done, memories)
@@ -292,14 +368,24 @@ class RichEvents(Events):
             self.view.note = (text + " …", "yellow")
             self._refresh()
 
+    def segment(self, index, total, start, end, text):
+        if isinstance(self.view, _View):
+            self.view.segments = f"summary: segment {index + 1} of {total} captioned"
+            self.view.note = ("video " + _at(end, self.duration), "dim")  # the stage that captioned it is over
+        if self.show_segments:
+            line = segment_line(SegmentText(start, end, text)).rstrip("\n")
+            self.console.print(Text(line), soft_wrap=True)  # above the view while it is up
+        self._refresh()
+
     def reading(self, source, info, sampling):
         self.index += 1
+        self.duration = info.duration
         self._show(_Panel(_counter(self.index, 1, self.total_inputs) + source, len(sampling.indices),
                           f"{short_clock(info.duration)} of video, {len(sampling.indices)} frames to keep"))
 
     def features(self, done, timestamp):
         self.view.advance(done)
-        self.view.note = (f"at {short_clock(timestamp)}", "dim")
+        self.view.note = ("video " + _at(timestamp, self.duration), "dim")
         self._refresh()
 
     def _refresh(self) -> None:
@@ -307,10 +393,27 @@ class RichEvents(Events):
             self.live.refresh()
 
     def finished(self, result: Result):
-        self.close()
+        view = self.view
+        batch = isinstance(view, _BatchView)
+        self.close()  # a batch's view too: its results come after its last step
         rest = f": {result.sampling.frames} frames in {result.timings['total']:.1f} s"
         name = shorten_middle(result.input, max(20, self.console.width - cell_len(rest) - 2))
+        lines = view.final(result.input) if batch else view.final(min(self.console.width, _MAX_WIDTH)) \
+            if isinstance(view, _View) else []
         self.console.print(Text.assemble(("✓", "green"), " ", name, rest), no_wrap=True, overflow="ellipsis")
+        for line in lines:
+            self.console.print(Text(line, style="cyan"), no_wrap=True, overflow="ellipsis")
+
+    @contextlib.contextmanager
+    def printing(self) -> Iterator[None]:
+        if self.live is None:
+            yield
+            return
+        self.live.stop()  # transient: the view is erased, and drawn again below what is printed
+        try:
+            yield
+        finally:
+            self._start()
 
     def close(self):
         if self.live is not None:
@@ -319,11 +422,12 @@ class RichEvents(Events):
 
 
 class LogEvents(Events):
-    """Plain lines for logs and pipes: start, every ~10 % of frames, stages, finish."""
+    """Plain lines for logs and pipes: start, every ~10 % of frames, stages, segments, finish."""
 
-    def __init__(self, stream: TextIO, total_inputs: int):
+    def __init__(self, stream: TextIO, total_inputs: int, show_segments: bool = True):
         self.out = stream
         self.total_inputs = total_inputs
+        self.show_segments = show_segments
         self.index = 0
 
     def _line(self, text: str) -> None:
@@ -340,30 +444,34 @@ class LogEvents(Events):
     def started(self, source, info, sampling, capacity):
         self.index += 1
         self.source, self.total, self.next_report = source, len(sampling.indices), 0.1
-        self.timestamps = sampling.timestamps
+        self.timestamps, self.duration = sampling.timestamps, info.duration
         self._line(f"{_counter(self.index, 1, self.total_inputs)}{source}: {self.total} frames from "
                    f"{short_clock(sampling.start)} to {short_clock(sampling.end)}, memory {capacity} slots")
 
     def frames(self, done, timestamp, memory):
         if self._due(done):
-            self._line(f"{self.source}: {done}/{self.total} frames, memory {memory_line(memory, self.timestamps)}")
+            self._line(f"{self.source}: {done}/{self.total} frames, video {_at(timestamp, self.duration)}, memory "
+                       f"{memory_line(memory, self.timestamps)}")
 
     def batch_started(self, sources, samplings, capacity):
         self.source = _batch_title(self.index + 1, len(sources), self.total_inputs)  # what stage lines name
         self.index += len(sources)
         self.planned = [len(s.indices) for s in samplings]
-        self.total, self.next_report = max(self.planned, default=0), 0.1
+        self.total, self.next_report = sum(self.planned), 0.1
         videos = ", ".join(f"{source} ({n} frames)" for source, n in zip(sources, self.planned))
         self._line(f"{self.source}: {videos}, memory {capacity} slots")
 
     def batch_frames(self, done, memories):
-        step = max(done, default=0)
-        if self._due(step):
+        if self._due(sum(done)):
             frames = ", ".join(f"{d}/{p}" for d, p in zip(done, self.planned))
-            self._line(f"{self.source}: {step}/{self.total} steps, frames {frames}")
+            self._line(f"{self.source}: {sum(done)}/{self.total} frames ({frames})")
 
     def stage(self, text):
         self._line(f"{self.source}: {text}")
+
+    def segment(self, index, total, start, end, text):
+        if self.show_segments:
+            self._line(f"{self.source}: " + segment_line(SegmentText(start, end, text)).rstrip("\n"))
 
     def reading(self, source, info, sampling):
         self.index += 1
@@ -379,10 +487,10 @@ class LogEvents(Events):
         self._line(f"{result.input}: done, {result.sampling.frames} frames in {result.timings['total']:.1f} s")
 
 
-def make_events(quiet: bool, total_inputs: int, stderr: TextIO | None = None) -> Events:
+def make_events(quiet: bool, total_inputs: int, stderr: TextIO | None = None, show_segments: bool = True) -> Events:
     stderr = stderr or sys.stderr
     if quiet:
         return Events()
     if stderr.isatty():
-        return RichEvents(Console(file=stderr), total_inputs)
-    return LogEvents(stderr, total_inputs)
+        return RichEvents(Console(file=stderr), total_inputs, show_segments)
+    return LogEvents(stderr, total_inputs, show_segments)

@@ -146,8 +146,9 @@ def silence_stdout() -> None:
 class ResultsFile:
     """One file, records appended as inputs finish."""
 
-    def __init__(self, path: Path, fmt: str, ids: set[tuple[int, int]]):
+    def __init__(self, path: Path, fmt: str, ids: set[tuple[int, int]], resumable: bool = True):
         self.path, self.fmt, self.ids = path, fmt, ids
+        self.resumable = resumable  # False: the command has no --resume (watch), so a refusal must not offer it
         self.fd: int | None = None
         self.lock_fd: int | None = None
         self.regular = True  # False for devices and pipes (/dev/null, /dev/stdout): no checks, no lock
@@ -204,6 +205,9 @@ class ResultsFile:
                                  "choose another name, or move it away.")
             raise UsageError(f"--output {p} exists and is not a results file written by malmm; "
                              "choose another name, or move it away.")
+        if mode == "new" and not self.resumable:
+            raise UsageError(f"--output {p} already holds results; add --overwrite to replace them, or choose "
+                             "another name.")
         if mode == "new":
             how = "--resume to skip the inputs recorded there" if self.fmt == "json" else \
                 "--resume (JSON output only) to add to it"

@@ -35,6 +35,17 @@ def short_clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def segment_line(seg) -> str:
+    """'[0:00 - 0:20] text' and a newline: a summary's segment as text output shows it (and the
+    progress, as each segment comes)."""
+    return f"[{short_clock(seg.start)} - {short_clock(seg.end)}] {shown(seg.text, lines=True)}\n"
+
+
+def header_line(name: str) -> str:
+    """'== clip.mp4': the line before each input's results when text output holds several."""
+    return f"== {shown(name)}\n"
+
+
 class ResultWriter:
     """Writes results (and batch errors) to a text stream."""
 
@@ -47,6 +58,11 @@ class ResultWriter:
         """This writer for output that goes into `folder` (what a page links to is relative to it)."""
         return self
 
+    @property
+    def extension(self) -> str:
+        """The file name extension of this format (a file per video is named <video>.<this>)."""
+        return f".{self.name}"
+
     def write(self, result: Result, out: TextIO, *, header: bool = False) -> None:
         raise NotImplementedError
 
@@ -58,6 +74,7 @@ class JsonWriter(ResultWriter):
     """One JSON object per input and per line (JSON Lines when there are several)."""
 
     name = "json"
+    extension = ".json"
 
     def write(self, result, out, *, header=False):
         out.write(to_json(result.to_record()) + "\n")
@@ -73,10 +90,11 @@ class TextWriter(ResultWriter):
     control characters escaped (terminal.shown), generated text keeps only its line breaks."""
 
     name = "text"
+    extension = ".txt"
 
     def write(self, result, out, *, header=False):
         if header:
-            out.write(f"== {shown(result.input)}\n")
+            out.write(header_line(result.input))
         if result.text is not None:
             out.write(shown(result.text, lines=True) + "\n")
         if result.answers is not None and len(result.answers) == 1 and not header:
@@ -92,7 +110,7 @@ class TextWriter(ResultWriter):
                 out.write(f"{rank:>2}. {label:<{width}}  {s.score:6.1%}\n")
         if result.segments is not None:
             for seg in result.segments:
-                out.write(f"[{short_clock(seg.start)} - {short_clock(seg.end)}] {shown(seg.text, lines=True)}\n")
+                out.write(segment_line(seg))
             out.write(f"Summary: {shown(str(result.summary), lines=True)}\n")
         if header:
             out.write("\n")

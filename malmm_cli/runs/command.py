@@ -21,7 +21,7 @@ from malmm_cli.engine.presets import LOCKSTEP_TASKS, resolve_model
 from malmm_cli.engine.session import Session, SessionOptions, Unit
 from malmm_cli.errors import MalmmError, UsageError
 from malmm_cli.interrupts import exit_code, sigterm_as_interrupt
-from malmm_cli.messages import error, log, setup_logging
+from malmm_cli.messages import error, log, note, plural, setup_logging
 from malmm_cli.results.outputs import Output
 from malmm_cli.results.records import ErrorResult
 from malmm_cli.terminal import shown
@@ -58,6 +58,11 @@ class CommonOptions:
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
     batch: int | None = None  # videos read in lockstep through one batched step (runners.Lockstep)
+    min_tokens: int | None = None  # generation override: fewest new tokens
+    concat: bool = False  # the paper's no-memory baseline (every frame's query tokens to the LLM)
+    precision: object = None  # auto | fp32 | bf16; None: $MALMM_PRECISION, else auto
+    yes: bool = False  # fetch a model that is not downloaded yet without asking
+    verbose: bool = False  # say on stderr what malmm does and why (the malmm logger at DEBUG)
 
     @classmethod
     def from_values(cls, values: dict) -> CommonOptions:
@@ -67,11 +72,14 @@ class CommonOptions:
     def job_options(self) -> dict:
         """What engine.jobs.build_job takes of them."""
         return dict(fps=self.fps, frames=self.frames, start=self.start, end=self.end, memory=self.memory,
-                    beams=self.beams, max_tokens=self.max_tokens)
+                    beams=self.beams, max_tokens=self.max_tokens, min_tokens=self.min_tokens, concat=self.concat,
+                    checkpoint=self.checkpoint is not None)
 
     def session_options(self) -> SessionOptions:
+        precision = None if self.precision is None else str(getattr(self.precision, "value", self.precision))
         return SessionOptions(self.model, self.checkpoint, str(getattr(self.device, "value", self.device)),
-                              str(getattr(self.quant, "value", self.quant)), not self.no_cache, self.quiet)
+                              str(getattr(self.quant, "value", self.quant)), not self.no_cache, self.quiet, precision,
+                              confirm_download=not self.yes)
 
     def runner(self) -> Runner:
         if self.ray is not None:
@@ -84,6 +92,8 @@ class CommonOptions:
 def validate(opts: CommonOptions) -> None:
     """Every option within its bounds and consistent with the others, before anything loads."""
     check_options(**opts.job_options())
+    if opts.quiet and opts.verbose:
+        raise UsageError("Use either --quiet or --verbose, not both.")
     if opts.resume and opts.output is None:
         raise UsageError("--resume needs --output (the file whose recorded inputs to skip).")
     if opts.overwrite and opts.output is None:
@@ -119,10 +129,12 @@ def _validate_ray(opts: CommonOptions) -> None:
 
 def check_environment(opts: CommonOptions) -> None:
     """Bad environment values are usage errors before any model loads, not failures later."""
+    from malmm_cli.engine.presets import resolve_precision
     from malmm_cli.engine.threads import configured_threads
     from malmm_cli.sources.download import download_limits
     from malmm_cli.sources.inputs import cache_root
 
+    resolve_precision(opts.precision)  # --precision, MALMM_PRECISION
     cache_root()  # MALMM_CACHE_DIR
     download_limits()  # MALMM_DOWNLOAD_STALL_S, MALMM_DOWNLOAD_DEADLINE_S
     configured_threads()  # MALMM_THREADS
@@ -136,11 +148,13 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, *, fmt: str |
     """Run `task` over `inputs`; returns the exit code (0 ok, 1 some input failed, 2 usage,
     130 interrupted by Ctrl-C, 143 by SIGTERM). `args`: the task's own options (build_job's);
     `fmt`: the output format (summarize --format)."""
-    setup_logging(opts.quiet)
+    setup_logging(opts.quiet, opts.verbose)
     try:
         validate(opts)
         choice = resolve_model(opts.model)
         job = build_job(task, choice.label, **opts.job_options(), **args)
+        if "labels" in job.trained_defaults:  # the checkpoint's label set: read (or refused) before any load
+            _checkpoint_labels(job, opts, choice)
         if (opts.batch or 1) > 1 and task not in LOCKSTEP_TASKS:
             raise UsageError(f"--batch reads whole videos in lockstep: {', '.join(LOCKSTEP_TASKS)} only.")
         check_environment(opts)
@@ -159,10 +173,21 @@ def run_command(task: str, inputs: list[str], opts: CommonOptions, *, fmt: str |
             return err.exit_code
         except KeyboardInterrupt as stop:
             where = f" in {shown(str(output.path))}" if output.path else ""
-            sys.stderr.write(f"malmm: interrupted; {output.written} result(s) kept{where}\n")
+            sys.stderr.write(f"malmm: interrupted; {plural(output.written, 'result')} kept{where}\n")
             return exit_code(stop, fired)
         finally:
             output.close()  # releases the output's lock
+
+
+def _checkpoint_labels(job, opts: CommonOptions, choice) -> None:
+    """A classify job that takes its labels from --checkpoint: the checkpoint's config is read
+    (its weights are not) and names a label set, or this is a usage error before any load."""
+    from models import ModelError
+
+    try:
+        Session(opts.session_options(), choice=choice).resolve(job)
+    except ModelError as err:  # not a readable checkpoint: the same sentence loading would give
+        raise UsageError(str(err)) from None
 
 
 def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOptions) -> int:
@@ -170,8 +195,11 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     from malmm_cli.results.jobkey import job_key
 
     mode = "resume" if opts.resume else "overwrite" if opts.overwrite else "new"
+    key = job_key(job, choice, opts.checkpoint)
+    log.debug("job %s: %s of %s with %s", key, job.task, "one input" if len(specs) == 1 else f"{len(specs)} inputs",
+              choice.label)
     try:
-        done = output.claim(mode, job_key(job, choice, opts.checkpoint))
+        done = output.claim(mode, key)
     except OSError as err:  # a name the system refuses (over 255 bytes), a loop of links
         from malmm_cli.errors import os_error_sentence
 
@@ -179,28 +207,37 @@ def _claim_and_run(choice, job, specs: list[str], output: Output, opts: CommonOp
     todo = [s for s in specs if s not in done]
     other = output.other_work_note(todo)
     if (len(todo) < len(specs) or other) and not opts.quiet:
-        sys.stderr.write(f"malmm: --resume: {len(specs) - len(todo)} input(s) already done, {len(todo)} to go"
+        sys.stderr.write(f"malmm: --resume: {plural(len(specs) - len(todo), 'input')} already done, {len(todo)} to go"
                          + (f" ({shown(other)})" if other else "") + "\n")
     if not todo:
         return 0
-    session = open_session(opts, len(todo), job)
+    session = open_session(opts, len(todo), job, output)
     if session is None:
         return 1
     return write_outcomes(session, [Unit(spec, job) for spec in todo], opts.runner(), output, opts.quiet)
 
 
-def open_session(opts: CommonOptions, n_inputs: int, job) -> Session | None:
+def open_session(opts: CommonOptions, n_inputs: int, job, output: Output | None = None) -> Session | None:
     """The session the command runs in: its model loaded here, unless Ray workers load theirs
     (then this process never loads one). None when the model does not load (said in one
     sentence on stderr). `job` is checked against the loaded model (Session.resolve: a label
-    too long in its tokens) before any video: a UsageError."""
+    too long in its tokens) before any video: a UsageError. With an `output` that takes a
+    summary's segments as they come (Output.streams), they go to it as they come."""
+    if not opts.quiet:  # what follows imports torch and transformers: seconds before the next line
+        note("starting ...")
     from models import ModelError
 
     if opts.ray is not None:
         return Session(opts.session_options())
+    from malmm_cli.results.events import Fanout
+    from malmm_cli.results.outputs import SegmentEcho
     from malmm_cli.results.progress import make_events
 
-    session = Session(opts.session_options(), events=make_events(opts.quiet, n_inputs))
+    streams = output is not None and output.streams
+    # Segments that reach this terminal on stdout are not shown a second time by the progress.
+    on_screen = streams and sys.stdout is not None and sys.stdout.isatty()
+    view = make_events(opts.quiet, n_inputs, show_segments=not on_screen)
+    session = Session(opts.session_options(), events=Fanout(view, SegmentEcho(output, view)) if streams else view)
     try:
         session.model  # noqa: B018 - loads it
     except ModelError as err:
@@ -242,6 +279,10 @@ def record(output: Output, spec: str, outcome) -> bool:
 
 
 def report_end(output: Output, failures: int, quiet: bool) -> None:
-    if output.path is not None and not quiet:
-        sys.stderr.write(f"malmm: wrote {output.written} result(s) to {shown(str(output.path))}"
-                         + (f"; {failures} input(s) failed" if failures else "") + "\n")
+    if output.path is None or quiet:
+        return
+    failed = f"; {plural(failures, 'input')} failed" if failures else ""
+    if output.written == 0:  # a file this run created is not left behind empty (Output.close)
+        sys.stderr.write(f"malmm: no results, so nothing was written to {shown(str(output.path))}{failed}\n")
+        return
+    sys.stderr.write(f"malmm: wrote {plural(output.written, 'result')} to {shown(str(output.path))}{failed}\n")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from malmm_cli.errors import MalmmError, UsageError
+from malmm_cli.messages import plural
 
 log = logging.getLogger("malmm")
 
@@ -255,7 +256,8 @@ def plan_pool(nodes: list[Mapping[str, float]], spec: PoolSpec, n_items: int) ->
             cpus = max(1.0, min(n.get("CPU", 0) for n in nodes))
     fit = sum(_fits(n, cpus, gpus) for n in nodes)
     if fit == 0:
-        raise UsageError(f"No node of the Ray cluster has {cpus:g} CPU(s) and {gpus:g} GPU(s) for a worker; "
+        raise UsageError(f"No node of the Ray cluster has {plural(cpus, 'CPU')} and {plural(gpus, 'GPU')} for a "
+                         "worker; "
                          "lower --cpus-per-worker or --gpus-per-worker.")
     workers = spec.workers if spec.workers is not None else fit
     return Plan(max(1, min(workers, n_items)), cpus, gpus, fit, len(nodes))
@@ -346,7 +348,7 @@ def run_items(ray, items: Iterable[Any], factory: Callable[[], Callable[[Any], A
             elif time.monotonic() - quiet_since > NOT_READY_LIMIT_S:
                 raise WorkerStartError(
                     f"No Ray worker has been ready for {NOT_READY_LIMIT_S / 60:.0f} minutes: the cluster has no room "
-                    f"for one with {plan.cpus:g} CPU(s) and {plan.gpus:g} GPU(s) (see `ray status`).")
+                    f"for one with {plural(plan.cpus, 'CPU')} and {plural(plan.gpus, 'GPU')} (see `ray status`).")
             for ref in done:
                 if ref in probes:
                     _probed(ray, ref, probes, idle, joined, notify)

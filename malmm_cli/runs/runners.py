@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any
 
 from malmm_cli.engine.session import Session, SessionOptions, Unit
-from malmm_cli.messages import note, setup_logging
+from malmm_cli.messages import note, plural, setup_logging
 from malmm_cli.results.records import ErrorResult, Result
 from malmm_cli.sources.inputs import is_url
 
@@ -110,8 +110,8 @@ class OnRay(Runner):
             plan = plan_pool(alive_nodes(ray), spec, len(items))
             if not self.quiet:
                 fit = "" if plan.workers <= plan.fit else f"; {plan.fit} fit at once, the others wait for room"
-                note(f"Ray: {plan.workers} worker(s) on {plan.nodes} node(s), {plan.cpus:g} CPU(s) and {plan.gpus:g} "
-                     f"GPU(s) each{fit}; each loads the model ...")
+                note(f"Ray: {plural(plan.workers, 'worker')} on {plural(plan.nodes, 'node')}, "
+                     f"{plural(plan.cpus, 'CPU')} and {plural(plan.gpus, 'GPU')} each{fit}; each loads the model ...")
             finished = run_items(ray, items, self.worker(session.options), plan, env=worker_env(),
                                  notify=None if self.quiet else note)
             with contextlib.closing(finished):

@@ -48,25 +48,37 @@ def is_url(spec: str) -> bool:
 def expand_inputs(args: Sequence[str]) -> list[str]:
     """Flatten arguments into specs: folders and globs become sorted video files, @lists their lines.
 
-    Files and URLs pass through unchanged (a missing file too, so a batch can report it as
-    that input's error). In "@list.txt" files, one input per line, blank lines and lines
-    starting with # are skipped and relative paths are relative to the list file. A path
-    that exists is never treated as a glob. Duplicates are dropped, keeping the first
+    Files and URLs pass through unchanged. A local path that does not exist, on the command
+    line or in a list, is a UsageError naming every such path as it was written (before any
+    model loads: a typo costs nothing). In "@list.txt" files, one input per line, blank lines
+    and lines starting with # are skipped and relative paths are relative to the list file. A
+    path that exists is never treated as a glob. Duplicates are dropped, keeping the first
     spelling: the same URL, or the same real file (a symlinked folder can reach it twice);
     a warning names them, once.
     """
     out: dict[str, str] = {}
     dropped: list[tuple[str, str]] = []  # (spelling dropped, the one kept)
+    missing: list[str] = []  # each missing path as written, with its list file and line
     for arg in args:
-        for spec in _expand_one(arg, base=None, lists=()):
+        for spec in _expand_one(arg, base=None, lists=(), missing=missing):
             key = spec if is_url(spec) else os.path.realpath(spec)
             if key in out:
                 dropped.append((spec, out[key]))
             else:
                 out[key] = spec
+    if missing:
+        raise UsageError(missing_note(missing))
     if dropped:
         log.warning(duplicates_note(dropped))
     return list(out.values())
+
+
+def missing_note(missing: Sequence[str], shown: int = 5) -> str:
+    """'clip.mp4 does not exist.' or '3 inputs do not exist: a.mp4, b.mp4 (todo.txt, line 3), c.mp4.'"""
+    if len(missing) == 1:
+        return f"{missing[0]} does not exist."
+    more = f", and {len(missing) - shown} more" if len(missing) > shown else ""
+    return f"{len(missing)} inputs do not exist: {', '.join(missing[:shown])}{more}."
 
 
 def duplicates_note(dropped: Sequence[tuple[str, str]], shown: int = 5) -> str:
@@ -79,12 +91,15 @@ def duplicates_note(dropped: Sequence[tuple[str, str]], shown: int = 5) -> str:
     return f"{n} duplicate input{'s' if n != 1 else ''} dropped (each video is read once): {', '.join(named)}{more}"
 
 
-def _expand_one(arg: str, base: Path | None, lists: tuple[Path, ...]) -> list[str]:
+def _expand_one(arg: str, base: Path | None, lists: tuple[Path, ...], missing: list[str],
+                where: str = "") -> list[str]:
+    """The specs `arg` stands for; a local path that does not exist goes to `missing`, as written
+    (`where`: " (todo.txt, line 3)" for a list's line)."""
     spec = arg.strip()
     if not spec:
         raise InputError("An empty input was given; pass a file, folder, glob, URL or @list.")
     if spec.startswith("@"):
-        return _expand_list(spec[1:], base, lists)
+        return _expand_list(spec[1:], base, lists, missing)
     scheme = _SCHEME_RE.match(spec)
     if scheme:
         if not is_url(spec):
@@ -96,14 +111,17 @@ def _expand_one(arg: str, base: Path | None, lists: tuple[Path, ...]) -> list[st
     if path.is_dir():
         videos = _videos_under(path)
         if not videos:
-            raise InputError(f"The folder {path} contains no video files.")
+            raise InputError(f"The folder {spec}{where} contains no video files.")
         return videos
     if not path.exists() and _GLOB_CHARS.search(spec):
         return _expand_glob(str(path))
+    if not path.exists():
+        missing.append(spec + where)
+        return []
     return [str(path)]
 
 
-def _expand_list(name: str, base: Path | None, lists: tuple[Path, ...]) -> list[str]:
+def _expand_list(name: str, base: Path | None, lists: tuple[Path, ...], missing: list[str]) -> list[str]:
     path = Path(name).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
@@ -114,11 +132,12 @@ def _expand_list(name: str, base: Path | None, lists: tuple[Path, ...]) -> list[
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"The list file {path} cannot be read ({_os_reason(e)}).") from None
     out: list[str] = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if line and not line.startswith("#"):
             # Relative entries are relative to the list file, so a list works from any cwd.
-            out.extend(_expand_one(line, path.parent, lists + (path.resolve(),)))
+            out.extend(_expand_one(line, path.parent, lists + (path.resolve(),), missing,
+                                   f" ({name}, line {number})"))
     return out
 
 
