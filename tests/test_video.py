@@ -568,6 +568,61 @@ def test_vp9_every_planned_frame_whatever_the_decoder_layout(tmp_path, sizes):
 # ----------------------------------------------------------------------------- memory
 
 
+class _ReaderProbe:
+    """Wraps a decord reader to know whether it has been called since it last parked: from a
+    get_batch until a seek (or until it is dropped), decord decodes ahead in its own thread."""
+
+    def __init__(self, reader, running: dict):
+        self.reader, self.running = reader, running
+
+    def __len__(self):
+        return len(self.reader)
+
+    def get_batch(self, indices):
+        out = self.reader.get_batch(indices)
+        self.running[threading.current_thread().name] = self
+        return out
+
+    def seek(self, position):
+        self.running.pop(threading.current_thread().name, None)
+        return self.reader.seek(position)
+
+
+def test_a_worker_parks_its_reader_before_it_waits_for_the_consumer(tmp_path, monkeypatch):
+    """Issue 18: a worker that must wait for queue room parks its reader first, so decord
+    never decodes ahead while the consumer lags (by as long as a busy machine keeps the
+    worker off the CPU: peak memory grew with the video's length). Checked for every wait,
+    with a consumer slower than decoding; the frames stay exactly those of the plan."""
+    path = tmp_path / "long_gop.mp4"
+    media.make_video(path, fps=25, n_frames=400, gop=200)  # the next chunk mostly in the same interval
+    info = probe(path)
+    plan = plan_sampling(info, fps=12.5)
+    running: dict = {}  # decoder thread -> its reader, while that reader runs ahead
+    opened = decoding.open_reader
+    monkeypatch.setattr(decoding, "open_reader", lambda *a, **k: _ReaderProbe(opened(*a, **k), running))
+    waits, unparked = [], []
+    put = decoding._Decoder.put
+
+    def checked_put(self, worker, item, *args, **kwargs):
+        if self.queues[worker].full():
+            waits.append(worker)
+            reader = running.get(threading.current_thread().name)
+            if reader is not None and reader is self.readers[worker]:
+                unparked.append(worker)
+        return put(self, worker, item, *args, **kwargs)
+
+    monkeypatch.setattr(decoding._Decoder, "put", checked_put)
+    idx = []
+    with stream_frames(path, plan, info=info, chunk_size=4, prefetch=1, workers=2) as stream:
+        for chunk in stream:
+            idx.append(chunk.indices)
+            np.testing.assert_array_equal(media.decode_indices(chunk.frames), chunk.indices)
+            time.sleep(0.03)  # a consumer slower than decoding: the queues fill up
+    np.testing.assert_array_equal(np.concatenate(idx), plan.indices)
+    assert waits, "the consumer never fell behind: the test checked nothing"
+    assert not unparked, f"{len(unparked)} of {len(waits)} waits for the consumer left decord decoding ahead"
+
+
 # Peak RSS from VmHWM: ru_maxrss would be wrong here, as Linux carries it over from the parent
 # (pytest, with torch loaded) through fork and exec.
 MEMORY_SCRIPT = """

@@ -31,6 +31,7 @@ from malmm_cli.sources.video import Sampling, VideoInfo, plan_sampling, preproce
 
 from .augment import Augment
 from .features import FeatureCache, FrameStore, feature_key, video_fingerprint
+from .heap import release_free_memory
 from .kept import KeptFeatures
 from .presets import LOCKSTEP_TASKS
 from .provenance import made_by
@@ -417,6 +418,11 @@ class Analyzer:
                     if writer is not None:  # on a write error it drops the entry and goes quiet
                         writer.append(feats)
                     yield chunk.timestamps, feats
+                    # The consumer has taken the chunk: give its freed buffers back to the
+                    # system, else the allocator keeps them and what stays resident grows with
+                    # the video's length on a busy machine (heap.py).
+                    del chunk, rgb, pixels, feats
+                    release_free_memory()
                 run.warnings.extend(frames.warnings)
             if writer is not None and not run.warnings:
                 writer.commit()  # only complete, clean reads are cached

@@ -31,7 +31,6 @@ STALL_TIMEOUT_S = 600.0  # no chunk for this long means the decoder is stuck: gi
 MAX_CHUNK_BYTES = 128 * 2**20  # caps frames per chunk for 4K/8K sources (16 x 4K would be 400 MB)
 MAX_DAMAGED_REGIONS = 16  # after this many undecodable regions the rest of the file is skipped
 _JOIN_TIMEOUT_S = 5.0
-_PARK_AFTER_S = 0.05  # a worker waiting longer than this for queue room parks its reader
 _POLL_S = 0.2
 
 
@@ -219,16 +218,14 @@ class _Decoder:
                 if time.monotonic() > deadline:
                     raise VideoError(f"Decoding {self.path} stalled for {STALL_TIMEOUT_S:g} s; giving up.") from None
 
-    def put(self, worker: int, item: Any, wait: float | None = None) -> bool:
-        """Queue an item; False if `wait` seconds passed first (None: wait until stopped)."""
-        deadline = None if wait is None else time.monotonic() + wait
+    def put(self, worker: int, item: Any) -> None:
+        """Queue an item, waiting for room; _Stopped if the stream is closed meanwhile."""
         while not self.stop.is_set():
             try:
-                self.queues[worker].put(item, timeout=_POLL_S if wait is None else wait)
-                return True
+                self.queues[worker].put(item, timeout=_POLL_S)
+                return
             except queue.Full:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
+                continue
         raise _Stopped
 
     def run(self, worker: int) -> None:
@@ -270,21 +267,22 @@ class _Decoder:
                 self.reader_threads[worker] = self.decode_threads
             q = min(p + self.chunk, hi)
             try:
-                frames = self.readers[worker].get_batch(self.indices[p:q]).asnumpy()
+                batch = self.readers[worker].get_batch(self.indices[p:q])
             except (decord.DECORDError, RuntimeError) as e:
                 self.readers[worker] = None  # after a decoder error decord may return wrong frames
                 if not self.threads_failed(worker, e):  # else: the same frames again, one thread
                     p = self.recover(worker, p, q, hi, e)
                 continue
             nxt = q if q < hi else after
-            free = nxt is not None and self.new_gop(self.indices[q - 1], nxt)
-            if free:
+            # Until the reader is called again, decord decodes ahead (see park), so park now,
+            # before copying the frames out (the batch is a buffer of its own), unless the next
+            # call comes straight away: the next frame is in this keyframe interval and the
+            # queue has room. Only this thread fills the queue, so the room is still there at
+            # the put. (Parking only after waiting 50 ms for room let decord run ahead for the
+            # wait and for however long a busy machine kept this thread off the CPU, issue 18.)
+            if nxt is None or self.new_gop(self.indices[q - 1], nxt) or self.queues[worker].full():
                 self.park(worker, nxt)
-            chunk = self.chunk_of(p, q, frames)
-            if not self.put(worker, chunk, wait=_PARK_AFTER_S):
-                if not free:  # the consumer is behind: park before waiting for it
-                    self.park(worker, nxt)
-                self.put(worker, chunk)
+            self.put(worker, self.chunk_of(p, q, batch.asnumpy()))
             p = q
 
     def open(self) -> Any:
