@@ -212,6 +212,16 @@ def rtsp_missing() -> str | None:
             "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly")
 
 
+def require_rtsp() -> None:
+    """Skip, saying why, where no RTSP server can be started; fail instead under
+    MALMM_REQUIRE_RTSP=1 (.ci/run sets it, having installed GStreamer)."""
+    reason = rtsp_missing()
+    if reason is not None:
+        if os.environ.get("MALMM_REQUIRE_RTSP") == "1":
+            pytest.fail(f"MALMM_REQUIRE_RTSP=1 but {reason}")
+        pytest.skip(reason)
+
+
 class RtspServer:
     """GStreamer's RTSP server on 127.0.0.1, a live synthetic stream (10 frames/s, 96x64 H.264)."""
 

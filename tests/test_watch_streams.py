@@ -22,7 +22,8 @@ from malmm_cli.sources.live import LiveReader, StreamEnd, live_spec
 
 from .cli import TINY, malmm, records
 from .media import ffmpeg_exe, make_video
-from .streams import HlsServer, Proc, RtspServer, TsServer, Watcher, check_windows, hls_segments, playlist, rtsp_missing
+from .streams import HlsServer, Proc, RtspServer, TsServer, Watcher, check_windows, hls_segments, playlist
+from .streams import require_rtsp
 from .streams import started  # noqa: F401 - a fixture
 
 TMUX = shutil.which("tmux")
@@ -164,13 +165,10 @@ def test_a_restarted_server_is_read_on_from_where_the_stream_was_cut(started):
     assert len(after) >= 6 and after[0] - cut < 1.0, times  # 4 s of the new stream at 2 frames/s
 
 
-needs_rtsp = pytest.mark.skipif(rtsp_missing() is not None, reason=str(rtsp_missing()))
-
-
-@needs_rtsp
 def test_an_rtsp_camera_is_watched_as_it_plays(started):
     """A real RTSP server (GStreamer's, on 127.0.0.1): records every 2 s of stream time, as the
     stream plays; --duration ends it with exit 0. A path the server does not serve: one sentence."""
+    require_rtsp()
     server = RtspServer()
     started(server)
     watcher = Watcher(server.url, "--every", 2, "--duration", 6, "--json")
@@ -188,10 +186,10 @@ def test_an_rtsp_camera_is_watched_as_it_plays(started):
     assert "cannot be opened as a stream (server returned 404 not found)" in out.stderr, out.stderr
 
 
-@needs_rtsp
 def test_an_rtsp_server_killed_mid_stream(tmp_path, started):
     """The records written stay; the watcher retries, then ends by itself in one sentence that
     says the server closed the stream (FFmpeg reads a killed RTSP server as an end)."""
+    require_rtsp()
     server = RtspServer()
     started(server)
     out = tmp_path / "cut.jsonl"
