@@ -14,6 +14,7 @@ import http.server
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -186,3 +187,57 @@ class Proc:
             self.proc.kill()
         self.proc.wait(10)
 
+
+
+# ---- RTSP: GStreamer's server, run by the system python3 -------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # PyGObject (python3-gi) is a Debian package, not in the venv
+RTSP_SCRIPT = Path(__file__).with_name("rtsp_server.py")
+
+
+@functools.lru_cache(maxsize=1)
+def rtsp_missing() -> str | None:
+    """Why no local RTSP server can be started here (None when one can)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"no {SYSTEM_PYTHON} to run GStreamer's RTSP server"
+    try:
+        check = subprocess.run([SYSTEM_PYTHON, str(RTSP_SCRIPT), "--check"], capture_output=True, text=True,
+                               timeout=30)
+    except subprocess.TimeoutExpired:
+        return "GStreamer did not answer within 30 s"
+    if check.returncode == 0:
+        return None
+    last = (check.stderr.strip().splitlines() or ["?"])[-1]
+    return (f"no GStreamer RTSP server ({last}); apt-get install gir1.2-gst-rtsp-server-1.0 python3-gi "
+            "gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly")
+
+
+def require_rtsp() -> None:
+    """Skip, saying why, where no RTSP server can be started; fail instead under
+    MALMM_REQUIRE_RTSP=1 (.ci/run sets it, having installed GStreamer)."""
+    reason = rtsp_missing()
+    if reason is not None:
+        if os.environ.get("MALMM_REQUIRE_RTSP") == "1":
+            pytest.fail(f"MALMM_REQUIRE_RTSP=1 but {reason}")
+        pytest.skip(reason)
+
+
+class RtspServer:
+    """GStreamer's RTSP server on 127.0.0.1, a live synthetic stream (10 frames/s, 96x64 H.264)."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SCRIPT)], stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        port = self.proc.stdout.readline().strip() if ready else ""  # printed once it listens
+        if not port.isdigit():
+            self.stop()
+            raise AssertionError("the RTSP server did not start")
+        self.port = int(port)
+        self.url = f"rtsp://127.0.0.1:{self.port}/test"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self.proc.stdout.close()

@@ -1,4 +1,5 @@
 """malmm watch on real streams, as they play: HTTP MPEG-TS in real time, a growing HLS playlist,
+RTSP (GStreamer's server, where installed),
 a live page through yt-dlp, a killed and a restarted server, SIGTERM, standard input, a file
 still being written, a slow model's drops, Ctrl-C in tmux. Everything on 127.0.0.1; every
 server, stream and watcher a test starts, it stops (tests/streams.py).
@@ -21,7 +22,8 @@ from malmm_cli.sources.live import LiveReader, StreamEnd, live_spec
 
 from .cli import TINY, malmm, records
 from .media import ffmpeg_exe, make_video
-from .streams import HlsServer, Proc, TsServer, Watcher, check_windows, hls_segments, playlist
+from .streams import HlsServer, Proc, RtspServer, TsServer, Watcher, check_windows, hls_segments, playlist
+from .streams import require_rtsp
 from .streams import started  # noqa: F401 - a fixture
 
 TMUX = shutil.which("tmux")
@@ -161,6 +163,52 @@ def test_a_restarted_server_is_read_on_from_where_the_stream_was_cut(started):
     assert reader.state.reconnects == 1 and ends[0].error is None
     assert times == sorted(set(times))
     assert len(after) >= 6 and after[0] - cut < 1.0, times  # 4 s of the new stream at 2 frames/s
+
+
+def test_an_rtsp_camera_is_watched_as_it_plays(started):
+    """A real RTSP server (GStreamer's, on 127.0.0.1): records every 2 s of stream time, as the
+    stream plays; --duration ends it with exit 0. A path the server does not serve: one sentence."""
+    require_rtsp()
+    server = RtspServer()
+    started(server)
+    watcher = Watcher(server.url, "--every", 2, "--duration", 6, "--json")
+    started(watcher)
+    assert watcher.wait(60) == 0, watcher.err
+    recs = watcher.records()
+    check_windows(recs, 2.0)
+    assert len(recs) == 3 and recs[-1]["end"] == pytest.approx(6.0)
+    assert all(r["frames"] == 2 and r["dropped"] == 0 and r["lag"] < 5 for r in recs), recs
+    came = np.diff([t for t, _ in watcher.lines])
+    assert all(1.0 < d < 3.0 for d in came), came  # 2 s apart: as the stream plays, not all at the end
+    assert "Traceback" not in watcher.err
+    out = malmm("watch", server.url.replace("/test", "/nothing"), *TINY, "-q")
+    assert out.exit_code == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot be opened as a stream (server returned 404 not found)" in out.stderr, out.stderr
+
+
+def test_an_rtsp_server_killed_mid_stream(tmp_path, started):
+    """The records written stay; the watcher retries, then ends by itself in one sentence that
+    says the server closed the stream (FFmpeg reads a killed RTSP server as an end)."""
+    require_rtsp()
+    server = RtspServer()
+    started(server)
+    out = tmp_path / "cut.jsonl"
+    watcher = Watcher(server.url, "--every", 1, "-o", out, "--retries", 2)
+    started(watcher)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_text().count("\n") >= 2):
+        assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.err
+        time.sleep(0.02)
+    server.stop()
+    assert watcher.wait(60) == 1, watcher.err
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    check_windows(recs, 1.0)
+    assert len(recs) >= 2
+    errors = [line for line in watcher.err.splitlines() if "error" in line]
+    assert len(errors) == 1, watcher.err
+    assert "(the server closed the stream) and could not be reopened within 2 s" in errors[0], errors[0]
+    assert re.search(r"reconnecting, try [2-9]", watcher.err), watcher.err
+    assert "Traceback" not in watcher.err
 
 
 def test_sigterm_writes_the_current_window_and_exits_143(started):

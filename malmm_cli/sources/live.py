@@ -321,7 +321,9 @@ class LiveReader:
         if not cut and opened.kind in ("hls", "page-hls") and not hls_ended(opened.url, opened.headers):
             cut = "the playlist stopped growing, or could not be loaded"
         if not cut and opened.kind in ("ffmpeg", "device"):
-            cut = "the stream ended"  # a camera or a live protocol does not end by itself
+            # A camera or a live protocol does not end by itself: a killed RTSP server reads as
+            # an end here (FFmpeg sees its connection close), so it is a cut, named for what it is.
+            cut = "the camera stopped sending frames" if opened.kind == "device" else "the server closed the stream"
         return (None, cut) if cut else (StreamEnd(end), "")
 
     def _first_sample(self, t: float) -> float:
