@@ -133,7 +133,7 @@ def shorten_middle(path: str, width: int) -> str:
     return _fit(path, room - cell_len(tail)) + "…" + tail
 
 
-def _wrap_parts(parts: Sequence[str], width: int, sep: str = " · ") -> str:
+def wrap_parts(parts: Sequence[str], width: int, sep: str = " · ") -> str:
     """`parts` joined by `sep`, a line broken between parts, never inside one that fits a line."""
     lines: list[str] = []
     for part in parts:
@@ -243,7 +243,7 @@ class _View(_Panel):
         self.slot_frames = slot_frames
 
     def body(self, inner: int) -> list[Text]:
-        rows = [Text(_wrap_parts(self.memory.split(" · "), inner), style="cyan")]
+        rows = [Text(wrap_parts(self.memory.split(" · "), inner), style="cyan")]
         if self.slot_frames:
             rows.append(Text(chart_row(self.slot_frames, inner), style="cyan"))
             if cell_len(LEGEND) <= inner:
@@ -254,7 +254,7 @@ class _View(_Panel):
 
     def final(self, width: int) -> list[str]:
         """What stays of the view when it closes: the memory bank as the video ended."""
-        lines = ["  " + line for line in _wrap_parts(self.memory.split(" · "), width - 2).split("\n")]
+        lines = ["  " + line for line in wrap_parts(self.memory.split(" · "), width - 2).split("\n")]
         if self.slot_frames:
             lines.append("  " + chart_row(self.slot_frames, width - 2))
         return lines

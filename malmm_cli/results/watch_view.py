@@ -15,7 +15,6 @@ import sys
 import time
 from typing import Any, TextIO
 
-from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.live import Live
 from rich.panel import Panel
@@ -23,7 +22,7 @@ from rich.text import Text
 
 from malmm_cli.terminal import shown
 
-from .progress import shorten_middle, slot_chart
+from .progress import shorten_middle, slot_chart, wrap_parts
 from .watch import WatchEvents, WindowRecord
 from .writers import short_clock
 
@@ -34,17 +33,6 @@ _CHART_LABEL = "frames per slot: "
 
 def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 60 else short_clock(value)
-
-
-def _wrap(parts: list[str], width: int, sep: str = " · ") -> str:
-    """`parts` joined by `sep`, broken into lines between parts."""
-    lines: list[str] = []
-    for part in parts:
-        if lines and cell_len(lines[-1] + sep + part) <= width:
-            lines[-1] += sep + part
-        else:
-            lines.append(part)
-    return "\n".join(lines)
 
 
 class _WatchPanel:
@@ -78,7 +66,8 @@ class _WatchPanel:
         m = self.memory
         bank = (f"memory bank: {m.length}/{m.capacity} slots · {m.compressions} compressions" if m is not None
                 else f"memory bank: 0/{self.capacity} slots")
-        rows = [Text(_wrap(self.numbers(), inner), style="bold"), Text(_wrap(bank.split(" · "), inner), style="cyan")]
+        rows = [Text(wrap_parts(self.numbers(), inner), style="bold"),
+                Text(wrap_parts(bank.split(" · "), inner), style="cyan")]
         if m is not None and m.slot_frames:
             label = _CHART_LABEL if inner - len(_CHART_LABEL) >= 10 else ""
             rows.append(Text(label + slot_chart(m.slot_frames, inner - len(label)), style="cyan"))
