@@ -344,8 +344,10 @@ def network_but_no_model(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
-def test_no_32_gb_download_starts_unasked(network_but_no_model):
-    out = malmm("caption", SAMPLE)
+@pytest.mark.parametrize("command", [["caption", SAMPLE], ["watch", SAMPLE], ["serve", "--port", "0"],
+                                     ["chat", SAMPLE]], ids=["caption", "watch", "serve", "chat"])
+def test_no_32_gb_download_starts_unasked(network_but_no_model, command):
+    out = malmm(*command)
     assert out.exit_code == 1
     assert ("malmm: error: instructblip-vicuna-7b (32.0 GB) is not downloaded yet; fetch it with `malmm models "
             "download instructblip-vicuna-7b`, or add --yes to fetch it now") in out.stderr

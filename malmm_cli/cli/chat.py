@@ -116,12 +116,10 @@ class Chat:
         None when the model does not load (said in one sentence)."""
         from malmm_cli.engine.session import Session, failure, input_errors
         from malmm_cli.errors import InputError, MalmmError
-        from malmm_cli.messages import error
         from malmm_cli.results.events import Events
         from malmm_cli.results.progress import make_events
-        from malmm_cli.runs.command import check_environment, validate
+        from malmm_cli.runs.command import check_environment, load_model, validate
         from malmm_cli.sources.inputs import open_source
-        from models import ModelError
 
         validate(opts)  # before anything loads: options out of bounds cost nothing
         check_environment(opts)
@@ -129,10 +127,7 @@ class Chat:
             raise InputError(f"{spec} is a folder; malmm chat reads one video (malmm ask takes folders).")
         source = open_source(spec)
         session = Session(opts.session_options(), events=make_events(opts.quiet, 1))
-        try:
-            session.model  # noqa: B018 - loads it
-        except ModelError as err:
-            error(str(err))
+        if not load_model(session):
             return None
         try:
             video = session.read(source, task="ask", fps=opts.fps, frames=opts.frames, start=opts.start, end=opts.end)

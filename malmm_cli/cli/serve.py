@@ -11,8 +11,8 @@ import typer
 from malmm_cli.serve.settings import (API_KEY_ENV, DEFAULT_GRACE_S, DEFAULT_HOST, DEFAULT_KEEP_GB, DEFAULT_MAX_QUEUE,
                                       DEFAULT_PORT, DEFAULT_TIMEOUT_S)
 
-from .options import (CheckpointOpt, Device, DeviceOpt, HelpInWords, ModelOpt, NoCacheOpt, Quant, QuantOpt, QuietOpt,
-                      examples)
+from .options import (CheckpointOpt, Device, DeviceOpt, HelpInWords, ModelOpt, NoCacheOpt, PrecisionOpt, Quant,
+                      QuantOpt, QuietOpt, YesOpt, examples)
 
 HostOpt = Annotated[str, typer.Option(
     metavar="ADDRESS", show_default=False,
@@ -57,7 +57,8 @@ def serve(
     api_key: ApiKeyOpt = None, max_queue: MaxQueueOpt = DEFAULT_MAX_QUEUE, timeout: TimeoutOpt = DEFAULT_TIMEOUT_S,
     grace: GraceOpt = DEFAULT_GRACE_S, keep: KeepOpt = DEFAULT_KEEP_GB,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, quant: QuantOpt = Quant.auto,
-    device: DeviceOpt = Device.auto, no_cache: NoCacheOpt = False, quiet: QuietOpt = False,
+    device: DeviceOpt = Device.auto, precision: PrecisionOpt = None, no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False, yes: YesOpt = False,
 ):
     """Answer over HTTP: OpenAI's chat completions (a video_url and a question) and malmm's own
     records (/api/caption, ask, classify, summarize). One model, one request at a time; a video
@@ -94,6 +95,10 @@ def _serve(values: dict) -> int:
         sock.close()
         note("stopped before serving")
         return 0
+    except MalmmError as err:  # a model not downloaded and not to be fetched unasked, no room for it
+        sock.close()
+        error(str(err))
+        return err.exit_code
     if session is None:
         sock.close()
         return 1
@@ -117,13 +122,7 @@ def _server_module():
 def _load(opts):
     """The session with its model loaded, or None (said in one sentence)."""
     from malmm_cli.engine.session import Session
-    from malmm_cli.messages import error
-    from models import ModelError
+    from malmm_cli.runs.command import load_model
 
     session = Session(opts.session_options())
-    try:
-        session.model  # noqa: B018 - loads it
-    except ModelError as err:
-        error(str(err))
-        return None
-    return session
+    return session if load_model(session) else None

@@ -7,9 +7,9 @@ import typer
 from typing import Annotated, Optional
 
 from .options import (BeamsOpt, CheckpointOpt, CumulativeOpt, Device, DeviceOpt, DurationOpt, EvalPromptOpt,
-                      HelpInWords, JsonOpt, LabelSetOpt, LabelsOpt, MaxTokensOpt, MemoryOpt, ModelOpt, Quant, QuantOpt,
-                      QuietOpt, RetriesOpt, SourceArg, WatchEveryOpt, WatchFormatOpt, WatchFpsOpt, WatchOutputOpt,
-                      WatchOverwriteOpt, WatchQuestionOpt, WatchTask, WatchTaskOpt, examples)
+                      HelpInWords, JsonOpt, LabelSetOpt, LabelsOpt, MaxTokensOpt, MemoryOpt, ModelOpt, PrecisionOpt,
+                      Quant, QuantOpt, QuietOpt, RetriesOpt, SourceArg, WatchEveryOpt, WatchFormatOpt, WatchFpsOpt, WatchOutputOpt,
+                      WatchOverwriteOpt, WatchQuestionOpt, WatchTask, WatchTaskOpt, YesOpt, examples)
 
 WatchTopKOpt = Annotated[Optional[int], typer.Option(
     "--top-k", "-k", metavar="K", min=1, show_default=False, help="classify: how many labels each record keeps. "
@@ -42,7 +42,8 @@ def watch(
     json_: JsonOpt = False,
     overwrite: WatchOverwriteOpt = False,
     model: ModelOpt = None, checkpoint: CheckpointOpt = None, fps: WatchFpsOpt = None, memory: MemoryOpt = None,
-    quant: QuantOpt = Quant.auto, device: DeviceOpt = Device.auto, quiet: QuietOpt = False,
+    quant: QuantOpt = Quant.auto, device: DeviceOpt = Device.auto, precision: PrecisionOpt = None,
+    quiet: QuietOpt = False, yes: YesOpt = False,
     beams: BeamsOpt = None, max_tokens: MaxTokensOpt = None,
 ):
     """Follow a live stream as it plays: a caption (or answers, or labels) for every window of

@@ -225,8 +225,6 @@ def open_session(opts: CommonOptions, n_inputs: int, job, output: Output | None 
     summary's segments as they come (Output.streams), they go to it as they come."""
     if not opts.quiet:  # what follows imports torch and transformers: seconds before the next line
         note("starting ...")
-    from models import ModelError
-
     if opts.ray is not None:
         return Session(opts.session_options())
     from malmm_cli.results.events import Fanout
@@ -238,10 +236,7 @@ def open_session(opts: CommonOptions, n_inputs: int, job, output: Output | None 
     on_screen = streams and sys.stdout is not None and sys.stdout.isatty()
     view = make_events(opts.quiet, n_inputs, show_segments=not on_screen)
     session = Session(opts.session_options(), events=Fanout(view, SegmentEcho(output, view)) if streams else view)
-    try:
-        session.model  # noqa: B018 - loads it
-    except ModelError as err:
-        error(str(err))
+    if not load_model(session):
         return None
     try:
         session.resolve(job)
@@ -249,6 +244,19 @@ def open_session(opts: CommonOptions, n_inputs: int, job, output: Output | None 
         session.events.close()  # the progress view gives the terminal back before the sentence
         raise
     return session
+
+
+def load_model(session: Session) -> bool:
+    """Load the session's model now (every front end does, before its first input); False
+    when it does not load, said in one sentence on stderr."""
+    from models import ModelError
+
+    try:
+        session.model  # noqa: B018 - loads it
+    except ModelError as err:
+        error(str(err))
+        return False
+    return True
 
 
 def write_outcomes(session: Session, units: list[Unit], runner: Runner, output: Output, quiet: bool) -> int:

@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from malmm_cli.engine.jobs import MIN_EVERY_SECONDS, build_job, check_options
 from malmm_cli.engine.presets import WATCH_EVERY_SECONDS, WATCH_FPS, WATCH_RETRY_SECONDS, WATCH_TASKS, resolve_model
@@ -27,7 +27,7 @@ from malmm_cli.interrupts import Terminated, exit_code, sigterm_as_interrupt
 from malmm_cli.messages import error, plural, setup_logging
 from malmm_cli.terminal import shown
 
-from .command import CommonOptions, check_environment
+from .command import CommonOptions, check_environment, load_model
 
 
 @dataclass(frozen=True)
@@ -158,19 +158,12 @@ def run_watch(source: str, opts: WatchOptions) -> int:
 def _session(opts: WatchOptions):
     """The session (its model loaded here) and the terminal view; (None, None) when the model
     does not load (said in one sentence)."""
-    from models import ModelError
-
-    from malmm_cli.engine.session import Session, SessionOptions
+    from malmm_cli.engine.session import Session
     from malmm_cli.results.watch_view import make_watch_events
 
     c = opts.common
-    options = SessionOptions(c.model, c.checkpoint, str(getattr(c.device, "value", c.device)),
-                             str(getattr(c.quant, "value", c.quant)), False, c.quiet)  # no feature cache: live frames are not kept
-    session = Session(options)
-    try:
-        session.model  # noqa: B018 - loads it
-    except ModelError as err:
-        error(str(err))
+    session = Session(replace(c.session_options(), cache=False))  # no feature cache: live frames are not kept
+    if not load_model(session):
         return None, None
     return session, make_watch_events(c.quiet)
 
