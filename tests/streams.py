@@ -98,6 +98,13 @@ class Watcher:
     def records(self) -> list[dict]:
         return [json.loads(line) for _, line in self.lines if line.strip()]
 
+    def wait_lines(self, path: Path, n: int, timeout: float = 120) -> None:
+        """Until `path` holds `n` lines, while this watcher still runs."""
+        deadline = time.monotonic() + timeout
+        while not (path.exists() and path.read_text().count("\n") >= n):
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.err
+            time.sleep(0.02)
+
     def wait_records(self, n: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while len(self.lines) < n:
@@ -143,19 +150,34 @@ class _Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-class HlsServer:
-    """A local http.server for a folder whose HLS playlist the test grows."""
+class FolderServer:
+    """A local http.server (127.0.0.1 only) for the files of a folder: `base` + "/name".
+    As a context manager it stops at the block's end."""
 
     def __init__(self, folder: Path):
         handler = functools.partial(_Quiet, directory=str(folder))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/index.m3u8"
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def __enter__(self) -> FolderServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class HlsServer(FolderServer):
+    """A local http.server for a folder whose HLS playlist the test grows."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder)
+        self.url = f"{self.base}/index.m3u8"
 
 
 def hls_segments(folder: Path, seconds: int) -> list[tuple[str, float]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import os
 import shutil
 import signal
@@ -10,7 +9,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ import webvtt
 
 from tests.cli import SAMPLE, TINY, malmm, records
 from tests.media import bigbuckbunny_path, ffmpeg_exe, make_video
+from tests.streams import FolderServer
 
 
 
@@ -323,18 +322,12 @@ def test_a_url_is_downloaded_and_captioned(tmp_path):
     served = tmp_path / "www"
     served.mkdir()
     shutil.copy(SAMPLE, served / "clip.mp4")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+    with FolderServer(served) as www:
+        url = f"{www.base}/clip.mp4"
         out = malmm("caption", url, *TINY, "-q", "--json", "--frames", 4)
         assert out.exit_code == 0, out.stderr
         (record,) = records(out.stdout)
         assert record["input"] == url and record["video"]["width"] == 160
-    finally:
-        server.shutdown()
 
 
 # ---- help, models, doctor, live view ----------------------------------------------------------

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import base64
 import html
-import http.server
 import io
 import json
 import os
 import re
 import shutil
-import threading
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +27,7 @@ from malmm_cli.results.records import (LabelScore, MemoryMeta, Result, SamplingM
 from malmm_cli.results.writers import WRITERS
 from tests.cli import SAMPLE, TINY, malmm, records, stable
 from tests.media import decode_indices, make_video
+from tests.streams import FolderServer
 
 XSS_NAME = "<img src=x onerror=alert(1)>.mp4"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -455,17 +453,11 @@ def test_a_url_input_plays_its_downloaded_copy(browser, tmp_path):
     served = tmp_path / "www"
     served.mkdir()
     shutil.copy(SAMPLE, served / "clip.mp4")
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+    with FolderServer(served) as www:
+        url = f"{www.base}/clip.mp4"
         page = tmp_path / "url.html"
         out = malmm("summarize", url, *TINY, "-q", "--fps", 1, "--every", 2, "-o", page)
         assert out.exit_code == 0, out.stderr
-    finally:
-        server.shutdown()
     text = page.read_text()
     assert f'<a href="{url}" rel="noopener noreferrer">' in text
     source = re.search(r'<video id="player" controls preload="metadata" src="([^"]+)">', text).group(1)

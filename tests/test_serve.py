@@ -8,8 +8,6 @@ sides: the same numbers, added in the same order.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import re
@@ -33,6 +31,7 @@ from malmm_cli.serve.access import host_allowed, key_matches, locate
 from malmm_cli.serve.protocol import ApiError, parse_chat, parse_native
 from tests.cli import SAMPLE, TINY, help_examples, help_text, malmm, records, stable
 from tests.media import make_video
+from tests.streams import FolderServer
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key-4f9c"
@@ -248,20 +247,13 @@ def test_a_follow_up_neither_decodes_nor_runs_the_vit_and_concurrent_requests_sh
 
 
 def test_a_video_from_a_url_goes_through_the_downloader(server, folders):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folders[0]))
-    handler.log_message = lambda *args: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/clip.mp4"
+    with FolderServer(folders[0]) as www:
+        url = f"{www.base}/clip.mp4"
         reply = server.client().chat.completions.create(model="tiny-random", messages=messages(url, "what is shown?"),
                                                         extra_body={"malmm": FAST})
         expected = cli_record("ask", str(folders[0] / "clip.mp4"), "what is shown?", **FAST)
         assert reply.choices[0].message.content == expected["answers"][0]["answer"]
         assert reply.model_extra["malmm"]["input"] == url
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # ---- models, errors --------------------------------------------------------------------------------

@@ -41,10 +41,7 @@ def test_http_mpeg_ts_in_real_time(tmp_path, started):
     watcher = Watcher(server.url, "--every", 1, "-o", out)
     started(watcher)
     watcher.wait_records(0)
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 1):
-        assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.err
-        time.sleep(0.02)
+    watcher.wait_lines(out, 1, timeout=120)
     assert server.playing(), "the first record is in the file while the stream still plays"
     assert watcher.wait() == 0, watcher.err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
@@ -116,10 +113,7 @@ def test_a_server_killed_mid_stream(tmp_path, started):
     out = tmp_path / "cut.jsonl"
     watcher = Watcher(server.url, "--every", 1, "-o", out, "--retries", 2)
     started(watcher)
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.read_text().count("\n") >= 2):
-        assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.err
-        time.sleep(0.02)
+    watcher.wait_lines(out, 2, timeout=120)
     server.stop()  # SIGKILL: the connection closes without the stream's end
     killed = time.monotonic()
     assert watcher.wait(60) == 1, watcher.err
@@ -197,10 +191,7 @@ def test_an_rtsp_server_killed_mid_stream(tmp_path, started):
     out = tmp_path / "cut.jsonl"
     watcher = Watcher(server.url, "--every", 1, "-o", out, "--retries", 2)
     started(watcher)
-    deadline = time.monotonic() + 60
-    while not (out.exists() and out.read_text().count("\n") >= 2):
-        assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.err
-        time.sleep(0.02)
+    watcher.wait_lines(out, 2, timeout=60)
     server.stop()
     assert watcher.wait(60) == 1, watcher.err
     recs = [json.loads(line) for line in out.read_text().splitlines()]
