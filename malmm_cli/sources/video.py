@@ -57,6 +57,9 @@ class VideoInfo:
     # The width decord decodes to when it cannot copy frames of the video's own width (some
     # narrow widths: 16, 24, 48 px); None: its own width. See _narrow_frame_size.
     decode_width: int | None = None
+    # False when the file's frame times were unusable and `frame_times` is a constant rate
+    # assumed instead: frames are then numbered by counting, never by their times.
+    timed: bool = True
 
     def times(self) -> np.ndarray:
         if self.frame_times is not None:
@@ -91,13 +94,16 @@ def probe(path: str | os.PathLike) -> VideoInfo:
         log.warning("%s has no usable frame timestamps; assuming a constant %.3f fps", path, fps)
         starts = np.arange(count, dtype=np.float64) / fps
         duration = count / fps
+        timed = False
+    else:
+        timed = True
     height, width, decode_width = _first_frame_shape(reader, path)
     keys = np.asarray(reader.get_key_indices() or [0], dtype=np.int64)
     if not math.isfinite(fps) or fps <= 0:
         fps = count / duration if duration > 0 else 1.0
     # some containers give the last packet no duration: it still shows for one frame time
     duration = max(duration, round(float(starts[-1]) + 1.0 / fps, 6))
-    return VideoInfo(path, duration, fps, count, width, height, starts, keys, decode_width)
+    return VideoInfo(path, duration, fps, count, width, height, starts, keys, decode_width, timed)
 
 
 def _plausible_times(starts: np.ndarray, duration: float) -> bool:
@@ -174,11 +180,11 @@ def open_reader(path: Path, quiet: bool = False, width: int | None = None, threa
     """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given;
     `threads` decoding threads, 0: FFmpeg's choice), or VideoError naming the file and what is
     wrong with it."""
-    _check_file(path)
+    check_file(path)
     import decord
 
     decord.logging.set_level(decord.logging.QUIET)  # FFmpeg's own log lines would bypass ours
-    name, alias = _utf8_name(path)
+    name, alias = utf8_name(path)
     try:
         with _native_stderr_silenced() if quiet else contextlib.nullcontext():
             # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
@@ -193,7 +199,7 @@ def open_reader(path: Path, quiet: bool = False, width: int | None = None, threa
     return reader
 
 
-def _utf8_name(path: Path) -> tuple[str, str | None]:
+def utf8_name(path: Path) -> tuple[str, str | None]:
     """(a name of `path` that decord can pass on, the folder to remove once it is done with it, or
     None). decord hands FFmpeg the name encoded as strict UTF-8, so a file name that is not valid
     UTF-8 (its bad bytes reach Python as lone surrogates) would fail to encode: such a file is
@@ -211,7 +217,7 @@ def _utf8_name(path: Path) -> tuple[str, str | None]:
     return link, folder
 
 
-def _check_file(path: Path) -> None:
+def check_file(path: Path) -> None:
     """Cheap checks first: they give better sentences than FFmpeg's, without its stderr noise."""
     try:
         st = path.stat()
