@@ -24,7 +24,7 @@ def sample_video() -> Path:
 
 
 def _versions() -> dict[str, str]:
-    names = ("torch", "transformers", "accelerate", "bitsandbytes", "decord", "yt-dlp", "typer", "rich")
+    names = ("torch", "transformers", "accelerate", "bitsandbytes", "decord", "av", "yt-dlp", "typer", "rich")
     found = {}
     for name in names:
         try:

@@ -1,7 +1,7 @@
 """Hand memory that the process has freed back to the system while a long video runs (issue 18).
 
 glibc's malloc keeps freed memory mapped for reuse: the main heap gives back only what is free
-at its top, the arenas of other threads (decoder threads, decord's and FFmpeg's own, the
+at its top, the arenas of other threads (decoder threads, FFmpeg's own, the
 OpenMP team) only what is free at theirs. Every chunk of frames allocates and frees the same
 few large buffers (frames, pixels, features, 10-25 MB each), and where they land varies with
 how the threads interleave; so the free memory that stays resident is the high-water mark

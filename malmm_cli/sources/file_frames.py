@@ -35,6 +35,7 @@ class FileFrames:
 
     def __init__(self, path: Any, info: VideoInfo):
         import av
+        from av.video.reformatter import VideoReformatter
 
         path = Path(path)
         check_file(path)
@@ -61,6 +62,9 @@ class FileFrames:
         self._frames: Any = None  # the decoded frames from the last seek on, with their indices
         self._next = 0  # index of the frame the decoder gives next (0: the start of the file)
         self.packets = 0
+        # One converter for every frame: frame.to_ndarray would set up FFmpeg's scaler anew
+        # for each (a new VideoReformatter per frame).
+        self._reformatter = VideoReformatter()
         weakref.finalize(self, self._container.close)
 
     def __len__(self) -> int:
@@ -155,9 +159,10 @@ class FileFrames:
         turn = _quarter_turns(frame)
         w, h = (self.height, self.width) if turn % 2 else (self.width, self.height)
         if (frame.width, frame.height) == (w, h):
-            rgb = frame.to_ndarray(format="rgb24")
+            rgb = self._reformatter.reformat(frame, format="rgb24")
         else:
-            rgb = frame.reformat(width=w, height=h, format="rgb24", interpolation="BILINEAR").to_ndarray()
+            rgb = self._reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="BILINEAR")
+        rgb = rgb.to_ndarray()
         return np.rot90(rgb, k=turn) if turn else rgb
 
 

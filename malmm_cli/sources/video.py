@@ -1,9 +1,10 @@
 """Video frames for the model: probe, sampling plan, preprocessing (decoding: decoding.py).
 
-decord reads the video. Every sampled frame carries its presentation time (seconds) from
-the stream, so variable frame rates and 29.97 fps come out right. Frames arrive in chunks
-from background threads through bounded queues (`stream_frames`, in decoding.py), so memory
-does not grow with the video.
+decord probes the video (frame times, keyframes, size); PyAV decodes the frames (FileFrames,
+in file_frames.py). Every sampled frame carries its presentation time (seconds) from the
+stream, so variable frame rates and 29.97 fps come out right. Frames arrive in chunks from
+background threads through bounded queues (`stream_frames`, in decoding.py), so memory does
+not grow with the video.
 torch is imported only by `preprocess`, so the CLI can show --help without it.
 """
 
