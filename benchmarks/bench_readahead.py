@@ -2,9 +2,13 @@
 
     python benchmarks/bench_readahead.py [--minutes 10 60 120 240] [--hogs 0] [--end 5:00] [--cli]
 
+It measures decord's reader, which malmm's decoder used until section 26 of BENCHMARKS.md
+(files are now decoded with PyAV's FileFrames, which reads only what it decodes); decord
+still probes every file (`open_reader`), so the measurement still runs.
+
 Part 1 (always): for each synthetic testsrc video (64x48, 2 fps, H.264, as bench_flat_cli.py
-makes them), a decord reader (the decoder's own settings: `open_reader`, FFmpeg's thread
-count) seeks to each of the first keyframes and takes one chunk as malmm's decoder does
+makes them), a decord reader (the settings malmm's decoder used: `open_reader`, FFmpeg's
+thread count) seeks to each of the first keyframes and takes one chunk as malmm's decoder does
 (16 frames, every second frame: --fps 1 on a 2 fps video). The bytes the process read from
 the file during that get_batch (rchar of /proc/self/io) are the compressed packets decord
 pulled in: a chunk needs about 30 KB of them.
@@ -12,8 +16,8 @@ pulled in: a chunk needs about 30 KB of them.
 Why it reads more: decord's GetBatch pushes one packet per loop turn and takes a frame only if
 its decoder thread has one ready (FFMPEGThreadedDecoder::Pop returns at once while no frame is
 queued), so while that thread is behind, the caller keeps reading packets into an unbounded
-queue, up to the end of the file. They are freed at the next seek (malmm parks its readers),
-so what is held at a time is one get_batch's read-ahead per decoder worker: bounded by the
+queue, up to the end of the file. They are freed at the next seek (malmm parked its readers),
+so what was held at a time is one get_batch's read-ahead per decoder worker: bounded by the
 rest of the file on a short video, and by how long the decoding thread lags (longer on a busy
 machine) on a long one.
 

@@ -99,7 +99,7 @@ class FileFrames:
             self._next = at + 1
             if at == index:
                 return self._rgb(frame)
-            if at > index:  # the decoder skipped it (damaged data): as decord, an error
+            if at > index:  # the decoder dropped it (damaged data): an error, handled as damage
                 self._frames = None
                 raise RuntimeError(f"frame {index} could not be decoded")
         self._frames = None
