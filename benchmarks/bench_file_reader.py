@@ -2,6 +2,7 @@
 before, PyAV's FileFrames after), on the same clips, in one run.
 
     python benchmarks/bench_file_reader.py --trees BEFORE AFTER [--minutes 10] [--rates 1 5] [--repeats 3]
+        [--file MORE.mp4 ...]
 
 Each measurement is a fresh process of one tree (PYTHONPATH=tree): probe + plan_sampling +
 iterating stream_frames with the default workers, the frames landing in numpy. The trees
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 5.0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, help="make the clip here and keep it")
+    parser.add_argument("--file", type=Path, nargs="*", default=[], help="more clips to measure")
     args = parser.parse_args()
     sys.path.insert(0, str(args.trees[1]))
     from tests.media import bigbuckbunny_path
@@ -75,7 +77,8 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="malmm-bench-reader-"))
     folder.mkdir(parents=True, exist_ok=True)
     clips = {"bigbuckbunny 720p 5 s": bigbuckbunny_path(),
-             f"testsrc2 360p {args.minutes:g} min": make_clip(folder / f"testsrc2-{args.minutes:g}min.mp4", args.minutes)}
+             f"testsrc2 360p {args.minutes:g} min": make_clip(folder / f"testsrc2-{args.minutes:g}min.mp4", args.minutes),
+             **{f.name: f for f in args.file}}
     rows = []
     for name, clip in clips.items():
         for rate in args.rates:

@@ -21,7 +21,9 @@ run by run, so they too see the same load.
 Peak RSS is the kernel's (ru_maxrss of that process, from wait4): no sample can miss it. A
 psutil sampler (every 50 ms, the process and any children) splits the resident set at its
 sampled peak into anonymous memory and file-backed pages (shared libraries, and any mapped
-file; psutil's `shared` = RssFile + RssShmem), and records the load average.
+file; psutil's `shared` = RssFile + RssShmem), gives the largest sample in each tenth of the
+run's time (is the peak the model's loading, or the video's decoding?), and records the load
+average.
 
 `--model real-qformer` runs a stand-in at InstructBLIP's sizes where memory could grow with
 the video: the real Q-Former (12 x 768, cross-attention to 257 x 1408 visual tokens, M per the
@@ -102,6 +104,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak = {"rss_mb": 0.0, "anon_mb": 0.0, "file_mb": 0.0}
+        self.series: list[tuple[float, float]] = []  # (seconds since start, RSS MB) of every sample
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -118,10 +121,23 @@ class Sampler(threading.Thread):
             except psutil.NoSuchProcess:
                 break
             rss = sum(i.rss for i in infos) / 2**20
+            self.series.append((time.monotonic(), rss))
             if rss > self.peak["rss_mb"]:
                 shared = sum(i.shared for i in infos) / 2**20
                 self.peak = {"rss_mb": round(rss, 1), "anon_mb": round(rss - shared, 1), "file_mb": round(shared, 1)}
             time.sleep(self.interval)
+
+    def by_tenth(self) -> list[float]:
+        """The largest sampled RSS (MB) in each tenth of the run's time: where the peak falls
+        (loading the model, or the video's decoding) and whether the decoding part grows."""
+        if not self.series:
+            return []
+        t0, t1 = self.series[0][0], self.series[-1][0]
+        tenths = [0.0] * 10
+        for t, rss in self.series:
+            k = min(9, int(10 * (t - t0) / max(t1 - t0, 1e-9)))
+            tenths[k] = max(tenths[k], round(rss, 1))
+        return tenths
 
 
 def run_cli(tree: Path, video: Path, cache: Path, model: str, fps: float, no_cache: bool) -> dict:
@@ -148,6 +164,7 @@ def run_cli(tree: Path, video: Path, cache: Path, model: str, fps: float, no_cac
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
     return {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "sampled_at_peak": sampler.peak,
+            "sampled_max_by_tenth_mb": sampler.by_tenth(),
             "wall_s": round(wall, 1), "loadavg_at_start": " ".join(map(str, load))}
 
 

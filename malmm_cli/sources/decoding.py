@@ -3,8 +3,9 @@
 `stream_frames` turns a sampling plan into an iterator of `FrameChunk`s. Decoder threads, each
 with its own reader (FileFrames: PyAV, reading only the packets it decodes), work on alternate
 runs of the plan cut at keyframe boundaries and hand chunks over through bounded queues, so
-decoding overlaps the model's work and memory does not grow with the video. Damage inside a file is skipped with a warning; a stuck decoder gives
-up after STALL_TIMEOUT_S; closing the stream (or breaking out of the loop) stops the threads.
+decoding overlaps the model's work and memory does not grow with the video. Damage inside a
+file is skipped with a warning; a stuck decoder gives up after STALL_TIMEOUT_S; closing the
+stream (or breaking out of the loop) stops the threads.
 """
 
 from __future__ import annotations
