@@ -52,7 +52,6 @@ class FileFrames:
             if alias is not None:
                 shutil.rmtree(alias, ignore_errors=True)  # FFmpeg has the file open: the link may go
         self._stream.thread_type = "AUTO"  # frame and slice threads, FFmpeg's count
-        self.path = path
         self.height, self.width = info.height, info.decode_width or info.width
         self._times = info.times()
         self._keys = info.keys()
@@ -66,12 +65,6 @@ class FileFrames:
         # for each (a new VideoReformatter per frame).
         self._reformatter = VideoReformatter()
         weakref.finalize(self, self._container.close)
-
-    def __len__(self) -> int:
-        return len(self._times)
-
-    def close(self) -> None:
-        self._container.close()
 
     def get_batch(self, indices: Any) -> np.ndarray:
         import av

@@ -90,14 +90,12 @@ def probe(path: str | os.PathLike) -> VideoInfo:
     # decord's times are float32: round away the conversion noise (0.36000001 -> 0.36)
     starts = np.round(np.asarray(stamps[:count, 0], dtype=np.float64), 6)
     duration = round(float(stamps[count - 1, 1]), 6)
-    if not _plausible_times(starts, duration):
+    timed = _plausible_times(starts, duration)
+    if not timed:
         # e.g. AVI with B-frames: no pts in the container, decord returns garbage
         log.warning("%s has no usable frame timestamps; assuming a constant %.3f fps", path, fps)
         starts = np.arange(count, dtype=np.float64) / fps
         duration = count / fps
-        timed = False
-    else:
-        timed = True
     height, width, decode_width = _first_frame_shape(reader, path)
     keys = np.asarray(reader.get_key_indices() or [0], dtype=np.int64)
     if not math.isfinite(fps) or fps <= 0:
@@ -177,10 +175,9 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def open_reader(path: Path, quiet: bool = False, width: int | None = None, threads: int = 0) -> Any:
-    """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given;
-    `threads` decoding threads, 0: FFmpeg's choice), or VideoError naming the file and what is
-    wrong with it."""
+def open_reader(path: Path, quiet: bool = False, width: int | None = None) -> Any:
+    """A decord VideoReader (frames scaled to `width` px wide, the height kept, when given), or
+    VideoError naming the file and what is wrong with it."""
     check_file(path)
     import decord
 
@@ -189,7 +186,7 @@ def open_reader(path: Path, quiet: bool = False, width: int | None = None, threa
     try:
         with _native_stderr_silenced() if quiet else contextlib.nullcontext():
             # num_threads=0: FFmpeg picks its thread count; measured fastest, also with 2 readers
-            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=threads, width=width or -1)
+            reader = decord.VideoReader(name, ctx=decord.cpu(0), num_threads=0, width=width or -1)
     except (decord.DECORDError, RuntimeError, AssertionError) as e:
         raise VideoError(_open_error(path, e)) from None
     finally:
